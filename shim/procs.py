@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import select
 import signal
+import time
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -41,11 +42,21 @@ def in_cgroup(pid: int, cgroup: Optional[str]) -> bool:
     return cgroup is not None and own is not None and (own == cgroup or own.startswith(cgroup.rstrip("/") + "/"))
 
 
-def start_time(pid: int) -> Optional[float]:
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def start_time(pid: int) -> Optional[int]:
+    """Start time in clock ticks since boot: exact, unlike a wall-clock create time."""
     try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
         return None
+
+
+def now_ticks() -> int:
+    """Now, on the clock of start_time()."""
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * _TICKS)
 
 
 def parent_of(pid: int) -> Optional[int]:
@@ -124,7 +135,7 @@ class Pinned:
 
     pid: int
     pidfd: int
-    created: float
+    created: int
     generation: int = 0
     role: str = "master"
     exit_text: Optional[str] = field(default=None)
@@ -150,7 +161,7 @@ class Pinned:
 
 
 def pin(pid: int, cgroup: Optional[str], *, parent: Optional[int] = None,
-        not_before: Optional[float] = None, role: str = "master") -> Pinned:
+        not_before: Optional[int] = None, role: str = "master") -> Pinned:
     """Verify `pid` and hold it with a pidfd, or raise UntrustedPid."""
     if pid <= 1:
         raise UntrustedPid(f"pid {pid} is never a master")
@@ -161,8 +172,7 @@ def pin(pid: int, cgroup: Optional[str], *, parent: Optional[int] = None,
         raise UntrustedPid(f"pid {pid} is gone")
     if parent is not None and parent_of(pid) != parent:
         raise UntrustedPid(f"pid {pid} is not a child of {parent}")
-    # create_time has 10 ms resolution (clock ticks): allow for it.
-    if not_before is not None and created < not_before - 0.05:
+    if not_before is not None and created < not_before:
         raise UntrustedPid(f"pid {pid} is older than the reload: a reused or unrelated pid")
     try:
         pidfd = os.pidfd_open(pid)

@@ -21,8 +21,15 @@ from shim import procs
 from shim.servers import ServerProfile
 
 HOOK_ENV = "UNICORN_SHIM_READY_SOCKET"
+RUBY_HOOK_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hooks", "ruby")
 CRASH_LOOP_DEATHS = 3
 _CRED = struct.Struct("3i")   # struct ucred: pid, uid, gid
+
+
+def hook_environment(environ: Dict[str, str]) -> Dict[str, str]:
+    """Lets a Unicorn config `require "unicorn_shim"` wherever the shim is installed."""
+    rubylib = environ.get("RUBYLIB")
+    return {"RUBYLIB": f"{RUBY_HOOK_DIR}:{rubylib}" if rubylib else RUBY_HOOK_DIR}
 
 
 @dataclass

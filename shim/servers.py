@@ -25,11 +25,11 @@ class ServerProfile:
     worker_title: "re.Pattern[str]"  # how a worker's title reads (the readiness heuristic)
     fd_handover: str                 # "UNICORN_FD" (list of fds) or "LISTEN_FDS" (sd_listen_fds)
     listen_flag: Optional[str]       # flag naming a held socket on the command line, if any
-    oldbin_suffix: str               # where the old master's pid file goes during its own re-exec
     daemon_flags: Sequence[str] = field(default=())
 
-    def oldbin_path(self, pid_file: str) -> str:
-        return pid_file + self.oldbin_suffix
+    @property
+    def sets_listen_pid(self) -> bool:
+        return self.fd_handover == "LISTEN_FDS"
 
     def socket_env(self, fds: List[int]) -> Dict[str, str]:
         """Environment that hands the held sockets (at fds 3..) to a new master.
@@ -55,7 +55,6 @@ UNICORN = ServerProfile(
     worker_title=re.compile(r"\bworker\[\d+\]"),
     fd_handover="UNICORN_FD",
     listen_flag="-l",
-    oldbin_suffix=".oldbin",
     daemon_flags=("-D", "--daemonize"),
 )
 
@@ -70,7 +69,6 @@ GUNICORN = ServerProfile(
     worker_title=re.compile(r""),     # titles need setproctitle: count every child
     fd_handover="LISTEN_FDS",
     listen_flag=None,
-    oldbin_suffix=".2",
     daemon_flags=("-D", "--daemon"),
 )
 

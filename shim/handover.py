@@ -1,0 +1,110 @@
+"""One reload: start the next generation, wait until it serves, retire the old.
+
+The order matters to systemd (DESIGN.md, point 3 and 5): MAINPID points at
+the shim itself for the whole hand-over, so the old master may exit at any
+moment (the common `before_fork` hook QUITs it) without systemd seeing its
+main process die; MAINPID moves to the new master only once the old one is
+gone and the new one has been reparented to the manager.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Any, Dict, Optional
+
+from shim import health, procs
+from shim.journal import ERR
+from shim.upgrade import ReloadFailed, Stopping
+
+if TYPE_CHECKING:
+    from shim.supervisor import Supervisor
+
+
+async def hand_over(sup: "Supervisor") -> Dict[str, Any]:
+    old = sup.master
+    t0, started = time.monotonic(), procs.now_ticks()
+    gen = sup.generation + 1
+    deadline = t0 + sup.config.ready_timeout
+    sup.state = "reloading"
+    sup.notifier.reloading(os.getpid(), f"reloading: starting generation {gen} beside master {old.pid}")
+    sup.log.event("reload-start", f"reload to generation {gen} ({sup.strategy.name}) from master {old.pid}",
+                  OLD_MASTER_PID=old.pid, GENERATION=gen)
+    new: Optional[procs.Pinned] = None
+    workers_stopped = False
+    try:
+        new = await sup.strategy.start_next(old, started, deadline)
+        new.generation = gen
+        if new.pid not in sup.masters:
+            sup.watch(new)
+        sup.notifier.status(f"reloading: new master {new.pid} booting, old master {old.pid} serving")
+        boot_ms = int((time.monotonic() - t0) * 1000)
+        workers = await sup.wait_ready(new, deadline, "new master")
+        ready_ms = int((time.monotonic() - t0) * 1000)
+        if sup.config.health_check:
+            workers_stopped = await _stop_old_workers(sup, old, new)
+            reason = await health.check(sup.config.health_check)
+            if reason:
+                raise ReloadFailed(reason)
+        await sup.retire(old, keep=new.pid)
+    except ReloadFailed as e:
+        return await _roll_back(sup, old, new, workers_stopped, str(e), t0, gen)
+    except Stopping:
+        return {"ok": False, "error": "reload aborted: the service is stopping"}
+
+    sup.strategy.finish(new)
+    sup.master, sup.generation, sup.state = new, gen, "serving"
+    duration = time.monotonic() - t0
+    sup.last_reload = f"ok in {duration:.1f}s"
+    release = sup.release(new)
+    sup.notifier.ready(new.pid, sup.status_line(workers))
+    sup.log.event("retired", f"old master {old.pid} retired", OLD_MASTER_PID=old.pid, GENERATION=gen - 1)
+    sup.log.event("reload-done", f"generation {gen}: master {new.pid} serving {release}; "
+                  f"old master {old.pid} retired; {duration:.2f} s",
+                  MASTER_PID=new.pid, OLD_MASTER_PID=old.pid, GENERATION=gen, RELEASE=release,
+                  DURATION_MS=int(duration * 1000), RESULT="done")
+    sup._wake.set()
+    return {"ok": True, "master_pid": new.pid, "old_master_pid": old.pid, "generation": gen,
+            "release": release, "duration_ms": int(duration * 1000), "new_master_found_ms": boot_ms,
+            "new_master_ready_ms": ready_ms}
+
+
+async def _stop_old_workers(sup: "Supervisor", old: procs.Pinned, new: procs.Pinned) -> bool:
+    """Before a health check, let only the new workers answer: the old master's
+    workers stop gracefully (Unicorn: WINCH) and can be brought back (HUP)."""
+    if sup.profile.stop_workers is None or not old.alive():
+        return False
+    old.signal(sup.profile.stop_workers)
+    deadline = time.monotonic() + sup.config.retire_timeout
+    while [p for p in procs.children(old.pid) if p != new.pid] and time.monotonic() < deadline:
+        await sup.tick()
+    return True
+
+
+async def _roll_back(sup: "Supervisor", old: procs.Pinned, new: Optional[procs.Pinned],
+                     workers_stopped: bool, reason: str, t0: float, gen: int) -> Dict[str, Any]:
+    if workers_stopped and old.alive():
+        old.signal(sup.profile.respawn_workers)
+        try:
+            await sup.wait_ready(old, time.monotonic() + sup.config.ready_timeout, "old master")
+        except ReloadFailed as e:
+            sup.log.error("rollback-error", f"old master did not get its workers back: {e}")
+    if new is not None and new.alive():
+        await sup.retire(new)
+    sup.strategy.restore(old)
+    duration = time.monotonic() - t0
+    sup.last_reload = f"failed after {duration:.1f}s: {reason}"
+    fields = dict(OLD_MASTER_PID=old.pid, GENERATION=gen, REASON=reason,
+                  DURATION_MS=int(duration * 1000),
+                  MASTER_PID=new.pid if new else None)
+    if old.alive():
+        sup.state = "serving"
+        sup.notifier.ready(old.pid, sup.status_line())
+        sup.log.event("reload-failed", f"reload to generation {gen} failed: {reason}; "
+                      f"master {old.pid} keeps serving the old release", ERR, RESULT="rolled-back", **fields)
+        return {"ok": False, "error": f"{reason}; the old release keeps serving (master {old.pid})"}
+    sup.state = "failed"
+    sup.log.event("reload-failed", f"reload to generation {gen} failed: {reason}; the old master is gone "
+                  "too, nothing serves: exiting so that systemd restarts the service", ERR,
+                  RESULT="nothing-serving", **fields)
+    sup._wake.set()
+    return {"ok": False, "error": f"{reason}; the old master is gone too: the service will restart"}
