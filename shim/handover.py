@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Dict, Optional
 
 from shim import health, procs
 from shim.journal import ERR
-from shim.upgrade import ReloadFailed, Stopping
+from shim.upgrade import FAILED_MASTER_GRACE, ReloadFailed, Stopping
 
 if TYPE_CHECKING:
     from shim.supervisor import Supervisor
@@ -38,7 +38,7 @@ async def hand_over(sup: "Supervisor") -> Dict[str, Any]:
             sup.watch(new)
         sup.notifier.status(f"reloading: new master {new.pid} booting, old master {old.pid} serving")
         boot_ms = int((time.monotonic() - t0) * 1000)
-        workers = await sup.wait_ready(new, deadline, "new master")
+        ready = await sup.wait_ready(new, deadline, "new master")
         ready_ms = int((time.monotonic() - t0) * 1000)
         if sup.config.health_check:
             workers_stopped = await _stop_old_workers(sup, old, new)
@@ -56,7 +56,7 @@ async def hand_over(sup: "Supervisor") -> Dict[str, Any]:
     duration = time.monotonic() - t0
     sup.last_reload = f"ok in {duration:.1f}s"
     release = sup.release(new)
-    sup.notifier.ready(new.pid, sup.status_line(workers))
+    sup.notifier.ready(new.pid, sup.status_line(ready.workers))
     sup.log.event("retired", f"old master {old.pid} retired", OLD_MASTER_PID=old.pid, GENERATION=gen - 1)
     sup.log.event("reload-done", f"generation {gen}: master {new.pid} serving {release}; "
                   f"old master {old.pid} retired; {duration:.2f} s",
@@ -89,7 +89,7 @@ async def _roll_back(sup: "Supervisor", old: procs.Pinned, new: Optional[procs.P
         except ReloadFailed as e:
             sup.log.error("rollback-error", f"old master did not get its workers back: {e}")
     if new is not None and new.alive():
-        await sup.retire(new)
+        await sup.retire(new, grace=min(FAILED_MASTER_GRACE, sup.config.retire_timeout))
     sup.strategy.restore(old)
     duration = time.monotonic() - t0
     sup.last_reload = f"failed after {duration:.1f}s: {reason}"

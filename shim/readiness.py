@@ -139,10 +139,10 @@ class WorkerWatch:
             ready = self.reports.ready.get(self.master, {})
             expected = max((of for _pid, of in ready.values()), default=None)
             if expected and all(nr in ready and ready[nr][0] in self.alive for nr in range(expected)):
-                return Verdict("ready", expected, "hook")
+                return Verdict("ready", expected, "the readiness hook")
             return Verdict("booting", n)
         if n and now - self.last_change >= self.settle:
-            return Verdict("ready", n, "heuristic")
+            return Verdict("ready", n, f"heuristic: worker count steady for {self.settle:g} s")
         return Verdict("booting", n)
 
     def expected_workers(self) -> Optional[int]:

