@@ -1,0 +1,168 @@
+"""Issue 2, point 6: bad input gets one clear line, a distinct exit status, and
+nothing is left running. The shim runs for real (no systemd needed here)."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import tempfile
+import uuid
+
+import pytest
+
+from support.apps import free_port
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIM = os.path.join(REPO, "bin", "unicorn-shim")
+
+
+def run_shim(*args, env_extra=None, pass_fds=(), preexec_fn=None, user=None):
+    marker = uuid.uuid4().hex     # in the server command line: lets us look for leftovers
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_"))}
+    env.update(env_extra or {})
+    argv = [SHIM, *[a.replace("MARKER", marker) for a in args]]
+    if user:
+        argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *argv]
+    r = subprocess.run(argv, capture_output=True, text=True, env=env, pass_fds=pass_fds,
+                       preexec_fn=preexec_fn, timeout=30)
+    left = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout
+    assert left == "", f"left running: {left}"
+    return r
+
+
+def one_line(r):
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    return lines[0]
+
+
+def test_no_server_command():
+    r = run_shim("run", "--listen", "127.0.0.1:0")
+    assert r.returncode == 2
+    assert "no server command after `--`" in one_line(r)
+
+
+def test_server_binary_missing():
+    r = run_shim("run", "--listen", f"127.0.0.1:{free_port()}", "--", "/nonexistent/unicorn", "MARKER")
+    assert r.returncode == 5
+    assert "/nonexistent/unicorn" in one_line(r) and "does not exist" in one_line(r)
+
+
+@pytest.mark.parametrize("address", ["nonsense:abc", "127.0.0.1:99999", "[::1:80", "unix:relative/path",
+                                     "300.1.1.1:80"])
+def test_listen_unparseable(address):
+    r = run_shim("run", "--listen", address, "--", "unicorn", "MARKER")
+    assert r.returncode == 3
+    assert address in one_line(r)
+
+
+def test_listen_unbindable():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = run_shim("run", "--listen", f"127.0.0.1:{port}", "--", "unicorn", "MARKER")
+    assert r.returncode == 3
+    assert "Address already in use" in one_line(r)
+
+
+def test_listen_unix_refuses_symlink_and_regular_file(tmp_path):
+    (tmp_path / "file").write_text("data")
+    os.symlink(tmp_path / "elsewhere", tmp_path / "link")
+    for name, what in (("file", "is not a socket"), ("link", "is a symlink")):
+        r = run_shim("run", "--listen", f"unix:{tmp_path / name}", "--", "unicorn", "MARKER")
+        assert r.returncode == 3 and what in one_line(r)
+    assert (tmp_path / "file").read_text() == "data"
+
+
+def test_listen_unix_replaces_stale_socket_and_sets_mode(tmp_path):
+    path = str(tmp_path / "app.sock")
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(path)
+    stale.close()                    # the file stays, nobody listens: stale
+    from shim import sockets
+    held = sockets.bind(sockets.parse_address(f"unix:{path}"), 0o660)
+    try:
+        assert oct(os.stat(path).st_mode & 0o777) == "0o660"
+        assert held.name == path
+    finally:
+        sockets.release(held and [held])
+    assert not os.path.exists(path)
+
+
+def test_listen_pid_not_ours():
+    r = run_shim("run", "--", "unicorn", "MARKER", env_extra={"LISTEN_FDS": "1", "LISTEN_PID": "1"})
+    assert r.returncode == 4
+    assert "LISTEN_PID='1' is not this process" in one_line(r)
+
+
+def _at_fd3(obj_fd):
+    def move():
+        os.dup2(obj_fd, 3)
+    return move
+
+
+@pytest.mark.parametrize("kind", ["pipe", "unlistened-socket", "not-open", "hostile-count"])
+def test_inherited_fd_not_a_listening_socket(kind):
+    env = {"LISTEN_FDS": "1", "LISTEN_FDNAMES": "app.socket"}
+    keep = []
+    if kind == "pipe":
+        r_fd, w_fd = os.pipe()
+        keep = [r_fd, w_fd]
+        pre = _at_fd3(r_fd)
+    elif kind == "unlistened-socket":
+        s = socket.socket()
+        keep = [s]
+        pre = _at_fd3(s.fileno())
+    elif kind == "not-open":
+        pre = lambda: os.closerange(3, 4)   # noqa: E731
+    else:
+        env["LISTEN_FDS"] = "99999999999"
+        pre = None
+
+    def preexec():
+        if pre:
+            pre()
+        os.environ["LISTEN_PID"] = str(os.getpid())
+
+    # LISTEN_PID must be the shim's own pid: the shebang exec keeps the pid of the fork.
+    env_pid_wrapper = ["sh", "-c", 'LISTEN_PID=$$ exec "$@"', "sh"]
+    marker = uuid.uuid4().hex
+    r = subprocess.run([*env_pid_wrapper, SHIM, "run", "--", "unicorn", marker], capture_output=True,
+                       text=True, timeout=30, pass_fds=(3,) if pre and kind != "not-open" else (),
+                       env={**{k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}, **env},
+                       preexec_fn=pre)
+    assert r.returncode == 4, r.stderr
+    line = one_line(r)
+    expected = {"pipe": "is not a socket", "unlistened-socket": "not a listening stream socket",
+                "not-open": "is not open", "hostile-count": "is not a count"}[kind]
+    assert expected in line
+    assert subprocess.run(["pgrep", "-f", marker], capture_output=True).stdout == b""
+    for k in keep:
+        k.close() if hasattr(k, "close") else os.close(k)
+
+
+def test_pid_file_directory_not_writable():
+    d = tempfile.mkdtemp()
+    os.chmod(d, 0o755)        # owned by root: not writable for nobody
+    r = run_shim("run", "--listen", f"127.0.0.1:{free_port()}", "--pid-file", os.path.join(d, "u.pid"),
+                 "--", "unicorn", "MARKER", user="65534")
+    os.rmdir(d)
+    assert r.returncode == 6
+    assert "is not writable" in one_line(r)
+    r = run_shim("run", "--listen", f"127.0.0.1:{free_port()}", "--pid-file", "/nonexistent/dir/u.pid",
+                 "--", "unicorn", "MARKER")
+    assert r.returncode == 6 and "does not exist" in one_line(r)
+
+
+def test_daemonize_flag_refused():
+    r = run_shim("run", "--listen", f"127.0.0.1:{free_port()}", "--", "unicorn", "-D", "MARKER")
+    assert r.returncode == 2 and "-D" in one_line(r)
+
+
+def test_reload_without_a_shim(tmp_path):
+    r = run_shim("reload", "--control", str(tmp_path / "none.sock"))
+    assert r.returncode == 9 and "no shim is running" in one_line(r)
+    r = subprocess.run([SHIM, "reload"], capture_output=True, text=True,
+                       env={k: v for k, v in os.environ.items() if k != "RUNTIME_DIRECTORY"})
+    assert r.returncode == 9 and "RuntimeDirectory=" in one_line(r)
