@@ -1,45 +1,13 @@
 """Fixtures: a real systemd user manager per test, sample apps, the shim's units."""
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 import tempfile
-import time
 
 import pytest
 
-from support.apps import App, free_port
+from support.deploy import Deployment
 from support.systemd import UserManager
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHIM = os.path.join(REPO, "bin", "unicorn-shim")
-
-SERVICE = """\
-[Unit]
-Description=unicorn-shim test app
-{socket_deps}
-
-[Service]
-Type=notify
-NotifyAccess=all
-WorkingDirectory={current}
-Environment=PATH=/usr/local/bin:/usr/bin:/bin
-ExecStart={shim} run --pid-file %t/app/unicorn.pid --chdir {current} {shim_args} -- {command}
-ExecReload={shim} reload
-RuntimeDirectory=app
-KillSignal=SIGQUIT
-TimeoutStopSec=60
-Restart=on-failure
-RestartSec=200ms
-{service_extra}
-"""
-
-SOCKET = """\
-[Socket]
-ListenStream=127.0.0.1:{port}
-Backlog=1024
-"""
 
 
 @pytest.fixture(scope="session")
@@ -54,71 +22,6 @@ def manager(base_dir):
     m = UserManager(base_dir)
     yield m
     m.down()
-
-
-class Deployment:
-    """One app under the shim, under the test's own systemd."""
-
-    def __init__(self, manager: UserManager, root: str, socket_unit: bool = True,
-                 shim_args: str = "", service_extra: str = "", **app_kw) -> None:
-        self.m = manager
-        self.port = free_port()
-        self.socket_unit = socket_unit
-        self.app = App(os.path.join(root, "app"), os.path.join(manager.runtime_dir, "app", "unicorn.pid"),
-                       **app_kw)
-        self.shim_args = shim_args + ("" if socket_unit else f" --listen 127.0.0.1:{self.port}")
-        self.service_extra = service_extra
-
-    def write_units(self) -> None:
-        self.m.write_unit("app.service", SERVICE.format(
-            socket_deps="Requires=app.socket\nAfter=app.socket" if self.socket_unit else "",
-            current=self.app.current, shim=SHIM, shim_args=self.shim_args,
-            command=self.app.command(), service_extra=self.service_extra))
-        if self.socket_unit:
-            self.m.write_unit("app.socket", SOCKET.format(port=self.port))
-
-    def start(self, check: bool = True) -> subprocess.CompletedProcess:
-        if not os.path.exists(self.app.current):
-            self.app.release()
-        self.write_units()
-        if self.socket_unit:
-            r = self.m.systemctl("start", "app.socket")
-            assert r.returncode == 0, r.stderr
-        r = self.m.systemctl("start", "app.service")
-        if check:
-            assert r.returncode == 0, r.stderr + self.m.journal_text()[-3000:]
-        return r
-
-    def reload(self) -> subprocess.CompletedProcess:
-        return self.m.systemctl("reload", "app.service")
-
-    def stop(self) -> subprocess.CompletedProcess:
-        r = self.m.systemctl("stop", "app.service")
-        if self.socket_unit:
-            self.m.systemctl("stop", "app.socket")
-        return r
-
-    def state(self) -> dict:
-        return self.m.show("app.service", "MainPID", "ActiveState", "SubState", "Result", "NRestarts",
-                           "StatusText", "ExecMainStatus")
-
-    def master_pids(self) -> list:
-        from support.systemd import proc_cmdline
-        return [p for p in self.m.unit_processes() if "unicorn master" in proc_cmdline(p)]
-
-    def assert_main_pid_is_live_master(self) -> int:
-        """systemd's MainPID is the one Unicorn master alive, and the manager is its parent."""
-        from support.systemd import proc_cmdline, proc_parent
-        deadline = time.monotonic() + 5
-        while True:
-            pid = self.m.main_pid()
-            masters = self.master_pids()
-            if masters == [pid] or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        assert masters == [pid], (pid, masters, [proc_cmdline(p) for p in masters])
-        assert proc_parent(pid) == self.m.pid
-        return pid
 
 
 @pytest.fixture
