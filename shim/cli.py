@@ -3,7 +3,6 @@ extend it, never rename it."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import shutil
@@ -13,9 +12,6 @@ from typing import List, Optional
 
 from shim import __version__, control, servers, sockets, spawn
 from shim.errors import EXIT_PIDFILE, EXIT_RELOAD, EXIT_USAGE, ShimError
-from shim.journal import Log
-from shim.notify import Notifier
-from shim.supervisor import Config, Supervisor
 
 
 def _seconds(text: str) -> float:
@@ -103,6 +99,13 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # Imported here: `unicorn-shim reload` (ExecReload=) starts faster without them.
+    import asyncio
+
+    from shim.journal import Log
+    from shim.notify import Notifier
+    from shim.supervisor import Config, Supervisor
+
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         raise ShimError("no server command after `--` (e.g. -- unicorn -c config/unicorn.rb)", EXIT_USAGE)

@@ -115,7 +115,7 @@ def exit_description(pid: int) -> str:
             return "exited"
         return describe_wait_status(int(fields[49]))
     except (OSError, IndexError, ValueError):
-        return "exited (status already collected by its parent; see the server's log)"
+        return "exited (its parent collected the status: see the server's log)"
 
 
 def describe_wait_status(status: int) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import time
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Set, Tuple
 
@@ -37,7 +38,8 @@ class HookReports:
     """What the in-server hook said, by master pid."""
 
     hello: Set[int] = field(default_factory=set)
-    ready: Dict[int, Dict[int, Tuple[int, int]]] = field(default_factory=dict)  # master -> nr -> (pid, of)
+    # master -> worker nr -> (worker pid, workers expected, monotonic time of the report)
+    ready: Dict[int, Dict[int, Tuple[int, int, float]]] = field(default_factory=dict)
 
     def record(self, sender: int, text: str) -> None:
         words = text.split()
@@ -53,7 +55,7 @@ class HookReports:
                 return
             master = procs.parent_of(sender)   # the kernel's word, not the message's
             if master is not None:
-                self.ready.setdefault(master, {})[nr] = (sender, of)
+                self.ready.setdefault(master, {})[nr] = (sender, of, time.monotonic())
 
     def forget(self, master: int) -> None:
         self.hello.discard(master)
@@ -102,6 +104,7 @@ class Verdict:
     state: str              # "ready", "booting" or "crash-loop"
     workers: int
     detail: str = ""
+    since: float = 0.0      # when the server became ready, as far as can be known (monotonic)
 
 
 class WorkerWatch:
@@ -137,14 +140,16 @@ class WorkerWatch:
             return Verdict("crash-loop", n, f"{self.deaths} workers died during boot ({self.births} started)")
         if self.master in self.reports.hello:
             ready = self.reports.ready.get(self.master, {})
-            expected = max((of for _pid, of in ready.values()), default=None)
+            expected = self.expected_workers()
             if expected and all(nr in ready and ready[nr][0] in self.alive for nr in range(expected)):
-                return Verdict("ready", expected, "the readiness hook")
+                return Verdict("ready", expected, "the readiness hook",
+                               max(ready[nr][2] for nr in range(expected)))
             return Verdict("booting", n)
         if n and now - self.last_change >= self.settle:
-            return Verdict("ready", n, f"heuristic: worker count steady for {self.settle:g} s")
+            return Verdict("ready", n, f"heuristic: worker count steady for {self.settle:g} s",
+                           self.last_change)
         return Verdict("booting", n)
 
     def expected_workers(self) -> Optional[int]:
         ready = self.reports.ready.get(self.master, {})
-        return max((of for _pid, of in ready.values()), default=None)
+        return max((of for _pid, of, _t in ready.values()), default=None)

@@ -127,6 +127,11 @@ class Supervisor:
     def _on_master_exit(self, master: procs.Pinned) -> None:
         asyncio.get_running_loop().remove_reader(master.pidfd)
         master.exit_text = procs.exit_description(master.pid)
+        if master.role == "old":
+            # Logged the moment it happens: the old master may go on its own
+            # (the common before_fork hook QUITs it) long before the hand-over ends.
+            self.log.event("retired", f"old master {master.pid} {master.exit_text}",
+                           OLD_MASTER_PID=master.pid, GENERATION=master.generation)
         self.masters.pop(master.pid, None)
         self.reports.forget(master.pid)
         self._wake.set()

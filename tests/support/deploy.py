@@ -29,7 +29,27 @@ KillSignal=SIGQUIT
 TimeoutStopSec=60
 Restart=on-failure
 RestartSec=200ms
+SyslogIdentifier=app
 {service_extra}
+"""
+
+# The alternative operators use today: systemd hands the socket to Unicorn
+# itself (it reads LISTEN_FDS natively) and a deploy is `systemctl restart`.
+PLAIN_SERVICE = """\
+[Unit]
+Description=plain Unicorn behind a .socket unit
+Requires=app.socket
+After=app.socket
+
+[Service]
+Type=simple
+WorkingDirectory={current}
+Environment=PATH=/usr/local/bin:/usr/bin:/bin
+ExecStart=/usr/bin/env -C {current} {command}
+RuntimeDirectory=app
+KillSignal=SIGQUIT
+TimeoutStopSec=60
+SyslogIdentifier=app
 """
 
 SOCKET = """\
@@ -43,8 +63,10 @@ class Deployment:
     """One app under the shim, under the test's own systemd."""
 
     def __init__(self, manager: UserManager, root: str, socket_unit: bool = True,
-                 shim_args: str = "", service_extra: str = "", port: int = 0, **app_kw) -> None:
+                 shim_args: str = "", service_extra: str = "", port: int = 0, plain: bool = False,
+                 **app_kw) -> None:
         self.m = manager
+        self.plain = plain
         self.port = port or free_port()
         self.socket_unit = socket_unit
         self.app = App(os.path.join(root, "app"), os.path.join(manager.runtime_dir, "app", "unicorn.pid"),
@@ -53,7 +75,8 @@ class Deployment:
         self.service_extra = service_extra
 
     def write_units(self) -> None:
-        self.m.write_unit("app.service", SERVICE.format(
+        template = PLAIN_SERVICE if self.plain else SERVICE
+        self.m.write_unit("app.service", template.format(
             socket_deps="Requires=app.socket\nAfter=app.socket" if self.socket_unit else "",
             current=self.app.current, shim=SHIM, shim_args=self.shim_args,
             command=self.app.command(), service_extra=self.service_extra))
