@@ -83,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="give up waiting after SEC (the reload itself goes on)")
     reload.add_argument("--control", metavar="PATH", help="control socket of the shim")
 
+    check = sub.add_parser("check", help="pre-flight: known mistakes in a unit file and the server's config")
+    check.add_argument("unit_file", metavar="UNIT_FILE")
+    check.add_argument("command", nargs=argparse.REMAINDER, metavar="-- SERVER_COMMAND ...",
+                       help="the server command, when ExecStart= does not show it")
+
     status = sub.add_parser("status", help="what the running shim supervises")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--control", metavar="PATH", help="control socket of the shim")
@@ -92,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "reload": cmd_reload, "status": cmd_status}[args.subcommand](args)
+        return {"run": cmd_run, "reload": cmd_reload, "status": cmd_status,
+                "check": cmd_check}[args.subcommand](args)
     except ShimError as e:
         print(f"unicorn-shim: {e}", file=sys.stderr)
         return e.exit_status
@@ -112,6 +118,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     profile = servers.detect(command, args.server)
     spawn.resolve_command(command)
     _reject_daemon_flags(profile, command)
+    if args.upgrade == "usr2" and not profile.usr2_carries_sockets:
+        raise ShimError(f"--upgrade usr2: {profile.name}'s own re-exec cannot keep the sockets the shim "
+                        "holds (its new master dies with ENOTSOCK); use --upgrade spawn", EXIT_USAGE)
     if args.pid_file:
         _check_pid_dir(args.pid_file)
     if args.chdir and not os.path.isdir(args.chdir):
@@ -187,3 +196,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         print(f"unicorn-shim: {answer.get('error')}", file=sys.stderr)
     return 0 if answer.get("ok") else EXIT_RELOAD
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from shim.check import check_unit
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    try:
+        findings = check_unit(args.unit_file, command or None)
+    except OSError as e:
+        raise ShimError(f"cannot read {args.unit_file}: {e.strerror}", EXIT_USAGE) from None
+    for finding in findings:
+        print(finding)
+    errors = sum(1 for f in findings if f.level == "error")
+    print(f"{args.unit_file}: {errors} errors, {len(findings) - errors} warnings")
+    return 1 if errors else 0

@@ -9,6 +9,7 @@ gone and the new one has been reparented to the manager.
 from __future__ import annotations
 
 import os
+import signal
 import time
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
@@ -30,7 +31,7 @@ async def hand_over(sup: "Supervisor") -> Dict[str, Any]:
     sup.log.event("reload-start", f"reload to generation {gen} ({sup.strategy.name}) from master {old.pid}",
                   OLD_MASTER_PID=old.pid, GENERATION=gen)
     new: Optional[procs.Pinned] = None
-    workers_stopped = False
+    sup.old_workers_stopped = False
     old.role = "old"
     try:
         new = await sup.strategy.start_next(old, started, deadline)
@@ -42,15 +43,14 @@ async def hand_over(sup: "Supervisor") -> Dict[str, Any]:
         ready = await sup.wait_ready(new, deadline, "new master")
         ready_ms = int((time.monotonic() - t0) * 1000)
         if sup.config.health_check:
-            workers_stopped = await _stop_old_workers(sup, old, new)
-            reason = await health.check(sup.config.health_check)
+            reason = await _health_check(sup, old, new)
             if reason:
                 raise ReloadFailed(reason)
         retire_start = time.monotonic()
         await sup.retire(old, keep=new.pid)
         retire_end = time.monotonic()
     except ReloadFailed as e:
-        return await _roll_back(sup, old, new, workers_stopped, str(e), t0, gen)
+        return await _roll_back(sup, old, new, str(e), t0, gen)
     except Stopping:
         return {"ok": False, "error": "reload aborted: the service is stopping"}
 
@@ -77,21 +77,41 @@ async def hand_over(sup: "Supervisor") -> Dict[str, Any]:
             "timings": timings}
 
 
-async def _stop_old_workers(sup: "Supervisor", old: procs.Pinned, new: procs.Pinned) -> bool:
-    """Before a health check, let only the new workers answer: the old master's
-    workers stop gracefully (Unicorn: WINCH) and can be brought back (HUP)."""
-    if sup.profile.stop_workers is None or not old.alive():
-        return False
-    old.signal(sup.profile.stop_workers)
-    deadline = time.monotonic() + sup.config.retire_timeout
-    while [p for p in procs.children(old.pid) if p != new.pid] and time.monotonic() < deadline:
-        await sup.tick()
-    return True
+async def _health_check(sup: "Supervisor", old: procs.Pinned, new: procs.Pinned) -> Optional[str]:
+    """Check the new release alone: the old master's workers must not answer.
+
+    Unicorn: WINCH stops them gracefully (HUP brings them back on a rollback).
+    A server without such a signal (Gunicorn: WINCH only acts when daemonized):
+    its workers are paused with SIGSTOP for the check's few milliseconds, so the
+    shared socket's queue goes to the new workers; requests in flight on the old
+    ones wait, none fails. Returns the failure, or None.
+    """
+    paused = []
+    if old.alive() and sup.profile.stop_workers is not None:
+        old.signal(sup.profile.stop_workers)
+        sup.old_workers_stopped = True
+        deadline = time.monotonic() + sup.config.retire_timeout
+        while [p for p in procs.children(old.pid) if p != new.pid] and time.monotonic() < deadline:
+            await sup.tick()
+    elif old.alive():
+        for pid in procs.children(old.pid):
+            try:
+                worker = procs.pin(pid, sup.cgroup, parent=old.pid, role="worker")
+            except procs.UntrustedPid:
+                continue
+            worker.signal(signal.SIGSTOP)
+            paused.append(worker)
+    try:
+        return await health.check(sup.config.health_check) or None
+    finally:
+        for worker in paused:
+            worker.signal(signal.SIGCONT)
+            worker.close()
 
 
 async def _roll_back(sup: "Supervisor", old: procs.Pinned, new: Optional[procs.Pinned],
-                     workers_stopped: bool, reason: str, t0: float, gen: int) -> Dict[str, Any]:
-    if workers_stopped and old.alive():
+                     reason: str, t0: float, gen: int) -> Dict[str, Any]:
+    if sup.old_workers_stopped and old.alive():
         old.signal(sup.profile.respawn_workers)
         try:
             await sup.wait_ready(old, time.monotonic() + sup.config.ready_timeout, "old master")

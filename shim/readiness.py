@@ -22,15 +22,19 @@ from shim import procs
 from shim.servers import ServerProfile
 
 HOOK_ENV = "UNICORN_SHIM_READY_SOCKET"
-RUBY_HOOK_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hooks", "ruby")
+HOOKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hooks")
 CRASH_LOOP_DEATHS = 3
 _CRED = struct.Struct("3i")   # struct ucred: pid, uid, gid
 
 
 def hook_environment(environ: Dict[str, str]) -> Dict[str, str]:
-    """Lets a Unicorn config `require "unicorn_shim"` wherever the shim is installed."""
-    rubylib = environ.get("RUBYLIB")
-    return {"RUBYLIB": f"{RUBY_HOOK_DIR}:{rubylib}" if rubylib else RUBY_HOOK_DIR}
+    """Lets a Unicorn config `require "unicorn_shim"` and a Gunicorn config
+    `from unicorn_shim_gunicorn import post_worker_init` wherever the shim is installed."""
+    env = {}
+    for var, lang in (("RUBYLIB", "ruby"), ("PYTHONPATH", "python")):
+        path = os.path.join(HOOKS_DIR, lang)
+        env[var] = f"{path}:{environ[var]}" if environ.get(var) else path
+    return env
 
 
 @dataclass
@@ -38,7 +42,8 @@ class HookReports:
     """What the in-server hook said, by master pid."""
 
     hello: Set[int] = field(default_factory=set)
-    # master -> worker nr -> (worker pid, workers expected, monotonic time of the report)
+    # master -> worker key (Unicorn: worker nr; Gunicorn: pid) -> (worker pid, workers
+    # expected, monotonic time of the report)
     ready: Dict[int, Dict[int, Tuple[int, int, float]]] = field(default_factory=dict)
 
     def record(self, sender: int, text: str) -> None:
@@ -50,12 +55,12 @@ class HookReports:
             self.hello.add(sender)
         elif words[0] == "ready":
             try:
-                nr, of = int(args["worker"]), int(args["workers"])
+                key, of = int(args["worker"]), int(args["workers"])
             except (KeyError, ValueError):
                 return
             master = procs.parent_of(sender)   # the kernel's word, not the message's
             if master is not None:
-                self.ready.setdefault(master, {})[nr] = (sender, of, time.monotonic())
+                self.ready.setdefault(master, {})[key] = (sender, of, time.monotonic())
 
     def forget(self, master: int) -> None:
         self.hello.discard(master)
@@ -139,11 +144,10 @@ class WorkerWatch:
         if self.deaths >= CRASH_LOOP_DEATHS:
             return Verdict("crash-loop", n, f"{self.deaths} workers died during boot ({self.births} started)")
         if self.master in self.reports.hello:
-            ready = self.reports.ready.get(self.master, {})
+            live = [t for pid, _of, t in self.reports.ready.get(self.master, {}).values() if pid in self.alive]
             expected = self.expected_workers()
-            if expected and all(nr in ready and ready[nr][0] in self.alive for nr in range(expected)):
-                return Verdict("ready", expected, "the readiness hook",
-                               max(ready[nr][2] for nr in range(expected)))
+            if expected and len(live) >= expected:
+                return Verdict("ready", expected, "the readiness hook", max(live))
             return Verdict("booting", n)
         if n and now - self.last_change >= self.settle:
             return Verdict("ready", n, f"heuristic: worker count steady for {self.settle:g} s",

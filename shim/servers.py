@@ -22,6 +22,7 @@ class ServerProfile:
     stop_workers: Optional[int]      # stop workers, keep the master (None: not supported)
     respawn_workers: Optional[int]   # bring workers back after stop_workers
     default_upgrade: str             # "usr2" or "spawn"
+    usr2_carries_sockets: bool       # can its own re-exec keep a socket it inherited?
     worker_title: "re.Pattern[str]"  # how a worker's title reads (the readiness heuristic)
     fd_handover: str                 # "UNICORN_FD" (list of fds) or "LISTEN_FDS" (sd_listen_fds)
     listen_flag: Optional[str]       # flag naming a held socket on the command line, if any
@@ -52,6 +53,7 @@ UNICORN = ServerProfile(
     stop_workers=signal.SIGWINCH,
     respawn_workers=signal.SIGHUP,
     default_upgrade="usr2",
+    usr2_carries_sockets=True,
     worker_title=re.compile(r"\bworker\[\d+\]"),
     fd_handover="UNICORN_FD",
     listen_flag="-l",
@@ -65,7 +67,10 @@ GUNICORN = ServerProfile(
     reexec=signal.SIGUSR2,
     stop_workers=None,            # WINCH only acts when Gunicorn daemonized itself
     respawn_workers=None,
-    default_upgrade="spawn",      # its USR2 cannot carry an inherited socket (gunicorn#2856)
+    default_upgrade="spawn",
+    # Measured with 20.1: the re-exec'd master dies with "OSError: [Errno 88] Socket
+    # operation on non-socket" for a socket it inherited (benoitc/gunicorn#2856).
+    usr2_carries_sockets=False,
     worker_title=re.compile(r""),     # titles need setproctitle: count every child
     fd_handover="LISTEN_FDS",
     listen_flag=None,

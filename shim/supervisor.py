@@ -61,6 +61,7 @@ class Supervisor:
         self.master: Optional[procs.Pinned] = None       # the one serving, MAINPID in steady state
         self.masters: Dict[int, procs.Pinned] = {}       # every master alive and pinned
         self.generation = 0
+        self.old_workers_stopped = False                 # for a health check; undone on rollback
         self.stop_requested = False
         self.last_reload = ""
         self.started = time.time()

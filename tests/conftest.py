@@ -24,14 +24,34 @@ def manager(base_dir):
     m.down()
 
 
-@pytest.fixture
-def deploy(manager, tmp_path):
+def _deployments(manager, tmp_path, server):
     made = []
 
     def make(**kw) -> Deployment:
-        d = Deployment(manager, str(tmp_path), **kw)
+        d = Deployment(manager, str(tmp_path), server=server, **kw)
         made.append(d)
         return d
+    return made, make
+
+
+@pytest.fixture(params=["unicorn", "gunicorn"])
+def server(request):
+    return request.param
+
+
+@pytest.fixture
+def deploy(manager, tmp_path, server):
+    """Makes Deployments of the test's server: every test using it runs for both."""
+    made, make = _deployments(manager, tmp_path, server)
+    yield make
+    for d in made:
+        d.stop()
+
+
+@pytest.fixture
+def unicorn_deploy(manager, tmp_path):
+    """For what only Unicorn has: its own USR2, -l, UNICORN_FD, the common before_fork hook."""
+    made, make = _deployments(manager, tmp_path, "unicorn")
     yield make
     for d in made:
         d.stop()

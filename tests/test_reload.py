@@ -51,8 +51,8 @@ def test_twenty_reloads_under_load_lose_nothing(deploy, manager):
     (True, True, True, True),
     (True, False, True, False),
 ], ids=["listen-preload", "socket-nopreload", "seedhook-preload", "seedhook-nopreload-heuristic"])
-def test_reloads_in_every_setup(deploy, manager, socket_unit, preload, seed_hook, ready_hook):
-    d = deploy(socket_unit=socket_unit, preload=preload, seed_hook=seed_hook, ready_hook=ready_hook)
+def test_reloads_in_every_setup(unicorn_deploy, manager, socket_unit, preload, seed_hook, ready_hook):
+    d = unicorn_deploy(socket_unit=socket_unit, preload=preload, seed_hook=seed_hook, ready_hook=ready_hook)
     d.start()
     with Load(d.port, clients=4) as load:
         for _ in range(3):
@@ -78,9 +78,31 @@ def rollback(d, manager, load, *, reason: str, release_kw=None):
     return failed[-1]
 
 
-@pytest.mark.parametrize("seed_hook", [False, True], ids=["plain", "seedhook"])
-def test_rollback_when_new_master_dies(deploy, manager, seed_hook):
-    d = deploy(preload=True, seed_hook=seed_hook)
+@pytest.mark.parametrize("socket_unit,preload,ready_hook", [
+    (True, True, True), (False, False, False)], ids=["socket-preload-hook", "listen-nopreload-heuristic"])
+def test_reloads_in_other_setups(deploy, manager, socket_unit, preload, ready_hook):
+    d = deploy(socket_unit=socket_unit, preload=preload, ready_hook=ready_hook)
+    d.start()
+    with Load(d.port, clients=4) as load:
+        for _ in range(3):
+            reload_and_check(d, load, d.app.release())
+    assert load.failures() == [], load.failure_kinds()
+
+
+def test_spawn_upgrade_for_unicorn(unicorn_deploy, manager):
+    """The shim starts the next master itself: the manager's child from the start."""
+    d = unicorn_deploy(shim_args="--upgrade spawn", seed_hook=True)
+    d.start()
+    with Load(d.port, clients=4) as load:
+        for _ in range(3):
+            reload_and_check(d, load, d.app.release())
+        rollback(d, manager, load, reason="exited", release_kw={"broken": True})
+    assert load.failures() == [], load.failure_kinds()
+    assert [e["MESSAGE"].split("(")[1].split(")")[0] for e in manager.events("reload-start")] == ["spawn"] * 4
+
+
+def test_rollback_when_new_master_dies(deploy, manager):
+    d = deploy(preload=True)
     d.start()
     with Load(d.port) as load:
         rollback(d, manager, load, reason="exited", release_kw={"broken": True})
@@ -88,12 +110,24 @@ def test_rollback_when_new_master_dies(deploy, manager, seed_hook):
     assert load.failures() == [], load.failure_kinds()
 
 
-def test_rollback_when_workers_crash_loop(deploy, manager):
+def test_rollback_when_new_master_dies_with_seed_hook(unicorn_deploy, manager):
+    d = unicorn_deploy(preload=True, seed_hook=True)
+    d.start()
+    with Load(d.port) as load:
+        rollback(d, manager, load, reason="exited", release_kw={"broken": True})
+        reload_and_check(d, load, d.app.release())     # and the next good deploy goes through
+    assert load.failures() == [], load.failure_kinds()
+
+
+def test_rollback_when_workers_crash_loop(deploy, manager, server):
+    """Unicorn with preload_app false respawns crashing workers forever; Gunicorn's
+    arbiter exits when a worker fails to boot. Either way: rejected in seconds."""
     d = deploy(preload=False, shim_args="--ready-timeout 60")
     d.start()
     with Load(d.port) as load:
         t = time.monotonic()
-        rollback(d, manager, load, reason="crash-looping", release_kw={"broken": True})
+        rollback(d, manager, load, reason="crash-looping" if server == "unicorn" else "exited",
+                 release_kw={"broken": True})
         assert time.monotonic() - t < 5      # counted births, not the 60 s timeout
     assert load.failures() == [], load.failure_kinds()
 
@@ -103,7 +137,7 @@ def test_rollback_when_not_ready_in_time(deploy, manager):
     d.start()
     with Load(d.port) as load:
         rollback(d, manager, load, reason="not ready within 3 s",
-                 release_kw={"extra": "before_fork { |s, w| sleep 600 }"})
+                 release_kw={"extra": d.app.never_ready()})
     assert load.failures() == [], load.failure_kinds()
     assert len(d.master_pids()) == 1
 

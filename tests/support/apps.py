@@ -55,6 +55,45 @@ pid "{pid_file}"
 """
 
 
+APP_PY = """\
+# release {name}
+import os
+import time
+{broken}
+NAME = "{name}"
+
+
+def application(environ, start_response):
+    path, status = environ.get("PATH_INFO", "/"), "200 OK"
+    params = dict(p.split("=", 1) for p in environ.get("QUERY_STRING", "").split("&") if "=" in p)
+    if path == "/slow":
+        time.sleep(float(params.get("s", "2")))
+        body = "slow done release=%s\\n" % NAME
+    elif path == "/health":
+        status, body = "{health_status} health", "health release=%s\\n" % NAME
+    else:
+        body = "release=%s pid=%d\\n" % (NAME, os.getpid())
+    start_response(status, [("Content-Type", "text/plain")])
+    return [body.encode()]
+"""
+
+GUNICORN_CONF = """\
+workers = {workers}
+preload_app = {preload}
+pidfile = "{pid_file}"
+timeout = 30
+graceful_timeout = 30
+{require_hook}
+{extra}
+"""
+
+# A master that never gets workers: blocked in the hook that runs just before.
+NEVER_READY = {
+    "unicorn": "before_fork { |s, w| sleep 600 }",
+    "gunicorn": "import time\ndef when_ready(server):\n    time.sleep(600)",
+}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -65,7 +104,8 @@ class App:
     """/.../app/{releases/rN, current -> releases/rN}"""
 
     def __init__(self, root: str, pid_file: str, workers: int = 2, preload: bool = True,
-                 seed_hook: bool = False, ready_hook: bool = True) -> None:
+                 seed_hook: bool = False, ready_hook: bool = True, server: str = "unicorn") -> None:
+        self.server = server
         self.root = root
         self.pid_file = pid_file
         self.workers, self.preload = workers, preload
@@ -82,18 +122,40 @@ class App:
         name = f"r{self.count}"
         d = os.path.join(self.root, "releases", name)
         os.makedirs(os.path.join(d, "config"))
-        with open(os.path.join(d, "config.ru"), "w") as f:
-            f.write(CONFIG_RU.format(name=name, health_status=health_status,
-                                     broken='raise "release %s is broken"' % name if broken else ""))
-        with open(os.path.join(d, "config", "unicorn.rb"), "w") as f:
-            f.write(UNICORN_RB.format(
-                workers=self.workers, preload=str(self.preload if preload is None else preload).lower(),
-                pid_file=self.pid_file, require_hook='require "unicorn_shim"' if self.ready_hook else "",
+        preload = self.preload if preload is None else preload
+        if self.server == "unicorn":
+            self._write(d, "config.ru", CONFIG_RU.format(
+                name=name, health_status=health_status,
+                broken='raise "release %s is broken"' % name if broken else ""))
+            self._write(d, "config/unicorn.rb", UNICORN_RB.format(
+                workers=self.workers, preload=str(preload).lower(), pid_file=self.pid_file,
+                require_hook='require "unicorn_shim"' if self.ready_hook else "",
                 seed_hook=SEED_HOOK if self.seed_hook else "", extra=extra))
+        else:
+            self._write(d, "app.py", APP_PY.format(
+                name=name, health_status=health_status,
+                broken='raise RuntimeError("release %s is broken")' % name if broken else ""))
+            self._write(d, "gunicorn.conf.py", GUNICORN_CONF.format(
+                workers=self.workers, preload=preload, pid_file=self.pid_file, extra=extra,
+                require_hook="from unicorn_shim_gunicorn import post_worker_init" if self.ready_hook else ""))
         tmp = self.current + ".tmp"
         os.symlink(d, tmp)
         os.replace(tmp, self.current)   # the atomic switch a deploy tool does
         return name
 
+    @staticmethod
+    def _write(directory: str, name: str, text: str) -> None:
+        with open(os.path.join(directory, name), "w") as f:
+            f.write(text)
+
     def command(self) -> str:
+        if self.server == "gunicorn":
+            return "gunicorn -c gunicorn.conf.py app:application"
         return "unicorn -c config/unicorn.rb -E production config.ru"
+
+    @property
+    def graceful_stop_signal(self) -> str:
+        return "SIGTERM" if self.server == "gunicorn" else "SIGQUIT"
+
+    def never_ready(self) -> str:
+        return NEVER_READY[self.server]

@@ -25,7 +25,7 @@ Environment=PATH=/usr/local/bin:/usr/bin:/bin
 ExecStart={shim} run --pid-file %t/app/unicorn.pid --chdir {current} {shim_args} -- {command}
 ExecReload={shim} reload
 RuntimeDirectory=app
-KillSignal=SIGQUIT
+KillSignal={kill_signal}
 TimeoutStopSec=60
 Restart=on-failure
 RestartSec=200ms
@@ -79,7 +79,8 @@ class Deployment:
         self.m.write_unit("app.service", template.format(
             socket_deps="Requires=app.socket\nAfter=app.socket" if self.socket_unit else "",
             current=self.app.current, shim=SHIM, shim_args=self.shim_args,
-            command=self.app.command(), service_extra=self.service_extra))
+            command=self.app.command(), service_extra=self.service_extra,
+            kill_signal=self.app.graceful_stop_signal))
         if self.socket_unit:
             self.m.write_unit("app.socket", SOCKET.format(port=self.port))
 
@@ -109,7 +110,10 @@ class Deployment:
                            "StatusText", "ExecMainStatus")
 
     def master_pids(self) -> list:
-        return [p for p in self.m.unit_processes() if "unicorn master" in proc_cmdline(p)]
+        """Masters: the unit's processes whose parent is not in the unit (the manager's
+        children), other than the shim. Holds in steady state for both servers."""
+        pids = self.m.unit_processes()
+        return [p for p in pids if proc_parent(p) not in pids and "unicorn-shim" not in proc_cmdline(p)]
 
     def assert_main_pid_is_live_master(self) -> int:
         """systemd's MainPID is the one Unicorn master alive, and the manager is its parent."""
