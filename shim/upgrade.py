@@ -54,10 +54,13 @@ class Strategy:
         if not self.pid_file:
             return
         try:
-            if procs.read_pid_file(self.pid_file) != old.pid:
-                self.sup.log.event("pid-file-repaired", f"pid file {self.pid_file} did not name "
-                                   f"master {old.pid}; rewritten", MASTER_PID=old.pid)
-                procs.write_pid_file(self.pid_file, old.pid)
+            found = procs.read_pid_file(self.pid_file)
+            if found != old.pid:
+                self.sup.log.event("pid-file-repaired", f"pid file {self.pid_file} named {found} instead "
+                                   f"of master {old.pid}; rewritten", MASTER_PID=old.pid)
+            # Written even when right: the server is about to write beside it, and a
+            # full or read-only directory is better found now than by its USR2 failing.
+            procs.write_pid_file(self.pid_file, old.pid)
             _remove(self.oldbin)   # steady state has no .oldbin: any is stale
         except OSError as e:
             raise ReloadFailed(f"cannot repair pid file {self.pid_file}: {e.strerror or e}") from None

@@ -22,7 +22,7 @@ Type=notify
 NotifyAccess=all
 WorkingDirectory={current}
 Environment=PATH=/usr/local/bin:/usr/bin:/bin
-ExecStart={shim} run --pid-file %t/app/unicorn.pid --chdir {current} {shim_args} -- {command}
+ExecStart={shim} run --pid-file {pid_file} --chdir {current} {shim_args} -- {command}
 ExecReload={shim} reload
 RuntimeDirectory=app
 KillSignal={kill_signal}
@@ -40,6 +40,8 @@ PLAIN_SERVICE = """\
 Description=plain Unicorn behind a .socket unit
 Requires=app.socket
 After=app.socket
+# A deploy per second would otherwise trip the start rate limit (5 in 10 s).
+StartLimitIntervalSec=0
 
 [Service]
 Type=simple
@@ -64,13 +66,13 @@ class Deployment:
 
     def __init__(self, manager: UserManager, root: str, socket_unit: bool = True,
                  shim_args: str = "", service_extra: str = "", port: int = 0, plain: bool = False,
-                 **app_kw) -> None:
+                 pid_file: str = "", **app_kw) -> None:
         self.m = manager
         self.plain = plain
         self.port = port or free_port()
         self.socket_unit = socket_unit
-        self.app = App(os.path.join(root, "app"), os.path.join(manager.runtime_dir, "app", "unicorn.pid"),
-                       **app_kw)
+        self.app = App(os.path.join(root, "app"),
+                       pid_file or os.path.join(manager.runtime_dir, "app", "unicorn.pid"), **app_kw)
         self.shim_args = shim_args + ("" if socket_unit else f" --listen 127.0.0.1:{self.port}")
         self.service_extra = service_extra
 
@@ -79,7 +81,7 @@ class Deployment:
         self.m.write_unit("app.service", template.format(
             socket_deps="Requires=app.socket\nAfter=app.socket" if self.socket_unit else "",
             current=self.app.current, shim=SHIM, shim_args=self.shim_args,
-            command=self.app.command(), service_extra=self.service_extra,
+            command=self.app.command(), service_extra=self.service_extra, pid_file=self.app.pid_file,
             kill_signal=self.app.graceful_stop_signal))
         if self.socket_unit:
             self.m.write_unit("app.socket", SOCKET.format(port=self.port))
@@ -114,6 +116,10 @@ class Deployment:
         children), other than the shim. Holds in steady state for both servers."""
         pids = self.m.unit_processes()
         return [p for p in pids if proc_parent(p) not in pids and "unicorn-shim" not in proc_cmdline(p)]
+
+    def app_workers(self, master: int) -> list:
+        return [p for p in self.m.unit_processes() if proc_parent(p) == master
+                and ("worker" in proc_cmdline(p) or self.app.server == "gunicorn")]
 
     def assert_main_pid_is_live_master(self) -> int:
         """systemd's MainPID is the one Unicorn master alive, and the manager is its parent."""

@@ -1,0 +1,235 @@
+"""Issue 4: faults under real systemd with real servers and load running.
+
+Each case checks the requests that failed, systemd's view afterwards against
+reality, the result of a reload that was running, and that a stop leaves
+nothing behind."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+from support.deploy import SHIM
+from support.load import Load, get
+from support.systemd import proc_cmdline, proc_parent
+
+
+def finish(d, manager):
+    """After each case: stop leaves the unit inactive and nothing running."""
+    stop = d.stop()
+    assert stop.returncode == 0
+    assert manager.unit_processes() == []
+    assert d.state()["ActiveState"] in ("inactive", "failed")
+
+
+def reload_in_background(d):
+    result = {}
+    t = threading.Thread(target=lambda: result.update(r=d.reload()))
+    t.start()
+    return t, result
+
+
+def wait_new_master(d, old, timeout=10):
+    """The new master once it exists (usr2: the old master's non-worker child; spawn: a
+    second master beside the old)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pid in d.m.unit_processes():
+            if pid != old and "unicorn-shim" not in proc_cmdline(pid) and proc_parent(pid) in (old, d.m.pid) \
+                    and "worker" not in proc_cmdline(pid) and pid not in d.app_workers(old):
+                return pid
+        time.sleep(0.01)
+    raise AssertionError("no new master appeared")
+
+
+def test_kill9_new_master_while_it_boots(deploy, manager):
+    d = deploy(shim_args="--ready-timeout 30")
+    d.start()
+    old = d.assert_main_pid_is_live_master()
+    with Load(d.port) as load:
+        d.app.release(extra=d.app.never_ready())      # it would boot forever: killed meanwhile
+        t, result = reload_in_background(d)
+        new = wait_new_master(d, old)
+        time.sleep(0.3)
+        os.kill(new, signal.SIGKILL)
+        t.join()
+    assert result["r"].returncode != 0
+    assert "killed by SIGKILL" in manager.events("reload-failed")[-1]["REASON"] or \
+        "exited" in manager.events("reload-failed")[-1]["REASON"]
+    assert load.failures() == [], load.failure_kinds()
+    assert d.assert_main_pid_is_live_master() == old
+    finish(d, manager)
+
+
+def test_stopped_new_master_fails_at_ready_timeout(deploy, manager):
+    d = deploy(shim_args="--ready-timeout 3")
+    d.start()
+    old = d.assert_main_pid_is_live_master()
+    with Load(d.port) as load:
+        d.app.release()
+        t, result = reload_in_background(d)
+        new = wait_new_master(d, old)
+        os.kill(new, signal.SIGSTOP)
+        t.join()
+    assert result["r"].returncode != 0
+    assert "not ready within 3 s" in manager.events("reload-failed")[-1]["REASON"]
+    assert load.failures() == [], load.failure_kinds()
+    assert d.assert_main_pid_is_live_master() == old
+    assert not os.path.exists(f"/proc/{new}") or open(f"/proc/{new}/stat").read().split()[2] == "Z"
+    finish(d, manager)
+
+
+def test_kill9_a_new_worker_during_hand_over(deploy, manager):
+    d = deploy(workers=3)
+    d.start()
+    old = d.assert_main_pid_is_live_master()
+    with Load(d.port) as load:
+        name = d.app.release()
+        t, result = reload_in_background(d)
+        new = wait_new_master(d, old)
+        deadline = time.monotonic() + 10
+        while not d.app_workers(new) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        os.kill(d.app_workers(new)[0], signal.SIGKILL)
+        t.join()
+        time.sleep(0.3)
+    # Unicorn respawns the worker and the reload goes through; Gunicorn does the same.
+    assert result["r"].returncode == 0, result["r"].stderr
+    assert get(d.port).release == name
+    assert d.assert_main_pid_is_live_master() == new
+    # the killed worker's requests in flight may be cut: that is the kill, not the shim
+    assert all(k in ("RemoteDisconnected", "ConnectionResetError") for k in load.failure_kinds()), \
+        load.failure_kinds()
+    finish(d, manager)
+
+
+def test_kill9_old_master_in_the_middle_of_a_hand_over(deploy, manager):
+    d = deploy()
+    d.start()
+    old = d.assert_main_pid_is_live_master()
+    with Load(d.port) as load:
+        name = d.app.release()
+        t, result = reload_in_background(d)
+        wait_new_master(d, old)
+        os.kill(old, signal.SIGKILL)
+        t.join()
+        time.sleep(0.3)
+    assert result["r"].returncode == 0, result["r"].stderr
+    assert get(d.port).release == name
+    st = d.state()
+    assert (st["ActiveState"], st["SubState"]) == ("active", "running"), st
+    new = d.assert_main_pid_is_live_master()
+    assert new != old
+    assert "Supervising process" not in manager.journal_text()
+    # requests in flight on the killed master's workers may be cut; nothing is refused
+    assert "ConnectionRefusedError" not in load.failure_kinds()
+    finish(d, manager)
+
+
+def test_kill9_shim_in_steady_state(deploy, manager):
+    """The app keeps serving; the next reload fails visibly instead of pretending."""
+    d = deploy()
+    d.start()
+    master = d.assert_main_pid_is_live_master()
+    shim = [p for p in manager.unit_processes() if "unicorn-shim" in proc_cmdline(p)][0]
+    with Load(d.port) as load:
+        os.kill(shim, signal.SIGKILL)
+        time.sleep(0.5)
+        d.app.release()
+        r = d.reload()
+        time.sleep(0.3)
+    assert r.returncode != 0
+    assert "no shim is running" in manager.journal_text()
+    assert load.failures() == [], load.failure_kinds()
+    assert d.m.main_pid() == master and d.state()["ActiveState"] == "active"
+    finish(d, manager)
+
+
+def test_kill9_shim_in_the_middle_of_a_hand_over(deploy, manager):
+    """MAINPID is the shim during a hand-over: systemd sees it die and restarts the
+    unit; behind a .socket unit no connection is refused meanwhile."""
+    d = deploy()
+    d.start()
+    old = d.assert_main_pid_is_live_master()
+    shim = [p for p in manager.unit_processes() if "unicorn-shim" in proc_cmdline(p)][0]
+    with Load(d.port) as load:
+        d.app.release(extra=d.app.never_ready())
+        t, result = reload_in_background(d)
+        wait_new_master(d, old)
+        assert manager.main_pid() == shim
+        os.kill(shim, signal.SIGKILL)
+        t.join()
+        st = manager.wait_for("app.service", timeout=30, NRestarts="1", ActiveState="active")
+        assert st["NRestarts"] == "1", st
+    assert result["r"].returncode != 0
+    assert "ConnectionRefusedError" not in load.failure_kinds()
+    finish(d, manager)
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated", "garbage", "pid-1", "other-pid"])
+def test_pid_file_damage_between_reloads(unicorn_deploy, manager, damage):
+    """With the common before_fork hook, which QUITs whatever .oldbin names: the shim
+    rewrites the pid file to the master it knows before USR2."""
+    d = unicorn_deploy(seed_hook=True)
+    d.start()
+    pid_file = d.app.pid_file
+    sleeper = subprocess.Popen(["sleep", "60"])     # a process outside the unit
+    with Load(d.port) as load:
+        if damage == "deleted":
+            os.unlink(pid_file)
+        else:
+            text = {"truncated": "", "garbage": "0x;rm -rf\n", "pid-1": "1\n",
+                    "other-pid": f"{sleeper.pid}\n"}[damage]
+            with open(pid_file, "w") as f:
+                f.write(text)
+        name = d.app.release()
+        r = d.reload()
+        time.sleep(0.3)
+    assert r.returncode == 0, r.stderr
+    assert sleeper.poll() is None          # never signalled
+    sleeper.kill()
+    assert get(d.port).release == name
+    assert load.failures() == [], load.failure_kinds()
+    master = d.assert_main_pid_is_live_master()
+    assert open(pid_file).read().strip() == str(master)
+    assert manager.events("pid-file-repaired")
+    finish(d, manager)
+
+
+@pytest.mark.parametrize("fault", ["read-only", "disk-full"])
+def test_pid_directory_unwritable_at_reload(unicorn_deploy, manager, tmp_path, fault):
+    """The pid file's directory turns read-only or full: the reload fails before
+    anything is signalled, and says why."""
+    piddir = str(tmp_path / "pids")
+    os.makedirs(piddir)
+    ns = ["nsenter", "-t", str(manager.pid), "-m", "--"]   # the manager's private mount namespace
+    if fault == "disk-full":
+        subprocess.run(ns + ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", piddir], check=True)
+    d = unicorn_deploy(pid_file=os.path.join(piddir, "unicorn.pid"))
+    d.start()
+    old = d.assert_main_pid_is_live_master()
+    if fault == "read-only":
+        subprocess.run(ns + ["mount", "--bind", piddir, piddir], check=True)
+        subprocess.run(ns + ["mount", "-o", "remount,bind,ro", piddir], check=True)
+    else:
+        subprocess.run(ns + ["sh", "-c", f"cat /dev/zero > {piddir}/fill"], capture_output=True)
+    try:
+        with Load(d.port) as load:
+            d.app.release()
+            t = time.monotonic()
+            r = d.reload()
+            took = time.monotonic() - t
+        assert r.returncode != 0
+        reason = manager.events("reload-failed")[-1]["REASON"]
+        want = "Read-only file system" if fault == "read-only" else "No space left on device"
+        assert "pid file" in reason and want in reason, reason
+        assert took < 10      # at once, not at the ready timeout
+        assert load.failures() == []
+        assert d.assert_main_pid_is_live_master() == old
+    finally:
+        subprocess.run(ns + ["umount", piddir], check=False)
+    finish(d, manager)
