@@ -7,6 +7,7 @@ import os
 import socket
 import stat
 import subprocess
+import tempfile
 import time
 
 from support.deploy import SHIM
@@ -18,9 +19,11 @@ def control_path(manager):
 
 
 def test_control_socket_mode_owner_and_peer_check(unicorn_deploy, manager):
-    d = unicorn_deploy(shim_args="--control-mode 0666")
+    public = tempfile.mkdtemp()
+    os.chmod(public, 0o755)          # the runtime directory is 0700: put it where others can reach
+    path = os.path.join(public, "control.sock")
+    d = unicorn_deploy(shim_args=f"--control-mode 0666 --control {path}")
     d.start()
-    path = control_path(manager)
     st = os.stat(path)
     assert stat.S_ISSOCK(st.st_mode) and st.st_uid == 0 and oct(st.st_mode & 0o777) == "0o666"
     # a second, unprivileged user: connected (mode 0666) but refused by SO_PEERCRED

@@ -152,7 +152,9 @@ def test_kill9_shim_in_steady_state(deploy, manager):
 def test_kill9_shim_in_the_middle_of_a_hand_over(deploy, manager):
     """MAINPID is the shim during a hand-over: systemd sees it die and restarts the
     unit; behind a .socket unit no connection is refused meanwhile."""
-    d = deploy()
+    # The new master hangs in its boot hook and ignores the stop signal: a short
+    # TimeoutStopSec= lets systemd's SIGKILL come sooner than the default 60 s.
+    d = deploy(service_extra="TimeoutStopSec=5")
     d.start()
     old = d.assert_main_pid_is_live_master()
     shim = [p for p in manager.unit_processes() if "unicorn-shim" in proc_cmdline(p)][0]
@@ -162,6 +164,7 @@ def test_kill9_shim_in_the_middle_of_a_hand_over(deploy, manager):
         wait_new_master(d, old)
         assert manager.main_pid() == shim
         os.kill(shim, signal.SIGKILL)
+        d.app.release()       # the deploy tool's next attempt: what the restart boots
         t.join()
         st = manager.wait_for("app.service", timeout=30, NRestarts="1", ActiveState="active")
         assert st["NRestarts"] == "1", st
@@ -232,4 +235,39 @@ def test_pid_directory_unwritable_at_reload(unicorn_deploy, manager, tmp_path, f
         assert d.assert_main_pid_is_live_master() == old
     finally:
         subprocess.run(ns + ["umount", piddir], check=False)
+    finish(d, manager)
+
+
+def test_watchdog_restarts_a_hung_master(deploy, manager):
+    """WATCHDOG=1 stops when the master hangs (SIGSTOP): systemd's watchdog restarts
+    the unit, and behind the .socket unit no connection is refused."""
+    d = deploy(service_extra="WatchdogSec=2\nTimeoutStopSec=5")
+    d.start()
+    master = d.assert_main_pid_is_live_master()
+    time.sleep(3)                         # longer than WatchdogSec: the shim's pings keep it alive
+    assert d.state()["NRestarts"] == "0"
+    with Load(d.port) as load:
+        os.kill(master, signal.SIGSTOP)
+        st = manager.wait_for("app.service", timeout=40, NRestarts="1", ActiveState="active",
+                              SubState="running")
+        time.sleep(0.5)
+    assert st["NRestarts"] == "1", st
+    assert "Watchdog timeout" in manager.journal_text()
+    assert "ConnectionRefusedError" not in load.failure_kinds()
+    assert load.ok_count() > 0
+    assert d.assert_main_pid_is_live_master() != master
+    finish(d, manager)
+
+
+def test_slow_boot_extends_the_start_timeout(deploy, manager):
+    """EXTEND_TIMEOUT_USEC: an app slower than TimeoutStartSec= still starts, bounded
+    by the shim's own --ready-timeout."""
+    d = deploy(service_extra="TimeoutStartSec=2")
+    slow = {"unicorn": "before_fork { |s, w| sleep 2 if w.nr == 0 }",
+            "gunicorn": "import time\ndef when_ready(server):\n    time.sleep(4)"}[d.app.server]
+    d.app.release(extra=slow)
+    t = time.monotonic()
+    d.start()
+    assert time.monotonic() - t > 2
+    assert get(d.port, timeout=5).error is None
     finish(d, manager)

@@ -100,8 +100,12 @@ def _zombie(pid: int) -> bool:
 
 
 def proc_parent(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[1])
+    """The parent's pid, or -1 once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError):
+        return -1
 
 
 def proc_cmdline(pid: int) -> str:
