@@ -1,0 +1,213 @@
+"""unicorn-shim's command line. The interface is a contract with users' unit files:
+extend it, never rename it."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from typing import List, Optional
+
+from shim import __version__, control, servers, sockets, spawn
+from shim.errors import EXIT_PIDFILE, EXIT_RELOAD, EXIT_USAGE, ShimError
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0")
+    return value
+
+
+def _mode(text: str) -> int:
+    try:
+        value = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal file mode such as 0660") from None
+    if not 0 <= value <= 0o777:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file mode")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="unicorn-shim",
+        description="Run a Unicorn or Gunicorn master under systemd with zero-downtime reloads.")
+    parser.add_argument("--version", action="version", version=f"unicorn-shim {__version__}")
+    sub = parser.add_subparsers(dest="subcommand", metavar="COMMAND")
+    sub.required = True
+
+    run = sub.add_parser("run", help="supervise a server (the unit's ExecStart=)",
+                         description="Hold the listening sockets, start the server's master, tell systemd "
+                                     "the truth about it, and replace it on reload.")
+    run.add_argument("--listen", action="append", default=[], metavar="ADDR",
+                     help="bind HOST:PORT, [V6]:PORT, PORT or unix:/path (repeatable); "
+                          "not needed with a .socket unit")
+    run.add_argument("--pid-file", metavar="PATH",
+                     help="the pid file the server writes (the `pid` of its config); the shim keeps "
+                          "it truthful across reloads")
+    run.add_argument("--ready-timeout", type=_seconds, default=60.0, metavar="SEC",
+                     help="how long a new master may take to be ready (default 60)")
+    run.add_argument("--retire-timeout", type=_seconds, default=60.0, metavar="SEC",
+                     help="how long an old master may take to finish its requests before it is "
+                          "killed (default 60)")
+    run.add_argument("--health-check", metavar="URL",
+                     help="http://HOST:PORT/PATH that must answer 2xx/3xx from the new release "
+                          "before the old one is retired")
+    run.add_argument("--server", choices=sorted(servers.PROFILES),
+                     help="the server, when it cannot be told from the command")
+    run.add_argument("--upgrade", choices=["usr2", "spawn"],
+                     help="usr2: the server re-execs itself (Unicorn's default); spawn: the shim "
+                          "starts the next master itself (Gunicorn's default)")
+    run.add_argument("--settle", type=_seconds, default=1.2, metavar="SEC",
+                     help="without the readiness hook: how long the worker count must stay unchanged "
+                          "to count as ready (default 1.2)")
+    run.add_argument("--chdir", metavar="DIR",
+                     help="start each new master in DIR, resolved anew each time (a `current` symlink)")
+    run.add_argument("--control", metavar="PATH",
+                     help="control socket (default: $RUNTIME_DIRECTORY/control.sock)")
+    run.add_argument("--control-mode", type=_mode, default=0o600, metavar="MODE",
+                     help="file mode of the control socket (default 0600; 0660 lets the group reload)")
+    run.add_argument("--socket-mode", type=_mode, metavar="MODE",
+                     help="file mode of unix sockets bound from --listen")
+    run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- SERVER_COMMAND ...")
+
+    reload = sub.add_parser("reload", help="replace the running release, wait for the outcome "
+                                           "(the unit's ExecReload=)")
+    reload.add_argument("--timeout", type=_seconds, metavar="SEC",
+                        help="give up waiting after SEC (the reload itself goes on)")
+    reload.add_argument("--control", metavar="PATH", help="control socket of the shim")
+
+    check = sub.add_parser("check", help="pre-flight: known mistakes in a unit file and the server's config")
+    check.add_argument("unit_file", metavar="UNIT_FILE")
+    check.add_argument("command", nargs=argparse.REMAINDER, metavar="-- SERVER_COMMAND ...",
+                       help="the server command, when ExecStart= does not show it")
+
+    status = sub.add_parser("status", help="what the running shim supervises")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--control", metavar="PATH", help="control socket of the shim")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"run": cmd_run, "reload": cmd_reload, "status": cmd_status,
+                "check": cmd_check}[args.subcommand](args)
+    except ShimError as e:
+        print(f"unicorn-shim: {e}", file=sys.stderr)
+        return e.exit_status
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    # Imported here: `unicorn-shim reload` (ExecReload=) starts faster without them.
+    import asyncio
+
+    from shim.journal import Log
+    from shim.notify import Notifier
+    from shim.supervisor import Config, Supervisor
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise ShimError("no server command after `--` (e.g. -- unicorn -c config/unicorn.rb)", EXIT_USAGE)
+    profile = servers.detect(command, args.server)
+    spawn.resolve_command(command)
+    _reject_daemon_flags(profile, command)
+    if args.upgrade == "usr2" and not profile.usr2_carries_sockets:
+        raise ShimError(f"--upgrade usr2: {profile.name}'s own re-exec cannot keep the sockets the shim "
+                        "holds (its new master dies with ENOTSOCK); use --upgrade spawn", EXIT_USAGE)
+    if args.pid_file:
+        _check_pid_dir(args.pid_file)
+    if args.chdir and not os.path.isdir(args.chdir):
+        raise ShimError(f"--chdir {args.chdir}: not a directory", EXIT_USAGE)
+    environ = os.environ
+    held = sockets.hold(environ, args.listen, args.socket_mode)
+    if not held:
+        raise ShimError("no socket to serve: give --listen ADDR or run from a .socket unit", EXIT_USAGE)
+    runtime = environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    own_runtime = None
+    if not runtime:
+        runtime = own_runtime = tempfile.mkdtemp(prefix="unicorn-shim.")
+    config = Config(
+        command=command, profile=profile, upgrade=args.upgrade or profile.default_upgrade,
+        pid_file=os.path.abspath(args.pid_file) if args.pid_file else None,
+        ready_timeout=args.ready_timeout, retire_timeout=args.retire_timeout, settle=args.settle,
+        health_check=args.health_check, chdir=args.chdir,
+        control_path=args.control or control.default_path(environ), control_mode=args.control_mode,
+        runtime_dir=runtime)
+    log = Log()
+    if not config.control_path:
+        log.event("no-control", "no control socket (no RuntimeDirectory= and no --control): "
+                  "`unicorn-shim reload` cannot reach this shim; SIGHUP still reloads")
+    supervisor = Supervisor(config, held, Notifier(), log, dict(environ))
+    try:
+        return asyncio.run(supervisor.run())
+    finally:
+        sockets.release(held)
+        if own_runtime:
+            shutil.rmtree(own_runtime, ignore_errors=True)
+
+
+def _reject_daemon_flags(profile: servers.ServerProfile, command: List[str]) -> None:
+    for flag in profile.daemon_flags:
+        if flag in command[1:]:
+            raise ShimError(f"{flag} in the server command: a daemonized master escapes the shim and "
+                            "sends its logs to /dev/null; remove it", EXIT_USAGE)
+
+
+def _check_pid_dir(pid_file: str) -> None:
+    directory = os.path.dirname(os.path.abspath(pid_file))
+    if not os.path.isdir(directory):
+        raise ShimError(f"--pid-file {pid_file}: directory {directory} does not exist", EXIT_PIDFILE)
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ShimError(f"--pid-file {pid_file}: directory {directory} is not writable "
+                        f"by uid {os.getuid()}", EXIT_PIDFILE)
+
+
+def _control_path(args: argparse.Namespace) -> Optional[str]:
+    return args.control or control.default_path(os.environ)
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    answer = control.request(_control_path(args), {"command": "reload"}, args.timeout)
+    if answer.get("ok"):
+        print(f"reloaded: generation {answer['generation']}, master {answer['master_pid']} serving "
+              f"{answer.get('release')}, old master {answer['old_master_pid']} retired "
+              f"({answer['duration_ms']} ms)")
+        return 0
+    print(f"unicorn-shim: reload failed: {answer.get('error')}", file=sys.stderr)
+    return EXIT_RELOAD
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    answer = control.request(_control_path(args), {"command": "status"}, 10.0)
+    if args.json:
+        print(json.dumps(answer, indent=2, sort_keys=True))
+    elif answer.get("ok"):
+        print(answer["status_line"])
+        for s in answer["sockets"]:
+            print(f"  socket {s['address']} ({s['origin']})")
+        print(f"  server {answer['server']}, upgrade {answer['upgrade']}, up {answer['uptime_s']} s")
+    else:
+        print(f"unicorn-shim: {answer.get('error')}", file=sys.stderr)
+    return 0 if answer.get("ok") else EXIT_RELOAD
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from shim.check import check_unit
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    try:
+        findings = check_unit(args.unit_file, command or None)
+    except OSError as e:
+        raise ShimError(f"cannot read {args.unit_file}: {e.strerror}", EXIT_USAGE) from None
+    for finding in findings:
+        print(finding)
+    errors = sum(1 for f in findings if f.level == "error")
+    print(f"{args.unit_file}: {errors} errors, {len(findings) - errors} warnings")
+    return 1 if errors else 0

@@ -1,0 +1,20 @@
+"""Errors that end the shim with one clear line and a distinct exit status."""
+
+# Exit statuses, stable for unit files and scripts (documented in the README).
+EXIT_USAGE = 2          # bad command line (argparse uses 2 as well)
+EXIT_LISTEN = 3         # a --listen address that cannot be parsed or bound
+EXIT_ACTIVATION = 4     # bad socket activation: LISTEN_PID not ours, fd not a listening socket
+EXIT_SERVER = 5         # the server command cannot be run (not found, not executable)
+EXIT_PIDFILE = 6        # the pid file's directory is not writable
+EXIT_START = 7          # the master died or was not ready in time
+EXIT_MASTER_EXIT = 8    # the master exited in steady state (systemd restarts the unit)
+EXIT_CONTROL = 9        # reload/status: no shim answers on the control socket
+EXIT_RELOAD = 10        # reload: the new release was rolled back or could not start
+
+
+class ShimError(Exception):
+    """A failure to report as one line on stderr, ending with `exit_status`."""
+
+    def __init__(self, message: str, exit_status: int) -> None:
+        super().__init__(message)
+        self.exit_status = exit_status

@@ -1,0 +1,209 @@
+"""Process identity: which pids the shim may trust, and how it holds on to them.
+
+A pid read from a pid file or the process tree is only a number: it is trusted
+once it is in this unit's cgroup, has the expected parent and start time, and
+is pinned with a pidfd (which cannot be reused by another process).
+"""
+from __future__ import annotations
+
+import os
+import select
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import psutil
+
+
+class UntrustedPid(Exception):
+    """A pid the shim refuses to signal, with the reason why."""
+
+
+def cgroup_of(pid: int) -> Optional[str]:
+    """The process's systemd cgroup path (cgroup v2, or v1's name=systemd)."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    v2 = None
+    for line in lines:
+        hier, controllers, path = line.split(":", 2)
+        if controllers == "name=systemd":
+            return path
+        if hier == "0" and controllers == "":
+            v2 = path
+    return v2
+
+
+def in_cgroup(pid: int, cgroup: Optional[str]) -> bool:
+    own = cgroup_of(pid)
+    return cgroup is not None and own is not None and (own == cgroup or own.startswith(cgroup.rstrip("/") + "/"))
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def start_time(pid: int) -> Optional[int]:
+    """Start time in clock ticks since boot: exact, unlike a wall-clock create time."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def now_ticks() -> int:
+    """Now, on the clock of start_time()."""
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * _TICKS)
+
+
+def parent_of(pid: int) -> Optional[int]:
+    try:
+        return psutil.Process(pid).ppid()
+    except psutil.Error:
+        return None
+
+
+def children(pid: int) -> List[int]:
+    """Direct children, from the kernel's own list when it has one."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except FileNotFoundError:
+        try:
+            return [c.pid for c in psutil.Process(pid).children()]
+        except psutil.Error:
+            return []
+    except OSError:
+        return []
+
+
+def title(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def cwd(pid: int) -> Optional[str]:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return None
+
+
+def is_zombie_or_gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True
+
+
+def exit_description(pid: int) -> str:
+    """Best effort: how a process that is not our child ended.
+
+    Only its parent can wait for it; while it is a zombie, /proc still shows
+    its exit code (field 52 of stat, Linux >= 3.5). Once reaped it is gone.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        if fields[0] != "Z":
+            return "exited"
+        return describe_wait_status(int(fields[49]))
+    except (OSError, IndexError, ValueError):
+        return "exited (its parent collected the status: see the server's log)"
+
+
+def describe_wait_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = str(sig)
+        return f"killed by {name}"
+    return f"exited with status {os.WEXITSTATUS(status)}"
+
+
+@dataclass
+class Pinned:
+    """A process the shim has verified and holds by pidfd."""
+
+    pid: int
+    pidfd: int
+    created: int
+    generation: int = 0
+    role: str = "master"
+    exit_text: Optional[str] = field(default=None)
+
+    def signal(self, sig: int) -> bool:
+        """Signal through the pidfd; False if it is already gone."""
+        try:
+            signal.pidfd_send_signal(self.pidfd, sig)
+            return True
+        except ProcessLookupError:
+            return False
+
+    def alive(self) -> bool:
+        """False once it has exited: a pidfd polls readable then, even before reaping."""
+        if self.pidfd < 0:
+            return False
+        return not select.select([self.pidfd], [], [], 0)[0]
+
+    def close(self) -> None:
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+
+def pin(pid: int, cgroup: Optional[str], *, parent: Optional[int] = None,
+        not_before: Optional[int] = None, role: str = "master") -> Pinned:
+    """Verify `pid` and hold it with a pidfd, or raise UntrustedPid."""
+    if pid <= 1:
+        raise UntrustedPid(f"pid {pid} is never a master")
+    if not in_cgroup(pid, cgroup):
+        raise UntrustedPid(f"pid {pid} is not a process of this unit (cgroup {cgroup_of(pid) or 'gone'})")
+    created = start_time(pid)
+    if created is None:
+        raise UntrustedPid(f"pid {pid} is gone")
+    if parent is not None and parent_of(pid) != parent:
+        raise UntrustedPid(f"pid {pid} is not a child of {parent}")
+    if not_before is not None and created < not_before:
+        raise UntrustedPid(f"pid {pid} is older than the reload: a reused or unrelated pid")
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        raise UntrustedPid(f"pid {pid} is gone") from None
+    if start_time(pid) != created:     # reused between the checks and the pidfd
+        os.close(pidfd)
+        raise UntrustedPid(f"pid {pid} changed identity while being verified")
+    return Pinned(pid, pidfd, created, role=role)
+
+
+def read_pid_file(path: str) -> Optional[int]:
+    """The pid in a pid file, or None if missing, empty or not a number."""
+    try:
+        with open(path) as f:
+            text = f.read(64).strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def write_pid_file(path: str, pid: int) -> None:
+    """Atomically, as the servers do: a reader never sees a half-written file."""
+    tmp = f"{path}.shim-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(f"{pid}\n")
+        os.rename(tmp, path)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise

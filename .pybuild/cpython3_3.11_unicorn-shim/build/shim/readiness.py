@@ -1,0 +1,159 @@
+"""When is a master ready to serve?
+
+Exactly, when the server loads the shipped hook (`require "unicorn_shim"` in
+the Unicorn config, or shim.hooks.gunicorn in Gunicorn's): the master says
+hello when its config loads, each worker reports once it is ready to accept.
+Otherwise by a heuristic: the master has workers (by process title) and the
+set of workers has not changed for a settle window.
+
+Either way worker births and deaths are counted from samples, so a release
+whose workers crash-loop is rejected in seconds rather than at the timeout.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Set, Tuple
+
+from shim import procs
+from shim.servers import ServerProfile
+
+HOOK_ENV = "UNICORN_SHIM_READY_SOCKET"
+HOOKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hooks")
+CRASH_LOOP_DEATHS = 3
+_CRED = struct.Struct("3i")   # struct ucred: pid, uid, gid
+
+
+def hook_environment(environ: Dict[str, str]) -> Dict[str, str]:
+    """Lets a Unicorn config `require "unicorn_shim"` and a Gunicorn config
+    `from unicorn_shim_gunicorn import post_worker_init` wherever the shim is installed."""
+    env = {}
+    for var, lang in (("RUBYLIB", "ruby"), ("PYTHONPATH", "python")):
+        path = os.path.join(HOOKS_DIR, lang)
+        env[var] = f"{path}:{environ[var]}" if environ.get(var) else path
+    return env
+
+
+@dataclass
+class HookReports:
+    """What the in-server hook said, by master pid."""
+
+    hello: Set[int] = field(default_factory=set)
+    # master -> worker key (Unicorn: worker nr; Gunicorn: pid) -> (worker pid, workers
+    # expected, monotonic time of the report)
+    ready: Dict[int, Dict[int, Tuple[int, int, float]]] = field(default_factory=dict)
+
+    def record(self, sender: int, text: str) -> None:
+        words = text.split()
+        if not words:
+            return
+        args = dict(w.split("=", 1) for w in words[1:] if "=" in w)
+        if words[0] == "hello":
+            self.hello.add(sender)
+        elif words[0] == "ready":
+            try:
+                key, of = int(args["worker"]), int(args["workers"])
+            except (KeyError, ValueError):
+                return
+            master = procs.parent_of(sender)   # the kernel's word, not the message's
+            if master is not None:
+                self.ready.setdefault(master, {})[key] = (sender, of, time.monotonic())
+
+    def forget(self, master: int) -> None:
+        self.hello.discard(master)
+        self.ready.pop(master, None)
+
+
+class HookSocket:
+    """A datagram socket the hooks write to; the kernel attaches each sender's pid."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.bind(path)
+        # Workers may have dropped privileges; the sender's pid is checked instead.
+        os.chmod(path, 0o666)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def drain(self, reports: HookReports) -> None:
+        while True:
+            try:
+                data, ancdata, _flags, _addr = self.sock.recvmsg(512, socket.CMSG_SPACE(_CRED.size))
+            except BlockingIOError:
+                return
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    sender = _CRED.unpack(payload[:_CRED.size])[0]
+                    reports.record(sender, data.decode(errors="replace"))
+
+    def close(self) -> None:
+        self.sock.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+@dataclass
+class Verdict:
+    state: str              # "ready", "booting" or "crash-loop"
+    workers: int
+    detail: str = ""
+    since: float = 0.0      # when the server became ready, as far as can be known (monotonic)
+
+
+class WorkerWatch:
+    """Follows one master's workers from its birth until it is ready."""
+
+    def __init__(self, master: int, profile: ServerProfile, reports: HookReports,
+                 settle: float, now: float) -> None:
+        self.master = master
+        self.profile = profile
+        self.reports = reports
+        self.settle = settle
+        self.alive: Set[int] = set()
+        self.births = 0
+        self.deaths = 0
+        self.last_change = now
+
+    def workers(self) -> Set[int]:
+        return {pid for pid in procs.children(self.master)
+                if self.profile.worker_title.search(procs.title(pid))}
+
+    def sample(self, now: float) -> None:
+        current = self.workers()
+        born, died = current - self.alive, self.alive - current
+        if born or died:
+            self.births += len(born)
+            self.deaths += len(died)
+            self.last_change = now
+        self.alive = current
+
+    def verdict(self, now: float) -> Verdict:
+        n = len(self.alive)
+        if self.deaths >= CRASH_LOOP_DEATHS:
+            return Verdict("crash-loop", n, f"{self.deaths} workers died during boot ({self.births} started)")
+        if self.master in self.reports.hello:
+            live = [t for pid, _of, t in self.reports.ready.get(self.master, {}).values() if pid in self.alive]
+            expected = self.expected_workers()
+            if expected and len(live) >= expected:
+                return Verdict("ready", expected, "the readiness hook", max(live))
+            return Verdict("booting", n)
+        if n and now - self.last_change >= self.settle:
+            return Verdict("ready", n, f"heuristic: worker count steady for {self.settle:g} s",
+                           self.last_change)
+        return Verdict("booting", n)
+
+    def expected_workers(self) -> Optional[int]:
+        ready = self.reports.ready.get(self.master, {})
+        return max((of for _pid, of, _t in ready.values()), default=None)

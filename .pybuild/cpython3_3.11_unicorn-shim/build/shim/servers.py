@@ -1,0 +1,95 @@
+"""Per-server profiles: everything that differs between Unicorn and Gunicorn.
+
+The supervisor never asks which server it runs; it asks the profile.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+from shim.errors import EXIT_USAGE, ShimError
+
+
+@dataclass(frozen=True)
+class ServerProfile:
+    name: str
+    graceful_stop: int               # finish requests in flight, then exit
+    quick_stop: int
+    reexec: int                      # the server's own re-exec (usr2 upgrade)
+    stop_workers: Optional[int]      # stop workers, keep the master (None: not supported)
+    respawn_workers: Optional[int]   # bring workers back after stop_workers
+    default_upgrade: str             # "usr2" or "spawn"
+    usr2_carries_sockets: bool       # can its own re-exec keep a socket it inherited?
+    worker_title: "re.Pattern[str]"  # how a worker's title reads (the readiness heuristic)
+    fd_handover: str                 # "UNICORN_FD" (list of fds) or "LISTEN_FDS" (sd_listen_fds)
+    listen_flag: Optional[str]       # flag naming a held socket on the command line, if any
+    daemon_flags: Sequence[str] = field(default=())
+
+    @property
+    def sets_listen_pid(self) -> bool:
+        return self.fd_handover == "LISTEN_FDS"
+
+    def socket_env(self, fds: List[int]) -> Dict[str, str]:
+        """Environment that hands the held sockets (at fds 3..) to a new master.
+        For LISTEN_FDS, spawn adds LISTEN_PID after fork: it must be the master's own pid."""
+        if self.fd_handover == "UNICORN_FD":
+            return {"UNICORN_FD": ",".join(str(fd) for fd in fds)}
+        return {"LISTEN_FDS": str(len(fds))}
+
+    def listen_args(self, names: List[str]) -> List[str]:
+        """Arguments naming each held socket, so a config reload (HUP) never
+        closes one: Unicorn drops inherited sockets that its config does not name."""
+        return [f"{self.listen_flag}{name}" for name in names] if self.listen_flag else []
+
+
+UNICORN = ServerProfile(
+    name="unicorn",
+    graceful_stop=signal.SIGQUIT,
+    quick_stop=signal.SIGTERM,
+    reexec=signal.SIGUSR2,
+    stop_workers=signal.SIGWINCH,
+    respawn_workers=signal.SIGHUP,
+    default_upgrade="usr2",
+    usr2_carries_sockets=True,
+    worker_title=re.compile(r"\bworker\[\d+\]"),
+    fd_handover="UNICORN_FD",
+    listen_flag="-l",
+    daemon_flags=("-D", "--daemonize"),
+)
+
+GUNICORN = ServerProfile(
+    name="gunicorn",
+    graceful_stop=signal.SIGTERM,
+    quick_stop=signal.SIGQUIT,
+    reexec=signal.SIGUSR2,
+    stop_workers=None,            # WINCH only acts when Gunicorn daemonized itself
+    respawn_workers=None,
+    default_upgrade="spawn",
+    # Measured with 20.1: the re-exec'd master dies with "OSError: [Errno 88] Socket
+    # operation on non-socket" for a socket it inherited (benoitc/gunicorn#2856).
+    usr2_carries_sockets=False,
+    worker_title=re.compile(r""),     # titles need setproctitle: count every child
+    fd_handover="LISTEN_FDS",
+    listen_flag=None,
+    daemon_flags=("-D", "--daemon"),
+)
+
+PROFILES = {p.name: p for p in (UNICORN, GUNICORN)}
+
+
+def detect(command: Sequence[str], override: Optional[str] = None) -> ServerProfile:
+    """The profile for a server command: `unicorn ...`, `bundle exec unicorn ...`,
+    `gunicorn ...`, `python3 -m gunicorn ...`; --server overrides."""
+    if override:
+        return PROFILES[override]
+    for word in command:
+        base = os.path.basename(word)
+        if base in ("unicorn", "unicorn_rails"):
+            return UNICORN
+        if base in ("gunicorn", "gunicorn3"):
+            return GUNICORN
+    raise ShimError(f"cannot tell the server from {' '.join(command)!r}: "
+                    "pass --server unicorn or --server gunicorn", EXIT_USAGE)

@@ -1,0 +1,107 @@
+"""Starting a master so that its parent is the service manager, not the shim.
+
+systemd only watches a MAINPID properly when that process is its own child
+(measured on 252 and 257): so the shim double-forks, and the intermediate
+process exits at once, leaving the master to be reparented to the manager
+(PID 1, or the user manager, which is a child subreaper).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from typing import Dict, List, Optional, Sequence
+
+from shim.errors import EXIT_SERVER, ShimError
+
+FD_START = 3
+# Variables that belong to the shim alone: it is the only notifier, and the
+# sockets are handed over by the profile's own variables.
+PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_PID", "LISTEN_FDS",
+               "LISTEN_FDNAMES")
+
+
+def resolve_command(argv: Sequence[str]) -> str:
+    """The executable's path, or a clear error before anything is started."""
+    if not argv:
+        raise ShimError("no server command after `--` (e.g. -- unicorn -c config/unicorn.rb)", 2)
+    path = shutil.which(argv[0])
+    if path is None:
+        what = "does not exist" if not os.path.exists(argv[0]) else "is not executable"
+        raise ShimError(f"server command {argv[0]!r} {what} (PATH={os.environ.get('PATH', '')})", EXIT_SERVER)
+    return path
+
+
+def server_environment(base: Dict[str, str], extra: Dict[str, str]) -> Dict[str, str]:
+    env = {k: v for k, v in base.items() if k not in PRIVATE_ENV}
+    env.update(extra)
+    return env
+
+
+def spawn(argv: Sequence[str], env: Dict[str, str], fds: List[int], *,
+          chdir: Optional[str] = None, set_listen_pid: bool = False) -> int:
+    """Start `argv` with `fds` at 3, 4, ... in a new session; return its pid.
+
+    Raises ShimError if exec fails (the error comes back through a pipe that
+    exec closes).
+    """
+    executable = resolve_command(argv)
+    pid_r, pid_w = os.pipe()
+    err_r, err_w = os.pipe()        # O_CLOEXEC: EOF on a successful exec
+    child = os.fork()
+    if child == 0:                  # intermediate: new session, fork, leave
+        try:
+            os.close(pid_r)
+            os.close(err_r)
+            os.setsid()
+            master = os.fork()
+            if master == 0:
+                _exec_master(executable, argv, env, fds, chdir, set_listen_pid, err_w)
+            os.write(pid_w, str(master).encode())
+        finally:
+            os._exit(0)
+    os.close(pid_w)
+    os.close(err_w)
+    os.waitpid(child, 0)
+    with os.fdopen(pid_r, "rb") as f:
+        master_text = f.read()
+    with os.fdopen(err_r, "rb") as f:
+        error = f.read()
+    if error:
+        raise ShimError(f"cannot start {argv[0]!r}: {error.decode(errors='replace')}", EXIT_SERVER)
+    if not master_text:
+        raise ShimError("could not fork the master", EXIT_SERVER)
+    return int(master_text)
+
+
+def _exec_master(executable: str, argv: Sequence[str], env: Dict[str, str], fds: List[int],
+                 chdir: Optional[str], set_listen_pid: bool, err_w: int) -> None:
+    try:
+        # Move everything out of the way first: a held socket may sit at 3 already.
+        high = [os.dup(fd) for fd in fds]
+        err_w = os.dup(err_w)
+        for i, fd in enumerate(high):
+            os.dup2(fd, FD_START + i, inheritable=True)
+        keep = set(range(FD_START + len(fds))) | {err_w}
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd not in keep:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        os.set_inheritable(err_w, False)
+        # exec keeps ignored signals ignored: undo Python's SIGPIPE/SIGXFSZ choice.
+        for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+            signal.signal(sig, signal.SIG_DFL)
+        if chdir:
+            os.chdir(chdir)
+            env = dict(env, PWD=chdir)   # Unicorn re-execs into $PWD: keeps a `current` symlink
+        if set_listen_pid:
+            env = dict(env, LISTEN_PID=str(os.getpid()))
+        os.execve(executable, list(argv), env)
+    except BaseException as e:  # noqa: B036 - whatever happens, report it and never return
+        try:
+            os.write(err_w, f"{type(e).__name__}: {e}".encode())
+        finally:
+            os._exit(127)

@@ -1,0 +1,350 @@
+"""The supervisor: one event loop that owns all state.
+
+States: booting -> serving -> reloading -> serving ...; stopping at the end.
+Signal handlers and pidfd callbacks only record what happened and wake the
+loop; the coroutines below (boot, reload, stop) make every decision.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+from shim import health, procs, spawn
+from shim.control import ControlServer
+from shim.errors import EXIT_MASTER_EXIT, EXIT_START, ShimError
+from shim.journal import WARNING, Log
+from shim.notify import Notifier
+from shim.readiness import HOOK_ENV, HookReports, HookSocket, Verdict, WorkerWatch, hook_environment
+from shim.servers import ServerProfile
+from shim.sockets import HeldSocket
+from shim.handover import hand_over
+from shim.upgrade import FAILED_MASTER_GRACE, STRATEGIES, ReloadFailed, Stopping
+
+SAMPLE = 0.05         # how often workers are looked at while a master boots
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+
+
+
+@dataclass
+class Config:
+    command: List[str]
+    profile: ServerProfile
+    upgrade: str
+    pid_file: Optional[str]
+    ready_timeout: float
+    retire_timeout: float
+    settle: float
+    health_check: Optional[str]
+    chdir: Optional[str]
+    control_path: Optional[str]
+    control_mode: int
+    runtime_dir: str
+
+
+class Supervisor:
+    def __init__(self, config: Config, sockets: List[HeldSocket], notifier: Notifier, log: Log,
+                 environ: Dict[str, str]) -> None:
+        self.config = config
+        self.profile = config.profile
+        self.sockets = sockets
+        self.notifier = notifier
+        self.log = log
+        self.environ = environ                   # the shim's own, for every master: never a stale one
+        self.strategy = STRATEGIES[config.upgrade](self)
+        self.cgroup = procs.cgroup_of(os.getpid())
+        self.reports = HookReports()
+        self.state = "booting"
+        self.master: Optional[procs.Pinned] = None       # the one serving, MAINPID in steady state
+        self.masters: Dict[int, procs.Pinned] = {}       # every master alive and pinned
+        self.generation = 0
+        self.old_workers_stopped = False                 # for a health check; undone on rollback
+        self.stop_requested = False
+        self.last_reload = ""
+        self.started = time.time()
+        self._wake = asyncio.Event()      # for the run loop
+        self._hook = asyncio.Event()      # for whoever waits on a booting master
+        self._reload_lock = asyncio.Lock()
+        self.hook_socket: Optional[HookSocket] = None
+        self.control: Optional[ControlServer] = None
+
+    # -- the loop -----------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+        self.hook_socket = HookSocket(os.path.join(self.config.runtime_dir, "ready.sock"))
+        loop.add_reader(self.hook_socket.fileno(), self._on_hook_message)
+        if self.config.control_path:
+            self.control = ControlServer(self.config.control_path, self.config.control_mode,
+                                         self.handle_request, self._on_refused)
+            await self.control.start()
+        watchdog = loop.create_task(self._watchdog()) if self.notifier.watchdog_usec else None
+        try:
+            try:
+                await self.boot()
+            except Stopping:
+                await self.stop()
+                return 0
+            while True:
+                if self.stop_requested:
+                    async with self._reload_lock:
+                        await self.stop()
+                    return 0
+                if self.state == "serving" and not self.master.alive():
+                    self.log.error("master-exit", f"master {self.master.pid} {self.master.exit_text}; "
+                                   "systemd sees its main process exit and decides on a restart",
+                                   MASTER_PID=self.master.pid, GENERATION=self.generation)
+                    return EXIT_MASTER_EXIT
+                if self.state == "failed":
+                    return EXIT_MASTER_EXIT
+                await self._wake.wait()
+                self._wake.clear()
+        finally:
+            if watchdog:
+                watchdog.cancel()
+            self._close()
+
+    def _on_stop_signal(self, sig: int) -> None:
+        self.stop_requested = True
+        self._wake.set()
+        self._hook.set()
+
+    def _on_hup(self) -> None:
+        asyncio.get_running_loop().create_task(self.reload())
+
+    def _on_hook_message(self) -> None:
+        self.hook_socket.drain(self.reports)
+        self._hook.set()
+
+    def _on_refused(self, uid: int) -> None:
+        self.log.event("control-refused", f"control request from uid {uid} refused", WARNING, UID=uid)
+
+    def _on_master_exit(self, master: procs.Pinned) -> None:
+        asyncio.get_running_loop().remove_reader(master.pidfd)
+        master.exit_text = procs.exit_description(master.pid)
+        if master.role == "old":
+            # Logged the moment it happens: the old master may go on its own
+            # (the common before_fork hook QUITs it) long before the hand-over ends.
+            self.log.event("retired", f"old master {master.pid} {master.exit_text}",
+                           OLD_MASTER_PID=master.pid, GENERATION=master.generation)
+        self.masters.pop(master.pid, None)
+        self.reports.forget(master.pid)
+        self._wake.set()
+        self._hook.set()
+
+    async def tick(self, seconds: float = SAMPLE) -> None:
+        """Sleep until the next look, or sooner when a hook or a master has news."""
+        try:
+            await asyncio.wait_for(self._hook.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+        self._hook.clear()
+
+    async def _watchdog(self) -> None:
+        interval = self.notifier.watchdog_usec / 2e6
+        while True:
+            master = self.master
+            if master is not None and master.alive() and not _is_stopped(master.pid):
+                self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    # -- masters ------------------------------------------------------------
+
+    def start_master(self, not_before: int) -> procs.Pinned:
+        """Spawn a master from the held sockets and pin it."""
+        fds = [s.fileno() for s in self.sockets]
+        fd_numbers = list(range(spawn.FD_START, spawn.FD_START + len(fds)))
+        env = spawn.server_environment(self.environ, {**self.profile.socket_env(fd_numbers),
+                                                      **hook_environment(self.environ),
+                                                      HOOK_ENV: self.hook_socket.path})
+        argv = self.config.command + self.profile.listen_args([s.name for s in self.sockets])
+        pid = spawn.spawn(argv, env, fds, chdir=self.config.chdir,
+                          set_listen_pid=self.profile.sets_listen_pid)
+        try:
+            master = procs.pin(pid, self.cgroup, not_before=not_before)
+        except procs.UntrustedPid as e:
+            try:
+                os.kill(pid, signal.SIGKILL)   # our own grandchild, a moment old: no reuse possible
+            except ProcessLookupError:
+                pass
+            raise ReloadFailed(f"master {pid} cannot be watched: {e} (see the server's log)") from None
+        self.watch(master)
+        return master
+
+    def watch(self, master: procs.Pinned) -> None:
+        self.masters[master.pid] = master
+        asyncio.get_running_loop().add_reader(master.pidfd, self._on_master_exit, master)
+
+    async def wait_ready(self, master: procs.Pinned, deadline: float, what: str) -> Verdict:
+        """Wait until `master`'s workers are ready, or raise ReloadFailed."""
+        watch = WorkerWatch(master.pid, self.profile, self.reports, self.config.settle, time.monotonic())
+        while True:
+            if self.stop_requested:
+                raise Stopping()
+            if not master.alive():
+                raise ReloadFailed(f"{what} {master.pid} {master.exit_text or 'exited'} before it was ready")
+            now = time.monotonic()
+            watch.sample(now)
+            verdict = watch.verdict(now)
+            if verdict.state == "ready":
+                return verdict
+            if verdict.state == "crash-loop":
+                raise ReloadFailed(f"{what} {master.pid}: workers crash-looping: {verdict.detail}")
+            if now > deadline:
+                raise ReloadFailed(f"{what} {master.pid} not ready within {self.config.ready_timeout:g} s "
+                                   f"({verdict.workers} workers up)")
+            await self.tick()
+
+    async def wait_exit(self, proc: procs.Pinned, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while proc.alive():
+            if time.monotonic() > deadline:
+                return False
+            await self.tick(min(SAMPLE, timeout))
+        return True
+
+    async def retire(self, master: procs.Pinned, keep: Optional[int] = None,
+                     grace: Optional[float] = None) -> None:
+        """Graceful stop of `master`; KILL it and its workers after `grace`
+        (default --retire-timeout)."""
+        grace = self.config.retire_timeout if grace is None else grace
+        if not master.alive():
+            return
+        workers = []
+        for pid in procs.children(master.pid):
+            if pid != keep:
+                try:
+                    workers.append(procs.pin(pid, self.cgroup, parent=master.pid, role="worker"))
+                except procs.UntrustedPid:
+                    pass
+        master.signal(self.profile.graceful_stop)
+        if not await self.wait_exit(master, grace):
+            self.log.event("retire-timeout", f"master {master.pid} still running after "
+                           f"{grace:g} s; killing it", WARNING, MASTER_PID=master.pid)
+            master.signal(signal.SIGKILL)
+            await self.wait_exit(master, 5)
+        for worker in workers:
+            if worker.alive():
+                worker.signal(signal.SIGKILL)
+            worker.close()
+
+    # -- lifecycle ----------------------------------------------------------
+
+    async def boot(self) -> None:
+        self.notifier.extend_timeout(self.config.ready_timeout + 10)
+        self._clean_stale_pid_files()
+        t0 = time.time()
+        born_after = procs.now_ticks()
+        deadline = time.monotonic() + self.config.ready_timeout
+        master = None
+        try:
+            master = self.start_master(born_after)
+            ready = await self.wait_ready(master, deadline, "master")
+        except ReloadFailed as e:
+            if master is not None:
+                await self.retire(master, grace=min(FAILED_MASTER_GRACE, self.config.retire_timeout))
+            raise ShimError(f"start failed: {e}", EXIT_START) from None
+        except Stopping:
+            if master is not None:
+                await self.retire(master)
+            raise
+        self.master, self.generation, self.state = master, 1, "serving"
+        master.generation = 1
+        self.notifier.ready(master.pid, self.status_line(ready.workers))
+        self.log.event("ready", f"master {master.pid} ready with {ready.workers} workers in "
+                       f"{time.time() - t0:.2f} s (by {ready.detail})", MASTER_PID=master.pid, GENERATION=1,
+                       RELEASE=self.release(master), DURATION_MS=int((time.time() - t0) * 1000))
+
+    def _clean_stale_pid_files(self) -> None:
+        """A pid file naming no process of this unit would mislead the server and its hooks."""
+        if not self.config.pid_file:
+            return
+        for path in (self.config.pid_file, self.config.pid_file + ".oldbin"):
+            pid = procs.read_pid_file(path)
+            if os.path.exists(path) and (pid is None or not procs.in_cgroup(pid, self.cgroup)):
+                self.log.event("pid-file-removed", f"removed stale pid file {path} (named {pid})")
+                os.unlink(path)
+
+    async def reload(self) -> Dict[str, Any]:
+        """Run one hand-over; a reload asked for during another waits for it, then runs."""
+        if self._reload_lock.locked():
+            self.log.event("reload-queued", "a reload is in progress; this one runs after it")
+        async with self._reload_lock:
+            if self.stop_requested or self.state in ("stopping", "failed"):
+                return {"ok": False, "error": "the service is stopping"}
+            if self.state == "booting":
+                return {"ok": False, "error": "the service is still starting"}
+            return await hand_over(self)
+
+    async def stop(self) -> None:
+        self.state = "stopping"
+        self.notifier.stopping("stopping")
+        live = [m for m in self.masters.values() if m.alive()]
+        self.log.event("stopping", f"stopping masters {', '.join(str(m.pid) for m in live) or '(none)'}",
+                       MASTER_PID=self.master.pid if self.master else None)
+        await asyncio.gather(*(self.retire(m) for m in live))
+
+    async def handle_request(self, request: Dict[str, Any]) -> Dict[str, Any]:
+        command = request["command"]
+        if command == "reload":
+            return await self.reload()
+        if command == "status":
+            return {"ok": True, **self.status()}
+        return {"ok": False, "error": f"unknown command {command!r}"}
+
+    # -- what the operator sees ---------------------------------------------
+
+    def release(self, master: Optional[procs.Pinned]) -> Optional[str]:
+        return procs.cwd(master.pid) if master else None
+
+    def status_line(self, workers: Optional[int] = None) -> str:
+        m = self.master
+        if m is None:
+            return self.state
+        if workers is None:
+            workers = sum(1 for p in procs.children(m.pid) if self.profile.worker_title.search(procs.title(p)))
+        line = (f"{self.state}: master {m.pid}, {workers} workers, release {self.release(m)}, "
+                f"generation {self.generation}")
+        return line + (f"; last reload {self.last_reload}" if self.last_reload else "")
+
+    def status(self) -> Dict[str, Any]:
+        m = self.master
+        return {
+            "state": self.state,
+            "master_pid": m.pid if m else None,
+            "masters": sorted(self.masters),
+            "generation": self.generation,
+            "release": self.release(m),
+            "last_reload": self.last_reload or None,
+            "server": self.profile.name,
+            "upgrade": self.strategy.name,
+            "sockets": [{"address": s.name, "origin": s.origin} for s in self.sockets],
+            "uptime_s": round(time.time() - self.started, 1),
+            "status_line": self.status_line(),
+        }
+
+    def _close(self) -> None:
+        loop = asyncio.get_running_loop()
+        for m in list(self.masters.values()):
+            loop.remove_reader(m.pidfd)
+            m.close()
+        if self.control:
+            self.control.close()
+        if self.hook_socket:
+            loop.remove_reader(self.hook_socket.fileno())
+            self.hook_socket.close()
+
+
+def _is_stopped(pid: int) -> bool:
+    """A master stopped by SIGSTOP (or a debugger) is hung for the watchdog's purposes."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False

@@ -1,0 +1,146 @@
+"""The two ways to start the next generation of masters (DESIGN.md).
+
+usr2:  the server re-execs itself; the new master is the old one's child
+       until the old one exits. What Unicorn configs and hooks expect.
+spawn: the shim starts the next master exactly as at boot, from the sockets
+       it holds. The new master is the manager's child from the start.
+
+Both move the pid file the same way Unicorn's own USR2 does (to .oldbin), so
+the common `before_fork` hook that QUITs the `.oldbin` master keeps working.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Optional, Set
+
+from shim import procs
+
+if TYPE_CHECKING:
+    from shim.supervisor import Supervisor
+
+OLDBIN = ".oldbin"
+# A master that failed to become ready serves little or nothing: it gets this
+# long to finish what it may have accepted, not the full --retire-timeout.
+FAILED_MASTER_GRACE = 10.0
+
+
+class ReloadFailed(Exception):
+    """The reload cannot go on; the message is the one line the operator sees."""
+
+
+class Stopping(Exception):
+    """A stop was requested while a master was booting."""
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class Strategy:
+    name = ""
+
+    def __init__(self, sup: "Supervisor") -> None:
+        self.sup = sup
+        self.pid_file = sup.config.pid_file
+        self.oldbin = self.pid_file + OLDBIN if self.pid_file else None
+
+    def prepare_pid_files(self, old: procs.Pinned) -> None:
+        """The server and the common hook trust these files blindly: make them
+        name the master the shim knows, and nothing else, before anything reads them."""
+        if not self.pid_file:
+            return
+        try:
+            found = procs.read_pid_file(self.pid_file)
+            if found != old.pid:
+                self.sup.log.event("pid-file-repaired", f"pid file {self.pid_file} named {found} instead "
+                                   f"of master {old.pid}; rewritten", MASTER_PID=old.pid)
+            # Written even when right: the server is about to write beside it, and a
+            # full or read-only directory is better found now than by its USR2 failing.
+            procs.write_pid_file(self.pid_file, old.pid)
+            _remove(self.oldbin)   # steady state has no .oldbin: any is stale
+        except OSError as e:
+            raise ReloadFailed(f"cannot repair pid file {self.pid_file}: {e.strerror or e}") from None
+
+    async def start_next(self, old: procs.Pinned, started: int, deadline: float) -> procs.Pinned:
+        raise NotImplementedError
+
+    def restore(self, old: procs.Pinned) -> None:
+        """After a rollback: the pid file names the old master again."""
+        if not self.pid_file or not old.alive():
+            return
+        try:
+            procs.write_pid_file(self.pid_file, old.pid)
+            _remove(self.oldbin)
+        except OSError as e:
+            self.sup.log.error("pid-file-error", f"cannot restore pid file {self.pid_file}: {e}")
+
+    def finish(self, new: procs.Pinned) -> None:
+        """After a hand-over: no .oldbin is left to mislead the next one."""
+        if self.oldbin and procs.read_pid_file(self.oldbin) != new.pid:
+            _remove(self.oldbin)
+
+
+class Usr2(Strategy):
+    name = "usr2"
+
+    def restore(self, old: procs.Pinned) -> None:
+        # Unicorn renames .oldbin back itself when it reaps the failed master;
+        # writing the file under it makes its rename fail ("Already running").
+        pass
+
+    async def start_next(self, old: procs.Pinned, started: int, deadline: float) -> procs.Pinned:
+        known: Set[int] = set(procs.children(old.pid))   # the old master's workers
+        self.prepare_pid_files(old)
+        if not old.signal(self.sup.profile.reexec):
+            raise ReloadFailed(f"old master {old.pid} exited before the upgrade began")
+        saw_oldbin = False
+        while True:
+            new = self._find(old, known, started)
+            if new is not None:
+                return new
+            if self.oldbin and os.path.exists(self.oldbin):
+                saw_oldbin = True
+            elif saw_oldbin and procs.read_pid_file(self.pid_file) == old.pid:
+                # Unicorn reaped its re-exec'd child and put its own pid file back.
+                raise ReloadFailed("new master exited during boot before it could be watched "
+                                   "(the old master restored its pid file; see the server's log)")
+            if not old.alive():
+                raise ReloadFailed(f"old master {old.pid} exited before a new master appeared")
+            if time.monotonic() > deadline:
+                raise ReloadFailed(f"no new master appeared within {self.sup.config.ready_timeout:g} s "
+                                   f"of {self.sup.profile.reexec.name} to {old.pid} (see the server's log)")
+            await self.sup.tick(0.02)
+
+    def _find(self, old: procs.Pinned, known: Set[int], started: int) -> Optional[procs.Pinned]:
+        for pid in procs.children(old.pid):
+            if pid in known or self.sup.profile.worker_title.search(procs.title(pid)):
+                known.add(pid)
+                continue
+            try:
+                return procs.pin(pid, self.sup.cgroup, parent=old.pid, not_before=started)
+            except procs.UntrustedPid as e:
+                self.sup.log.event("untrusted-pid", str(e))
+                known.add(pid)
+        return None
+
+
+class Spawn(Strategy):
+    name = "spawn"
+
+    async def start_next(self, old: procs.Pinned, started: int, deadline: float) -> procs.Pinned:
+        self.prepare_pid_files(old)
+        if self.pid_file:
+            try:
+                os.rename(self.pid_file, self.oldbin)   # both servers refuse a pid file naming a live master
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                raise ReloadFailed(f"cannot move pid file {self.pid_file} aside: {e.strerror}") from None
+        return self.sup.start_master(started)
+
+
+STRATEGIES = {"usr2": Usr2, "spawn": Spawn}

@@ -1,0 +1,132 @@
+"""systemd generator: /etc/unicorn-shim/APP.conf -> drop-ins for the templated
+units unicorn-shim@APP.service and unicorn-shim@APP.socket.
+
+Some settings a config file must decide cannot come from an EnvironmentFile=
+(User=, WorkingDirectory=, a socket's ListenStream=), so they are written as
+drop-ins each time systemd loads its units (boot, daemon-reload). Installed as
+/lib/systemd/system-generators/unicorn-shim-generator.
+
+APP.conf, shell-style KEY=VALUE lines:
+    APP_DIR=/srv/myapp/current          # required: the release directory (a symlink is fine)
+    SERVER_COMMAND=bundle exec --keep-file-descriptors unicorn -c config/unicorn.rb -E production
+    LISTEN=127.0.0.1:8080               # required: one or more, space-separated (or unix:/path)
+    USER=myapp                          # default: the app's name
+    GROUP=myapp                         # default: USER
+    PID_FILE=/run/unicorn-shim/myapp/server.pid   # must match the server's config
+    SHIM_OPTIONS=--ready-timeout 120    # more `unicorn-shim run` options
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import sys
+from typing import Dict, List
+
+from shim import servers
+from shim.errors import ShimError
+
+CONF_DIR = "/etc/unicorn-shim"
+SHIM = "/usr/bin/unicorn-shim"
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+DROPIN = "50-unicorn-shim-conf.conf"
+
+
+class ConfError(Exception):
+    pass
+
+
+def parse_conf(text: str) -> Dict[str, str]:
+    conf = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or not re.match(r"^[A-Z_]+$", key):
+            raise ConfError(f"line {number}: expected KEY=VALUE")
+        words = shlex.split(value, comments=True)
+        conf[key] = " ".join(words) if key not in ("SERVER_COMMAND", "SHIM_OPTIONS") else \
+            " ".join(shlex.quote(w) for w in words)
+    return conf
+
+
+def _unit_escape(text: str) -> str:
+    return text.replace("%", "%%")
+
+
+def dropins(app: str, conf: Dict[str, str]) -> Dict[str, str]:
+    """{relative path: text} for one app."""
+    for key in ("APP_DIR", "SERVER_COMMAND", "LISTEN"):
+        if not conf.get(key):
+            raise ConfError(f"{key}= is missing")
+    command = shlex.split(conf["SERVER_COMMAND"])
+    try:
+        profile = servers.detect(command, conf.get("SERVER") or None)
+    except ShimError as e:
+        raise ConfError(str(e)) from None
+    user = conf.get("USER", app)
+    group = conf.get("GROUP", user)
+    pid_file = conf.get("PID_FILE", f"/run/unicorn-shim/{app}/server.pid")
+    listen: List[str] = conf["LISTEN"].split()
+    exec_start = " ".join([SHIM, "run", "--pid-file", shlex.quote(pid_file), "--chdir",
+                           shlex.quote(conf["APP_DIR"]), conf.get("SHIM_OPTIONS", ""), "--",
+                           conf["SERVER_COMMAND"]])
+    service = "\n".join([
+        f"# generated from {CONF_DIR}/{app}.conf by unicorn-shim-generator", "[Service]",
+        f"User={user}", f"Group={group}", f"WorkingDirectory={conf['APP_DIR']}",
+        f"KillSignal={profile.graceful_stop.name}",
+        "ExecStart=", f"ExecStart={_unit_escape(' '.join(exec_start.split()))}", ""])
+    streams = [a[len("unix:"):] if a.startswith("unix:") else a for a in listen]
+    socket = "\n".join([
+        f"# generated from {CONF_DIR}/{app}.conf by unicorn-shim-generator", "[Socket]", "ListenStream=",
+        *[f"ListenStream={_unit_escape(s)}" for s in streams],
+        *([f"SocketUser={user}", f"SocketGroup={group}", "SocketMode=0660"]
+          if any(s.startswith("/") for s in streams) else []), ""])
+    return {f"unicorn-shim@{app}.service.d/{DROPIN}": service,
+            f"unicorn-shim@{app}.socket.d/{DROPIN}": socket}
+
+
+def generate(conf_dir: str, out_dir: str) -> List[str]:
+    """Write the drop-ins; return the problems (one line each) for the log."""
+    problems = []
+    try:
+        names = sorted(os.listdir(conf_dir))
+    except FileNotFoundError:
+        return problems
+    for name in names:
+        if not name.endswith(".conf"):
+            continue
+        app = name[:-len(".conf")]
+        try:
+            if not NAME.match(app):
+                raise ConfError("the app's name may only have letters, digits, _ . -")
+            with open(os.path.join(conf_dir, name)) as f:
+                files = dropins(app, parse_conf(f.read()))
+        except (ConfError, OSError, ValueError) as e:
+            problems.append(f"unicorn-shim-generator: {conf_dir}/{name}: {e}; unicorn-shim@{app} not configured")
+            continue
+        for rel, text in files.items():
+            path = os.path.join(out_dir, rel)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                f.write(text)
+    return problems
+
+
+def main(argv: List[str]) -> int:
+    if len(argv) < 2:
+        print("usage: unicorn-shim-generator NORMAL_DIR [EARLY_DIR LATE_DIR]", file=sys.stderr)
+        return 2
+    for problem in generate(os.environ.get("UNICORN_SHIM_CONF_DIR", CONF_DIR), argv[1]):
+        # Generators run before the journal may be up: the kernel log always is.
+        try:
+            with open("/dev/kmsg", "w") as kmsg:
+                kmsg.write(f"<4>{problem}\n")
+        except OSError:
+            print(problem, file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,24 @@
+#!/bin/bash
+# Halt container NAME started by container-boot.sh; remove its cgroups/run dir.
+set -u
+SDH_BASE=${SDH_BASE:-${TMPDIR:-/tmp}/unicorn-shim-tests}
+NAME=${1:?name}
+R=$SDH_BASE/ct/run/$NAME
+CG=sdh-ct-$NAME.scope
+alive() { local st; st=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1); [ -n "$st" ] && [ "$st" != Z ]; }
+if [ -f "$R/nspawn.pid" ]; then
+    P=$(cat "$R/nspawn.pid")
+    if alive "$P"; then
+        kill -TERM "$P"                     # nspawn -> SIGRTMIN+4 to container init: orderly poweroff
+        for _ in $(seq 750); do alive "$P" || break; sleep 0.02; done     # up to 15 s
+        alive "$P" && { kill -TERM "$P"; sleep 1; }    # second TERM: immediate termination
+        alive "$P" && kill -KILL "$P"
+    fi
+fi
+for _ in 1 2 3; do      # stragglers in the container's cgroup, by pid
+    pids=$(find /sys/fs/cgroup/systemd/$CG -name cgroup.procs -exec cat {} + 2>/dev/null)
+    [ -z "$pids" ] && break; kill -KILL $pids 2>/dev/null; sleep 0.2
+done
+for h in /sys/fs/cgroup/*/; do [ -d "$h$CG" ] && find "$h$CG" -depth -type d -exec rmdir {} + 2>/dev/null; done
+[ "${2:-}" = --keep ] || rm -rf "$R"
+exit 0

@@ -1,0 +1,88 @@
+"""Issue 7: `unicorn-shim check` flags each known mistake and passes the shipped examples."""
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from support.deploy import REPO, SHIM
+
+GOOD = """\
+[Service]
+Type=notify
+NotifyAccess=all
+RuntimeDirectory=app
+WorkingDirectory={workdir}
+ExecStart=/usr/bin/unicorn-shim run --pid-file /run/app/unicorn.pid \\
+    -- bundle exec --keep-file-descriptors unicorn -c config/unicorn.rb -E production
+ExecReload=/usr/bin/unicorn-shim reload
+KillSignal=SIGQUIT
+Restart=on-failure
+"""
+
+
+def check(tmp_path, unit_text, config=None, socket=None, extra=()):
+    workdir = tmp_path / "app"
+    (workdir / "config").mkdir(parents=True, exist_ok=True)
+    if config is not None:
+        (workdir / "config" / "unicorn.rb").write_text(config)
+    unit = tmp_path / "app.service"
+    unit.write_text(unit_text.format(workdir=workdir))
+    if socket:
+        (tmp_path / "app.socket").write_text(socket)
+    return subprocess.run([SHIM, "check", str(unit), *extra], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in os.listdir(os.path.join(REPO, "units"))
+                                         if n.endswith(".service") and "@" not in n))   # templates: see test_package
+def test_shipped_examples_pass(name):
+    r = subprocess.run([SHIM, "check", os.path.join(REPO, "units", name)], capture_output=True, text=True)
+    assert r.returncode == 0 and "0 errors, 0 warnings" in r.stdout, r.stdout
+
+
+def test_a_good_unit_passes(tmp_path):
+    r = check(tmp_path, GOOD, config='pid "/run/app/unicorn.pid"\nrequire "unicorn_shim"\n',
+              socket="[Socket]\nListenStream=127.0.0.1:8080\n")
+    assert r.returncode == 0, r.stdout
+
+
+@pytest.mark.parametrize("change,expect", [
+    (("Type=notify", "Type=forking"), "Type=forking"),
+    (("NotifyAccess=all\n", ""), "NotifyAccess=none"),
+    (("ExecReload=/usr/bin/unicorn-shim reload\n", ""), "no ExecReload="),
+    (("KillSignal=SIGQUIT", "KillSignal=SIGTERM"), "KillSignal=SIGTERM"),
+    (("KillSignal=SIGQUIT", "KillSignal=SIGQUIT\nKillMode=process"), "KillMode=process"),
+    (("unicorn -c", "unicorn -D -c"), "-D in the server command"),
+    (("--keep-file-descriptors ", ""), "without --keep-file-descriptors"),
+    (("RuntimeDirectory=app\n", ""), "no RuntimeDirectory="),
+])
+def test_each_unit_mistake_is_flagged_with_its_fix(tmp_path, change, expect):
+    r = check(tmp_path, GOOD.replace(*change), config='pid "/run/app/unicorn.pid"\nrequire "unicorn_shim"\n')
+    assert r.returncode == 1
+    assert expect in r.stdout and "fix: " in r.stdout
+
+
+@pytest.mark.parametrize("config,expect", [
+    ('pid "/srv/app/tmp/pids/unicorn.pid"\n', "is not the shim's --pid-file"),
+    ('pid "/run/app/unicorn.pid"\nlisten 9000\n', "listens on 9000"),
+])
+def test_config_mistakes_are_flagged(tmp_path, config, expect):
+    r = check(tmp_path, GOOD, config=config + 'require "unicorn_shim"\n',
+              socket="[Socket]\nListenStream=127.0.0.1:8080\n")
+    assert r.returncode == 1 and expect in r.stdout, r.stdout
+
+
+def test_seed_hook_and_missing_readiness_hook_are_warnings(tmp_path):
+    from support.apps import SEED_HOOK
+    r = check(tmp_path, GOOD, config='pid "/run/app/unicorn.pid"\n' + SEED_HOOK)
+    assert r.returncode == 0
+    assert "QUITs the .oldbin master" in r.stdout and 'require "unicorn_shim"' in r.stdout
+
+
+def test_server_command_given_on_the_command_line(tmp_path):
+    unit = GOOD.replace(" \\\n    -- bundle exec --keep-file-descriptors unicorn -c config/unicorn.rb -E production",
+                        " -- $SERVER")
+    r = check(tmp_path, unit, extra=["--", "gunicorn", "--daemon", "app:app"])
+    assert r.returncode == 1 and "--daemon in the server command" in r.stdout
+    assert "KillSignal=SIGQUIT: gunicorn's graceful stop is SIGTERM" in r.stdout

@@ -1,0 +1,75 @@
+"""Issue 7: each lifecycle step is one journal event whose fields match reality."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from support.load import get
+
+
+def one(manager, event, **fields):
+    entries = [e for e in manager.events(event) if all(e.get(k) == str(v) for k, v in fields.items())]
+    assert len(entries) == 1, (event, fields, manager.events(event))
+    return entries[0]
+
+
+def test_events_of_boot_reloads_crash_and_stop(deploy, manager):
+    d = deploy()
+    d.start()
+    first = d.assert_main_pid_is_live_master()
+    ready = one(manager, "ready", MASTER_PID=first, GENERATION=1)
+    assert ready["RELEASE"].endswith("/releases/r1") and ready["PRIORITY"] == "6"
+
+    name = d.app.release()
+    assert d.reload().returncode == 0
+    second = d.assert_main_pid_is_live_master()
+    one(manager, "reload-start", OLD_MASTER_PID=first, GENERATION=2)
+    done = one(manager, "reload-done", MASTER_PID=second, OLD_MASTER_PID=first, GENERATION=2, RESULT="done")
+    assert done["RELEASE"] == os.path.realpath(d.app.current) and done["RELEASE"].endswith(name)
+    assert int(done["DURATION_MS"]) > 0 and int(done["SHIM_OVERHEAD_MS"]) >= 0
+    one(manager, "retired", OLD_MASTER_PID=first, GENERATION=1)
+
+    d.app.release(broken=True)
+    assert d.reload().returncode != 0
+    failed = one(manager, "reload-failed", OLD_MASTER_PID=second, GENERATION=3, RESULT="rolled-back")
+    assert failed["PRIORITY"] == "3" and "exited" in failed["REASON"]
+    assert int(failed["MASTER_PID"]) != second and failed["MESSAGE"].startswith("reload to generation 3 failed")
+    assert d.m.main_pid() == second
+
+    os.kill(second, signal.SIGKILL)
+    manager.wait_for("app.service", timeout=30, NRestarts="1", ActiveState="active", SubState="running")
+    exited = one(manager, "master-exit", MASTER_PID=second, GENERATION=2)
+    assert exited["PRIORITY"] == "3"
+    assert "shim" not in exited.get("MESSAGE", "") or "systemd" in exited["MESSAGE"]
+
+    d.app.release()            # a good release for what the restart booted next
+    d.stop()
+    assert len(manager.events("stopping")) == 2   # the restart's stop, and ours
+    assert all(e["_SYSTEMD_USER_UNIT"] == "app.service" for e in manager.journal("SYSLOG_IDENTIFIER=unicorn-shim"))
+
+
+def test_plain_stderr_without_journald(tmp_path):
+    """Not under journald: the same events as readable lines on stderr."""
+    import subprocess
+    from support.apps import App, free_port
+    from support.deploy import SHIM
+    app = App(str(tmp_path / "app"), str(tmp_path / "unicorn.pid"))
+    app.release()
+    port = free_port()
+    p = subprocess.Popen([SHIM, "run", "--listen", f"127.0.0.1:{port}", "--control", str(tmp_path / "c.sock"),
+                          "--chdir", app.current, "--", *app.command().split()],
+                         cwd=app.current, stderr=subprocess.PIPE, text=True,
+                         env={k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM", "NOTIFY_SOCKET")})
+    try:
+        deadline = time.monotonic() + 20
+        while get(port, timeout=1).error and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert get(port).release == "r1"
+    finally:
+        p.send_signal(signal.SIGQUIT)
+        err = p.communicate(timeout=30)[1]
+    assert p.returncode == 0
+    lines = [line for line in err.splitlines() if line.startswith("unicorn-shim: ")]
+    assert any(line.startswith("unicorn-shim: ready: master ") and "generation=1" in line for line in lines), err
+    assert any(line.startswith("unicorn-shim: stopping: ") for line in lines)

@@ -1,0 +1,194 @@
+"""Issue 5: the Debian package, installed with apt into a booted systemd (PID 1 in
+a systemd-nspawn container of a debootstrapped Debian 12), runs an app through
+the templated units; and the RPM builds with the expected files.
+
+The golden image is cached (UNICORN_SHIM_IMAGE_CACHE, default
+/var/cache/unicorn-shim-tests) and built when missing, with the image's
+dependencies pre-seeded so the container needs no network."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import uuid
+
+import pytest
+
+from support.deploy import REPO
+
+HARNESS = os.path.join(REPO, "tests", "harness")
+CACHE = os.environ.get("UNICORN_SHIM_IMAGE_CACHE", "/var/cache/unicorn-shim-tests")
+IMAGE_PACKAGES = "unicorn,ruby-rack,python3-psutil,python3-systemd,python3-sdnotify,procps,curl,python3"
+ROOTFS = os.path.join(CACHE, "rootfs-bookworm-v1")
+
+CONFIG_RU = """run lambda { |env| [200, {"content-type" => "text/plain"}, ["release=%s\\n"]] }\n"""
+BROKEN_RU = 'raise "broken release"\n' + CONFIG_RU
+UNICORN_RB = """worker_processes 2
+preload_app true
+pid "/run/unicorn-shim/myapp/server.pid"
+require "unicorn_shim"
+"""
+APP_CONF = """# written by the test
+APP_DIR=/srv/myapp/current
+SERVER_COMMAND=unicorn -c config/unicorn.rb -E production config.ru
+LISTEN=127.0.0.1:8080
+USER=myapp
+"""
+LOAD = """
+import http.client, json, sys, time
+end = time.monotonic() + float(sys.argv[1]); ok = failed = 0; releases = set(); errors = []
+while time.monotonic() < end:
+    c = http.client.HTTPConnection("127.0.0.1", 8080, timeout=10)
+    try:
+        c.request("GET", "/"); r = c.getresponse(); body = r.read().decode()
+        if r.status == 200: ok += 1; releases.add(body.strip())
+        else: failed += 1; errors.append(r.status)
+    except Exception as e:
+        failed += 1; errors.append(type(e).__name__)
+    finally:
+        c.close()
+print(json.dumps({"ok": ok, "failed": failed, "releases": sorted(releases), "errors": errors[:5]}))
+"""
+
+
+@pytest.fixture(scope="session")
+def deb():
+    r = subprocess.run([os.path.join(REPO, "packaging", "build-deb")], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    debs = sorted(f for f in os.listdir(os.path.join(REPO, "dist")) if f.endswith(".deb"))
+    lint = subprocess.run(["lintian", os.path.join(REPO, "dist", debs[-1])], capture_output=True, text=True,
+                          env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+    assert lint.returncode == 0 and not [ln for ln in lint.stdout.splitlines() if ln[:2] in ("E:", "W:")], \
+        lint.stdout
+    return os.path.join(REPO, "dist", debs[-1])
+
+
+@pytest.fixture(scope="session")
+def rootfs():
+    if not os.path.exists(os.path.join(ROOTFS, "usr", "bin", "unicorn")):
+        shutil.rmtree(ROOTFS, ignore_errors=True)
+        os.makedirs(CACHE, exist_ok=True)
+        r = subprocess.run([os.path.join(HARNESS, "container-build.sh"), ROOTFS, IMAGE_PACKAGES],
+                           capture_output=True, text=True, env=dict(os.environ, CACHE=os.path.join(CACHE, "debs")))
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return ROOTFS
+
+
+@pytest.fixture
+def container(rootfs, base_dir):
+    name = "c" + uuid.uuid4().hex[:8]
+    env = dict(os.environ, SDH_BASE=base_dir, SDH_NSPAWN_ARGS="--private-network")
+    r = subprocess.run([os.path.join(HARNESS, "container-boot.sh"), name, rootfs], capture_output=True,
+                       text=True, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    def run(*cmd, check=False, timeout=300):
+        p = subprocess.run([os.path.join(HARNESS, "ct-exec.sh"), name, *cmd], capture_output=True, text=True,
+                           env=env, timeout=timeout)
+        assert not check or p.returncode == 0, (cmd, p.stdout, p.stderr)
+        return p
+    share = os.path.join(base_dir, "ct", "run", name, "share")
+    try:
+        yield run, share
+    finally:
+        subprocess.run([os.path.join(HARNESS, "container-down.sh"), name], env=env, capture_output=True)
+
+
+def write_release(run, name, broken=False):
+    d = f"/srv/myapp/releases/{name}"
+    run("mkdir", "-p", f"{d}/config", check=True)
+    run("python3", "-c", f"open('{d}/config.ru','w').write({(BROKEN_RU if broken else CONFIG_RU) % name!r});"
+        f"open('{d}/config/unicorn.rb','w').write({UNICORN_RB!r})", check=True)
+    run("sh", "-c", f"ln -sfn {d} /srv/myapp/current.new && mv -T /srv/myapp/current.new /srv/myapp/current "
+        "&& chown -R myapp:myapp /srv/myapp", check=True)
+
+
+def test_deb_installs_and_runs_an_app_through_the_templates(deb, container):
+    run, share = container
+    shutil.copy(deb, share)
+    r = run("apt-get", "install", "-y", "--no-download", f"/mnt/share/{os.path.basename(deb)}")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert run("unicorn-shim", "--version").stdout.startswith("unicorn-shim ")
+    assert run("man", "-w", "unicorn-shim").returncode in (0, 16)   # man-db may be absent in minbase
+    assert run("test", "-f", "/usr/share/man/man1/unicorn-shim.1.gz").returncode == 0
+
+    run("useradd", "--system", "--create-home", "--home-dir", "/srv/myapp", "myapp", check=True)
+    write_release(run, "r1")
+    run("python3", "-c", f"open('/etc/unicorn-shim/myapp.conf','w').write({APP_CONF!r})", check=True)
+    run("systemctl", "daemon-reload", check=True)
+    r = run("systemctl", "enable", "--now", "unicorn-shim@myapp.socket")
+    assert r.returncode == 0, r.stderr
+    assert run("systemctl", "is-enabled", "unicorn-shim@myapp.socket").stdout.strip() == "enabled"
+    for unit in ("unicorn-shim@myapp.socket", "unicorn-shim@myapp.service"):
+        deadline = time.monotonic() + 60
+        while run("systemctl", "is-active", unit).stdout.strip() != "active" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert run("systemctl", "is-active", unit).stdout.strip() == "active", \
+            run("journalctl", "-u", unit, "--no-pager").stdout[-3000:]
+    assert run("curl", "-s", "127.0.0.1:8080/").stdout.strip() == "release=r1"
+    show = dict(line.split("=", 1) for line in run("systemctl", "show", "unicorn-shim@myapp.service", "-p",
+                                                     "MainPID,User,KillSignal").stdout.splitlines())
+    assert show["User"] == "myapp"
+    master = show["MainPID"]
+    assert "unicorn master" in run("ps", "-o", "args=", "-p", master).stdout
+    assert run("ps", "-o", "user=", "-p", master).stdout.strip() == "myapp"
+
+    # a good deploy under load
+    with open(os.path.join(share, "load.py"), "w") as f:
+        f.write(LOAD)
+    load = subprocess.Popen([os.path.join(HARNESS, "ct-exec.sh"), os.path.basename(os.path.dirname(share)),
+                             "python3", "/mnt/share/load.py", "6"], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, SDH_BASE=os.path.dirname(os.path.dirname(os.path.dirname(share)))))
+    time.sleep(1)
+    write_release(run, "r2")
+    r = run("systemctl", "reload", "unicorn-shim@myapp")
+    assert r.returncode == 0, r.stderr + run("journalctl", "-u", "unicorn-shim@myapp", "--no-pager").stdout[-3000:]
+    result = json.loads(load.communicate(timeout=60)[0])
+    assert result["failed"] == 0 and result["ok"] > 0, result
+    assert result["releases"] == ["release=r1", "release=r2"]
+    assert run("curl", "-s", "127.0.0.1:8080/").stdout.strip() == "release=r2"
+
+    # a bad deploy: visible failure, the old release serves on
+    write_release(run, "r3", broken=True)
+    r = run("systemctl", "reload", "unicorn-shim@myapp")
+    assert r.returncode != 0
+    assert run("curl", "-s", "127.0.0.1:8080/").stdout.strip() == "release=r2"
+
+    # the journal shows the shim's events with their fields
+    entries = [json.loads(line) for line in run("journalctl", "-u", "unicorn-shim@myapp", "-o", "json",
+                                                "SYSLOG_IDENTIFIER=unicorn-shim").stdout.splitlines()]
+    events = {e.get("SHIM_EVENT"): e for e in entries}
+    assert {"ready", "reload-start", "reload-done", "reload-failed", "retired"} <= set(events)
+    assert events["reload-done"]["GENERATION"] == "2" and events["reload-done"]["RELEASE"].endswith("/r2")
+    assert "exited" in events["reload-failed"]["REASON"]
+    new_master = run("systemctl", "show", "-p", "MainPID", "--value", "unicorn-shim@myapp.service").stdout.strip()
+    assert events["reload-done"]["MASTER_PID"] == new_master
+
+    # purge: everything stops, what the package installed is gone
+    r = run("apt-get", "purge", "-y", "unicorn-shim")
+    assert r.returncode == 0, r.stderr
+    assert run("pgrep", "-f", "unicorn").stdout == ""
+    for path in ("/usr/bin/unicorn-shim", "/lib/systemd/system/unicorn-shim@.service",
+                 "/lib/systemd/system-generators/unicorn-shim-generator", "/usr/lib/ruby/vendor_ruby/unicorn_shim.rb",
+                 "/etc/systemd/system/sockets.target.wants/unicorn-shim@myapp.socket"):
+        assert run("test", "-e", path).returncode != 0, path
+    assert run("curl", "-s", "--max-time", "2", "127.0.0.1:8080/").returncode != 0
+
+
+def test_rpm_builds_with_its_files():
+    r = subprocess.run([os.path.join(REPO, "packaging", "build-rpm")], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rpm = r.stdout.strip().splitlines()[-1]
+    files = subprocess.run(["rpm", "-qlp", os.path.join(REPO, rpm)], capture_output=True, text=True).stdout.split()
+    for expected in ("/usr/bin/unicorn-shim", "/usr/lib/systemd/system/unicorn-shim@.service",
+                     "/usr/lib/systemd/system/unicorn-shim@.socket",
+                     "/usr/lib/systemd/system-generators/unicorn-shim-generator",
+                     "/usr/share/man/man1/unicorn-shim.1.gz"):
+        assert expected in files or expected[:-3] in files, (expected, files)
+    assert any(f.endswith("/shim/supervisor.py") for f in files)
+    assert any(f.endswith("/shim/hooks/ruby/unicorn_shim.rb") for f in files)
+    scripts = subprocess.run(["rpm", "-qp", "--scripts", os.path.join(REPO, rpm)], capture_output=True,
+                             text=True).stdout
+    assert "systemctl" in scripts and "%systemd" not in scripts
