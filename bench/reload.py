@@ -126,6 +126,8 @@ def main():
         ("steady p50 / p99 / max", lambda r: " / ".join(ms(pct(r["steady_lat"], p)) for p in (50, 99, 100))),
         ("reload window p50 / p99 / max", lambda r: " / ".join(ms(pct(r["window_lat"], p))
                                                                 for p in (50, 99, 100))),
+        ("reload-window requests over 2×p99+50 ms", lambda r: str(sum(
+            1 for x in r["window_lat"] if x > 2 * pct(r["steady_lat"], 99) + 0.05))),
         ("command returns after", lambda r: ms(statistics.median(r["reload_s"]))),
         ("first response of new release", lambda r: ms(statistics.median(r["first_new_s"]))
          if r["first_new_s"] else "-"),

@@ -199,3 +199,38 @@ def test_hook_readiness_is_exact(monkeypatch):
     reports.record(103, "ready worker=x workers=?")   # malformed: ignored
     reports.forget(100)
     assert 100 not in reports.hello and 100 not in reports.ready
+
+
+def test_generator_writes_dropins_and_skips_bad_confs(tmp_path):
+    from shim import generator
+    conf, out = tmp_path / "etc", tmp_path / "out"
+    conf.mkdir()
+    out.mkdir()
+    (conf / "shop.conf").write_text(
+        "APP_DIR=/srv/shop/current\nLISTEN=127.0.0.1:8080 unix:/run/shop.sock\nUSER=shop\n"
+        "SERVER_COMMAND=gunicorn -c gunicorn.conf.py 'app:application'  # comment\n"
+        "SHIM_OPTIONS=--ready-timeout 90\n")
+    (conf / "broken.conf").write_text("APP_DIR=/x\n")
+    (conf / "bad name.conf").write_text("APP_DIR=/x\n")
+    problems = generator.generate(str(conf), str(out))
+    assert len(problems) == 2 and all("not configured" in p for p in problems)
+    service = (out / "unicorn-shim@shop.service.d" / generator.DROPIN).read_text()
+    assert "User=shop" in service and "Group=shop" in service and "KillSignal=SIGTERM" in service
+    assert ("ExecStart=/usr/bin/unicorn-shim run --pid-file /run/unicorn-shim/shop/server.pid --chdir "
+            "/srv/shop/current --ready-timeout 90 -- gunicorn -c gunicorn.conf.py app:application") in service
+    socket_ = (out / "unicorn-shim@shop.socket.d" / generator.DROPIN).read_text()
+    assert "ListenStream=\nListenStream=127.0.0.1:8080\nListenStream=/run/shop.sock\n" in socket_
+    assert "SocketUser=shop" in socket_
+    assert sorted(os.listdir(out)) == ["unicorn-shim@shop.service.d", "unicorn-shim@shop.socket.d"]
+
+
+def test_man_page_covers_every_option():
+    from shim import cli, manpage
+    page = manpage.render()
+    parser = cli.build_parser()
+    subs = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices
+    for name, sub in subs.items():
+        assert f'.SS "unicorn\\-shim {name}"' in page
+        for action in sub._actions:
+            for flag in action.option_strings if action.dest != "help" else ():
+                assert flag.replace("-", "\\-") in page, flag
