@@ -89,6 +89,10 @@ def container(rootfs, base_dir):
                            env=env, timeout=timeout)
         assert not check or p.returncode == 0, (cmd, p.stdout, p.stderr)
         return p
+    def popen(*cmd):
+        return subprocess.Popen([os.path.join(HARNESS, "ct-exec.sh"), name, *cmd], stdout=subprocess.PIPE,
+                                text=True, env=env)
+    run.popen = popen
     share = os.path.join(base_dir, "ct", "run", name, "share")
     try:
         yield run, share
@@ -108,10 +112,9 @@ def write_release(run, name, broken=False):
 def test_deb_installs_and_runs_an_app_through_the_templates(deb, container):
     run, share = container
     shutil.copy(deb, share)
-    r = run("apt-get", "install", "-y", "--no-download", f"/mnt/share/{os.path.basename(deb)}")
+    r = run("apt-get", "install", "-y", f"/mnt/share/{os.path.basename(deb)}")   # no network inside: deps are pre-seeded
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert run("unicorn-shim", "--version").stdout.startswith("unicorn-shim ")
-    assert run("man", "-w", "unicorn-shim").returncode in (0, 16)   # man-db may be absent in minbase
     assert run("test", "-f", "/usr/share/man/man1/unicorn-shim.1.gz").returncode == 0
 
     run("useradd", "--system", "--create-home", "--home-dir", "/srv/myapp", "myapp", check=True)
@@ -138,9 +141,7 @@ def test_deb_installs_and_runs_an_app_through_the_templates(deb, container):
     # a good deploy under load
     with open(os.path.join(share, "load.py"), "w") as f:
         f.write(LOAD)
-    load = subprocess.Popen([os.path.join(HARNESS, "ct-exec.sh"), os.path.basename(os.path.dirname(share)),
-                             "python3", "/mnt/share/load.py", "6"], stdout=subprocess.PIPE, text=True,
-                            env=dict(os.environ, SDH_BASE=os.path.dirname(os.path.dirname(os.path.dirname(share)))))
+    load = run.popen("python3", "/mnt/share/load.py", "6")
     time.sleep(1)
     write_release(run, "r2")
     r = run("systemctl", "reload", "unicorn-shim@myapp")
