@@ -192,4 +192,5 @@ def test_rpm_builds_with_its_files():
     assert any(f.endswith("/shim/hooks/ruby/unicorn_shim.rb") for f in files)
     scripts = subprocess.run(["rpm", "-qp", "--scripts", os.path.join(REPO, rpm)], capture_output=True,
                              text=True).stdout
-    assert "systemctl" in scripts and "%systemd" not in scripts
+    assert "systemctl stop 'unicorn-shim@*.socket' 'unicorn-shim@*.service'" in scripts
+    assert "daemon-reload" in scripts and "%systemd" not in scripts
