@@ -71,7 +71,7 @@ async def hand_over(sup: "Supervisor") -> Dict[str, Any]:
                   # where the time went: the server's own boot and the old master's drain
                   # are the server's; the rest is the shim's
                   **{k.upper(): v for k, v in timings.items()})
-    sup._wake.set()
+    sup.wake()
     return {"ok": True, "master_pid": new.pid, "old_master_pid": old.pid, "generation": gen,
             "release": release, "duration_ms": int(duration * 1000),
             "timings": timings}
@@ -136,5 +136,5 @@ async def _roll_back(sup: "Supervisor", old: procs.Pinned, new: Optional[procs.P
     sup.log.event("reload-failed", f"reload to generation {gen} failed: {reason}; the old master is gone "
                   "too, nothing serves: exiting so that systemd restarts the service", ERR,
                   RESULT="nothing-serving", **fields)
-    sup._wake.set()
+    sup.wake()
     return {"ok": False, "error": f"{reason}; the old master is gone too: the service will restart"}

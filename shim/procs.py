@@ -142,6 +142,8 @@ class Pinned:
 
     def signal(self, sig: int) -> bool:
         """Signal through the pidfd; False if it is already gone."""
+        if self.pidfd < 0:
+            return False
         try:
             signal.pidfd_send_signal(self.pidfd, sig)
             return True

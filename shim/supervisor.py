@@ -112,8 +112,7 @@ class Supervisor:
 
     def _on_stop_signal(self, sig: int) -> None:
         self.stop_requested = True
-        self._wake.set()
-        self._hook.set()
+        self.wake()
 
     def _on_hup(self) -> None:
         asyncio.get_running_loop().create_task(self.reload())
@@ -135,6 +134,11 @@ class Supervisor:
                            OLD_MASTER_PID=master.pid, GENERATION=master.generation)
         self.masters.pop(master.pid, None)
         self.reports.forget(master.pid)
+        master.close()     # one pidfd per generation: a long-lived shim must not collect them
+        self.wake()
+
+    def wake(self) -> None:
+        """Something changed: the run loop and any waiting hand-over look again."""
         self._wake.set()
         self._hook.set()
 
