@@ -1,0 +1,211 @@
+"""The supervisor's state machine against a fake process layer (no processes,
+no systemd): what it tells systemd, in which order, when masters boot, die,
+hang or leave on their own. The real thing is tested in test_reload/test_faults;
+here the races are placed exactly."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from typing import Dict, List, Optional
+
+import pytest
+
+from shim import procs, spawn
+from shim.journal import Log
+from shim.servers import UNICORN
+from shim.supervisor import Config, Supervisor
+
+
+class FakeProcess:
+    def __init__(self, pid: int, parent: int, title: str) -> None:
+        self.pid, self.parent, self.title = pid, parent, title
+        self.r, self.w = os.pipe()       # the "pidfd": readable (EOF) once the process exits
+        self.signals: List[int] = []
+
+    @property
+    def alive(self) -> bool:
+        return self.w >= 0
+
+    def exit(self) -> None:
+        if self.w >= 0:
+            os.close(self.w)
+            self.w = -1
+
+
+class FakeOS:
+    """Masters that boot `workers` workers after `boot_delay`, re-exec on USR2
+    (the new master behaving as `next_behaviour` says), stop on QUIT."""
+
+    def __init__(self, workers: int = 2, boot_delay: float = 0.05) -> None:
+        self.procs: Dict[int, FakeProcess] = {}
+        self.next_pid = 1000
+        self.workers, self.boot_delay = workers, boot_delay
+        self.next_behaviour = "healthy"       # healthy | dies | hangs | quits-old
+        self.manager = 1
+
+    def new(self, parent: int, title: str) -> FakeProcess:
+        self.next_pid += 1
+        p = FakeProcess(self.next_pid, parent, title)
+        self.procs[p.pid] = p
+        return p
+
+    def start_master(self, parent: int, behaviour: str = "healthy") -> int:
+        master = self.new(parent, "unicorn master")
+        loop = asyncio.get_running_loop()
+        if behaviour == "dies":
+            loop.call_later(self.boot_delay, master.exit)
+        elif behaviour != "hangs":
+            loop.call_later(self.boot_delay, self._boot_workers, master, behaviour)
+        return master.pid
+
+    def _boot_workers(self, master: FakeProcess, behaviour: str) -> None:
+        if not master.alive:
+            return
+        for nr in range(self.workers):
+            self.new(master.pid, f"unicorn worker[{nr}]")
+        if behaviour == "quits-old":       # the common before_fork hook QUITs the old master
+            self.signal(master.parent, signal.SIGQUIT)
+
+    def signal(self, pid: int, sig: int) -> bool:
+        p = self.procs.get(pid)
+        if p is None or not p.alive:
+            return False
+        p.signals.append(sig)
+        if sig in (signal.SIGQUIT, signal.SIGKILL, signal.SIGTERM):
+            for child in self.children(pid):
+                if "worker" in self.procs[child].title:
+                    self.procs[child].exit()
+            p.exit()
+            for child in self.children(pid):      # the new master is reparented to the manager
+                self.procs[child].parent = self.manager
+        elif sig == signal.SIGUSR2:
+            self.start_master(pid, self.next_behaviour)
+        return True
+
+    def children(self, pid: int) -> List[int]:
+        return [p.pid for p in self.procs.values() if p.parent == pid and p.alive]
+
+    def pin(self, pid: int, cgroup: Optional[str], *, parent: Optional[int] = None,
+            not_before: Optional[int] = None, role: str = "master") -> procs.Pinned:
+        p = self.procs.get(pid)
+        if p is None or not p.alive or (parent is not None and p.parent != parent):
+            raise procs.UntrustedPid(f"pid {pid} is not what it should be")
+        return procs.Pinned(pid, os.dup(p.r), 0, role=role)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.messages: List[Dict[str, object]] = []
+        self.watchdog_usec = None
+
+    def send(self, **fields: object) -> None:
+        self.messages.append(fields)
+
+    def ready(self, mainpid: int, status: str) -> None:
+        self.send(MAINPID=mainpid, READY=1, STATUS=status)
+
+    def reloading(self, mainpid: int, status: str) -> None:
+        self.send(RELOADING=1, MAINPID=mainpid, STATUS=status)
+
+    def status(self, status: str) -> None:
+        self.send(STATUS=status)
+
+    def stopping(self, status: str) -> None:
+        self.send(STOPPING=1, STATUS=status)
+
+    def extend_timeout(self, seconds: float) -> None:
+        self.send(EXTEND_TIMEOUT_USEC=int(seconds * 1e6))
+
+    def mainpids(self) -> List[int]:
+        return [m["MAINPID"] for m in self.messages if "MAINPID" in m]
+
+
+@pytest.fixture
+def fake(monkeypatch, tmp_path):
+    fos = FakeOS()
+    monkeypatch.setattr(procs, "children", fos.children)
+    monkeypatch.setattr(procs, "title", lambda pid: fos.procs[pid].title if pid in fos.procs else "")
+    monkeypatch.setattr(procs, "parent_of", lambda pid: fos.procs[pid].parent if pid in fos.procs else None)
+    monkeypatch.setattr(procs, "cwd", lambda pid: "/srv/app/releases/r1")
+    monkeypatch.setattr(procs, "exit_description", lambda pid: "exited with status 1")
+    monkeypatch.setattr(procs, "pin", fos.pin)
+    monkeypatch.setattr(procs.Pinned, "signal", lambda self, sig: fos.signal(self.pid, sig))
+    monkeypatch.setattr(spawn, "spawn", lambda argv, env, fds, **kw: fos.start_master(fos.manager))
+    fos.tmp = str(tmp_path)
+    return fos
+
+
+def supervisor(fake: FakeOS, ready_timeout: float = 2.0) -> Supervisor:
+    config = Config(command=["unicorn"], profile=UNICORN, upgrade="usr2", pid_file=None,
+                    ready_timeout=ready_timeout, retire_timeout=1.0, settle=0.1, health_check=None,
+                    chdir=None, control_path=None, control_mode=0o600, runtime_dir=fake.tmp)
+    return Supervisor(config, [], Recorder(), Log(use_journal=False), {})
+
+
+async def drive(sup: Supervisor, *reloads: str, fake: FakeOS, stop_during_reload: bool = False) -> list:
+    """Boot, run one reload per behaviour given, then stop; the reload results."""
+    run = asyncio.create_task(sup.run())
+    while sup.state != "serving":
+        assert not run.done(), run.result()
+        await asyncio.sleep(0.01)
+    results = []
+    for behaviour in reloads:
+        fake.next_behaviour = behaviour
+        task = asyncio.create_task(sup.reload())
+        if stop_during_reload:
+            await asyncio.sleep(0.02)
+            sup._on_stop_signal(signal.SIGQUIT)
+        results.append(await task)
+    sup._on_stop_signal(signal.SIGQUIT)
+    assert await asyncio.wait_for(run, 10) == 0
+    return results
+
+
+def test_boot_then_a_good_reload(fake):
+    sup = supervisor(fake)
+    [result] = asyncio.run(drive(sup, "healthy", fake=fake))
+    old, new = 1001, 1004
+    assert result["ok"] and result["master_pid"] == new and result["old_master_pid"] == old
+    n = sup.notifier
+    assert n.mainpids() == [old, os.getpid(), new]        # boot, hand-over (the shim), new master
+    ready = [m for m in n.messages if m.get("READY")]
+    assert [m["MAINPID"] for m in ready] == [old, new]
+    reloading = next(i for i, m in enumerate(n.messages) if m.get("RELOADING"))
+    assert n.messages.index(ready[1]) > reloading
+    assert signal.SIGQUIT in fake.procs[old].signals
+    assert not fake.procs[old].alive                      # MAINPID=new only once the old one is gone
+    assert all(not p.alive for p in fake.procs.values())  # the stop took everything down
+
+
+def test_old_master_leaving_on_its_own_is_a_good_hand_over(fake):
+    sup = supervisor(fake)
+    [result] = asyncio.run(drive(sup, "quits-old", fake=fake))
+    assert result["ok"]
+    assert sup.notifier.mainpids() == [1001, os.getpid(), 1004]
+
+
+@pytest.mark.parametrize("behaviour,reason", [("dies", "exited with status 1 before it was ready"),
+                                              ("hangs", "not ready within 0.5 s")])
+def test_rollback_keeps_the_old_master(fake, behaviour, reason):
+    sup = supervisor(fake, ready_timeout=0.5)
+    [result] = asyncio.run(drive(sup, behaviour, fake=fake))
+    assert not result["ok"] and reason in result["error"]
+    assert sup.notifier.mainpids() == [1001, os.getpid(), 1001]   # back on the old master
+    assert signal.SIGQUIT not in fake.procs[1001].signals[:-1]    # only the final stop's QUIT
+    assert not fake.procs[1004].alive                             # the failed one is gone
+
+
+def test_a_second_reload_waits_for_the_first(fake):
+    sup = supervisor(fake)
+    results = asyncio.run(drive(sup, "healthy", "healthy", fake=fake))
+    assert [r["generation"] for r in results] == [2, 3]
+
+
+def test_stop_during_a_hand_over_stops_every_master(fake):
+    fake.boot_delay = 0.2
+    sup = supervisor(fake)
+    [result] = asyncio.run(drive(sup, "healthy", fake=fake, stop_during_reload=True))
+    assert not result["ok"] and "stopping" in result["error"]
+    assert all(not p.alive for p in fake.procs.values())
+    assert any(m.get("STOPPING") for m in sup.notifier.messages)
