@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """Benchmark (not a test): a deploy sequence under load against the shim and
 against a .socket unit + `systemctl restart`, side by side in one run, each
-under its own private real systemd with real Unicorn.
+under its own private real systemd, with real Unicorn and real Gunicorn.
 
     sudo bench/reload.py [--reloads 20] [--clients 4] [--interval 1.0]
 
@@ -34,6 +34,9 @@ SETUPS = {
     "shim": dict(command="reload", kw={}),
     "shim+seed-hook": dict(command="reload", kw={"seed_hook": True}),
     "socket+restart": dict(command="restart", kw={"plain": True, "ready_hook": False}),
+    "gunicorn shim": dict(command="reload", kw={"server": "gunicorn"}),
+    "gunicorn socket+restart": dict(command="restart", kw={"server": "gunicorn", "plain": True,
+                                                           "ready_hook": False}),
 }
 
 

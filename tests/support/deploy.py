@@ -49,7 +49,7 @@ WorkingDirectory={current}
 Environment=PATH=/usr/local/bin:/usr/bin:/bin
 ExecStart=/usr/bin/env -C {current} {command}
 RuntimeDirectory=app
-KillSignal=SIGQUIT
+KillSignal={kill_signal}
 TimeoutStopSec=60
 SyslogIdentifier=app
 """
