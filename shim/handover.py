@@ -53,6 +53,9 @@ async def hand_over(sup: "Supervisor") -> Dict[str, Any]:
         return await _roll_back(sup, old, new, str(e), t0, gen)
     except Stopping:
         return {"ok": False, "error": "reload aborted: the service is stopping"}
+    except Exception as e:   # a bug must not leave MAINPID on the shim and the state "reloading"
+        sup.log.error("internal-error", f"reload: {type(e).__name__}: {e}")
+        return await _roll_back(sup, old, new, f"internal error: {type(e).__name__}: {e}", t0, gen)
 
     sup.strategy.finish(new)
     sup.master, sup.generation, sup.state = new, gen, "serving"
