@@ -45,6 +45,19 @@ def in_cgroup(pid: int, cgroup: Optional[str]) -> bool:
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def cgroup_members(cgroup: Optional[str]) -> List[int]:
+    """Every pid in the unit's own cgroup (v1 name=systemd, or v2)."""
+    if not cgroup:
+        return []
+    for root in ("/sys/fs/cgroup/systemd", "/sys/fs/cgroup/unified", "/sys/fs/cgroup"):
+        try:
+            with open(f"{root}{cgroup}/cgroup.procs") as f:
+                return [int(p) for p in f.read().split()]
+        except OSError:
+            continue
+    return []
+
+
 def start_time(pid: int) -> Optional[int]:
     """Start time in clock ticks since boot: exact, unlike a wall-clock create time."""
     try:

@@ -98,6 +98,7 @@ class Usr2(Strategy):
         if not old.signal(self.sup.profile.reexec):
             raise ReloadFailed(f"old master {old.pid} exited before the upgrade began")
         saw_oldbin = False
+        orphan_deadline = None
         while True:
             new = self._find(old, known, started)
             if new is not None:
@@ -109,19 +110,33 @@ class Usr2(Strategy):
                 raise ReloadFailed("new master exited during boot before it could be watched "
                                    "(the old master restored its pid file; see the server's log)")
             if not old.alive():
-                raise ReloadFailed(f"old master {old.pid} exited before a new master appeared")
+                # Its child, if it forked one, now belongs to the manager: _find looks
+                # there too, for a moment, before giving up.
+                orphan_deadline = orphan_deadline or time.monotonic() + 0.5
+                if time.monotonic() > orphan_deadline:
+                    raise ReloadFailed(f"old master {old.pid} exited before a new master appeared")
             if time.monotonic() > deadline:
                 raise ReloadFailed(f"no new master appeared within {self.sup.config.ready_timeout:g} s "
                                    f"of {self.sup.profile.reexec.name} to {old.pid} (see the server's log)")
             await self.sup.tick(0.02)
 
     def _find(self, old: procs.Pinned, known: Set[int], started: int) -> Optional[procs.Pinned]:
-        for pid in procs.children(old.pid):
+        """The old master's re-exec'd child; if the old master is already gone
+        (killed, or QUIT by a hook), a process of the unit born since the
+        reload began and reparented away from it."""
+        orphaned = not old.alive()
+        candidates = procs.children(old.pid)
+        if orphaned:
+            # (not the shim, nor a `unicorn-shim reload` waiting in ExecReload=)
+            candidates += [p for p in procs.cgroup_members(self.sup.cgroup)
+                           if p not in self.sup.masters and "unicorn-shim" not in procs.title(p)]
+        for pid in candidates:
             if pid in known or self.sup.profile.worker_title.search(procs.title(pid)):
                 known.add(pid)
                 continue
             try:
-                return procs.pin(pid, self.sup.cgroup, parent=old.pid, not_before=started)
+                return procs.pin(pid, self.sup.cgroup, parent=None if orphaned else old.pid,
+                                 not_before=started)
             except procs.UntrustedPid as e:
                 self.sup.log.event("untrusted-pid", str(e))
                 known.add(pid)

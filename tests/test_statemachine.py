@@ -80,7 +80,10 @@ class FakeOS:
             for child in self.children(pid):      # the new master is reparented to the manager
                 self.procs[child].parent = self.manager
         elif sig == signal.SIGUSR2:
-            self.start_master(pid, self.next_behaviour)
+            new = self.start_master(pid, self.next_behaviour)
+            if self.next_behaviour == "old-killed-at-once":   # before the shim could look at its children
+                p.exit()
+                self.procs[new].parent = self.manager
         return True
 
     def children(self, pid: int) -> List[int]:
@@ -130,6 +133,7 @@ def fake(monkeypatch, tmp_path):
     monkeypatch.setattr(procs, "cwd", lambda pid: "/srv/app/releases/r1")
     monkeypatch.setattr(procs, "exit_description", lambda pid: "exited with status 1")
     monkeypatch.setattr(procs, "pin", fos.pin)
+    monkeypatch.setattr(procs, "cgroup_members", lambda cg: [p.pid for p in fos.procs.values() if p.alive])
     monkeypatch.setattr(procs.Pinned, "signal", lambda self, sig: fos.signal(self.pid, sig))
     monkeypatch.setattr(spawn, "spawn", lambda argv, env, fds, **kw: fos.start_master(fos.manager))
     fos.tmp = str(tmp_path)
@@ -194,6 +198,14 @@ def test_rollback_keeps_the_old_master(fake, behaviour, reason):
     assert sup.notifier.mainpids() == [1001, os.getpid(), 1001]   # back on the old master
     assert signal.SIGQUIT not in fake.procs[1001].signals[:-1]    # only the final stop's QUIT
     assert not fake.procs[1004].alive                             # the failed one is gone
+
+
+def test_old_master_killed_before_its_child_was_found(fake):
+    """The new master is already the manager's child: found in the unit's cgroup."""
+    sup = supervisor(fake)
+    [result] = asyncio.run(drive(sup, "old-killed-at-once", fake=fake))
+    assert result["ok"] and result["master_pid"] == 1004, result
+    assert sup.notifier.mainpids() == [1001, os.getpid(), 1004]
 
 
 def test_a_second_reload_waits_for_the_first(fake):
