@@ -108,13 +108,6 @@ def cwd(pid: int) -> Optional[str]:
         return None
 
 
-def is_zombie_or_gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return True
-
-
 def exit_description(pid: int) -> str:
     """Best effort: how a process that is not our child ended.
 

@@ -16,8 +16,7 @@ from shim.errors import EXIT_USAGE, ShimError
 @dataclass(frozen=True)
 class ServerProfile:
     name: str
-    graceful_stop: int               # finish requests in flight, then exit
-    quick_stop: int
+    graceful_stop: int               # finish requests in flight, then exit (the unit's KillSignal=)
     reexec: int                      # the server's own re-exec (usr2 upgrade)
     stop_workers: Optional[int]      # stop workers, keep the master (None: not supported)
     respawn_workers: Optional[int]   # bring workers back after stop_workers
@@ -48,7 +47,6 @@ class ServerProfile:
 UNICORN = ServerProfile(
     name="unicorn",
     graceful_stop=signal.SIGQUIT,
-    quick_stop=signal.SIGTERM,
     reexec=signal.SIGUSR2,
     stop_workers=signal.SIGWINCH,
     respawn_workers=signal.SIGHUP,
@@ -62,8 +60,7 @@ UNICORN = ServerProfile(
 
 GUNICORN = ServerProfile(
     name="gunicorn",
-    graceful_stop=signal.SIGTERM,
-    quick_stop=signal.SIGQUIT,
+    graceful_stop=signal.SIGTERM,    # the reverse of Unicorn: QUIT is Gunicorn's quick stop
     reexec=signal.SIGUSR2,
     stop_workers=None,            # WINCH only acts when Gunicorn daemonized itself
     respawn_workers=None,

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-from shim import health, procs, spawn
+from shim import procs, spawn
 from shim.control import ControlServer
 from shim.errors import EXIT_MASTER_EXIT, EXIT_START, ShimError
 from shim.journal import WARNING, Log

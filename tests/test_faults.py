@@ -13,7 +13,6 @@ import time
 
 import pytest
 
-from support.deploy import SHIM
 from support.load import Load, get
 from support.systemd import proc_cmdline, proc_parent
 

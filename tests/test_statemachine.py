@@ -13,6 +13,7 @@ import pytest
 
 from shim import procs, spawn
 from shim.journal import Log
+from shim.notify import Notifier
 from shim.servers import UNICORN
 from shim.supervisor import Config, Supervisor
 
@@ -97,28 +98,15 @@ class FakeOS:
         return procs.Pinned(pid, os.dup(p.r), 0, role=role)
 
 
-class Recorder:
+class Recorder(Notifier):
+    """The real Notifier's messages, kept instead of sent."""
+
     def __init__(self) -> None:
         self.messages: List[Dict[str, object]] = []
         self.watchdog_usec = None
 
     def send(self, **fields: object) -> None:
         self.messages.append(fields)
-
-    def ready(self, mainpid: int, status: str) -> None:
-        self.send(MAINPID=mainpid, READY=1, STATUS=status)
-
-    def reloading(self, mainpid: int, status: str) -> None:
-        self.send(RELOADING=1, MAINPID=mainpid, STATUS=status)
-
-    def status(self, status: str) -> None:
-        self.send(STATUS=status)
-
-    def stopping(self, status: str) -> None:
-        self.send(STOPPING=1, STATUS=status)
-
-    def extend_timeout(self, seconds: float) -> None:
-        self.send(EXTEND_TIMEOUT_USEC=int(seconds * 1e6))
 
     def mainpids(self) -> List[int]:
         return [m["MAINPID"] for m in self.messages if "MAINPID" in m]
