@@ -308,12 +308,16 @@ class Supervisor:
         return procs.cwd(master.pid) if master else None
 
     def status_line(self, workers: Optional[int] = None) -> str:
+        """One line for systemctl status: state, master, workers (ready/expected
+        when the hook says how many), release, generation, last reload."""
         m = self.master
         if m is None:
             return self.state
         if workers is None:
             workers = sum(1 for p in procs.children(m.pid) if self.profile.worker_title.search(procs.title(p)))
-        line = (f"{self.state}: master {m.pid}, {workers} workers, release {self.release(m)}, "
+        expected = {of for _pid, of, _t in self.reports.ready.get(m.pid, {}).values()}
+        counted = f"{workers}/{max(expected)} workers ready" if expected else f"{workers} workers"
+        line = (f"{self.state}: master {m.pid}, {counted}, release {self.release(m)}, "
                 f"generation {self.generation}")
         return line + (f"; last reload {self.last_reload}" if self.last_reload else "")
 
