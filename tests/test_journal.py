@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import time
 
@@ -63,14 +64,18 @@ def test_plain_stderr_without_journald(tmp_path):
                           "--chdir", app.current, "--", *app.command().split()],
                          cwd=app.current, stderr=subprocess.PIPE, text=True,
                          env={k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM", "NOTIFY_SOCKET")})
+    seen = []
     try:
+        # The first request can be answered a moment before the shim has seen the
+        # last worker's report: wait for the shim's own line, then for the app.
         deadline = time.monotonic() + 20
-        while get(port, timeout=1).error and time.monotonic() < deadline:
-            time.sleep(0.1)
+        while time.monotonic() < deadline and " ready: " not in "".join(seen):
+            if select.select([p.stderr], [], [], 1)[0]:
+                seen.append(os.read(p.stderr.fileno(), 65536).decode(errors="replace"))
         assert get(port).release == "r1"
     finally:
         p.send_signal(signal.SIGQUIT)
-        err = p.communicate(timeout=30)[1]
+        err = "".join(seen) + p.communicate(timeout=30)[1]
     assert p.returncode == 0
     lines = [line for line in err.splitlines() if line.startswith("unicorn-shim: ")]
     assert any(line.startswith("unicorn-shim: ready: master ") and "generation=1" in line for line in lines), err
