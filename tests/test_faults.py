@@ -100,9 +100,11 @@ def test_kill9_a_new_worker_during_hand_over(deploy, manager):
     assert result["r"].returncode == 0, result["r"].stderr
     assert get(d.port).release == name
     assert d.assert_main_pid_is_live_master() == new
-    # the killed worker's requests in flight may be cut: that is the kill, not the shim
-    assert all(k in ("RemoteDisconnected", "ConnectionResetError") for k in load.failure_kinds()), \
-        load.failure_kinds()
+    # the killed worker's request in flight may be cut (at most one per client):
+    # that is the kill, not the shim; nothing is refused
+    cut = ("RemoteDisconnected", "ConnectionResetError", "IncompleteRead")
+    assert all(k in cut for k in load.failure_kinds()), load.failure_kinds()
+    assert len(load.failures()) <= load.clients
     finish(d, manager)
 
 
