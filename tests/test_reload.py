@@ -172,7 +172,8 @@ def test_back_to_back_reloads_both_run(deploy, manager):
         first.join()
     assert results["systemctl"].returncode == 0, results["systemctl"].stderr
     assert results["direct"].returncode == 0, results["direct"].stderr
-    assert "reloaded: generation 3" in results["direct"].stdout
+    # whichever reached the shim second waited for the first, then ran its own hand-over
+    assert "reloaded: generation" in results["direct"].stdout
     assert [int(e["GENERATION"]) for e in manager.events("reload-done")] == [2, 3]
     assert manager.events("reload-queued")
     assert load.failures() == []
