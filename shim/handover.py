@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from typing import TYPE_CHECKING, Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 from shim import health, procs
 from shim.journal import ERR
@@ -31,7 +31,7 @@ async def hand_over(sup: "Supervisor") -> Dict[str, Any]:
     sup.log.event("reload-start", f"reload to generation {gen} ({sup.strategy.name}) from master {old.pid}",
                   OLD_MASTER_PID=old.pid, GENERATION=gen)
     new: Optional[procs.Pinned] = None
-    sup.old_workers_stopped = False
+    workers_stopped = False      # the old master's, for a health check; undone on rollback
     old.role = "old"
     try:
         new = await sup.strategy.start_next(old, started, deadline)
@@ -43,19 +43,20 @@ async def hand_over(sup: "Supervisor") -> Dict[str, Any]:
         ready = await sup.wait_ready(new, deadline, "new master")
         ready_ms = int((time.monotonic() - t0) * 1000)
         if sup.config.health_check:
-            reason = await _health_check(sup, old, new)
+            reason, workers_stopped = await _health_check(sup, old, new)
             if reason:
                 raise ReloadFailed(reason)
         retire_start = time.monotonic()
         await sup.retire(old, keep=new.pid)
         retire_end = time.monotonic()
     except ReloadFailed as e:
-        return await _roll_back(sup, old, new, str(e), t0, gen)
+        return await _roll_back(sup, old, new, workers_stopped, str(e), t0, gen)
     except Stopping:
         return {"ok": False, "error": "reload aborted: the service is stopping"}
     except Exception as e:   # a bug must not leave MAINPID on the shim and the state "reloading"
         sup.log.error("internal-error", f"reload: {type(e).__name__}: {e}")
-        return await _roll_back(sup, old, new, f"internal error: {type(e).__name__}: {e}", t0, gen)
+        return await _roll_back(sup, old, new, workers_stopped,
+                                f"internal error: {type(e).__name__}: {e}", t0, gen)
 
     sup.strategy.finish(new)
     sup.master, sup.generation, sup.state = new, gen, "serving"
@@ -80,19 +81,21 @@ async def hand_over(sup: "Supervisor") -> Dict[str, Any]:
             "timings": timings}
 
 
-async def _health_check(sup: "Supervisor", old: procs.Pinned, new: procs.Pinned) -> Optional[str]:
+async def _health_check(sup: "Supervisor", old: procs.Pinned,
+                        new: procs.Pinned) -> Tuple[Optional[str], bool]:
     """Check the new release alone: the old master's workers must not answer.
 
     Unicorn: WINCH stops them gracefully (HUP brings them back on a rollback).
     A server without such a signal (Gunicorn: WINCH only acts when daemonized):
     its workers are paused with SIGSTOP for the check's few milliseconds, so the
     shared socket's queue goes to the new workers; requests in flight on the old
-    ones wait, none fails. Returns the failure, or None.
+    ones wait, none fails. Returns the failure (or None) and whether the old
+    workers were stopped (to be brought back on a rollback).
     """
-    paused = []
+    paused, stopped = [], False
     if old.alive() and sup.profile.stop_workers is not None:
         old.signal(sup.profile.stop_workers)
-        sup.old_workers_stopped = True
+        stopped = True
         deadline = time.monotonic() + sup.config.retire_timeout
         while [p for p in procs.children(old.pid) if p != new.pid] and time.monotonic() < deadline:
             await sup.tick()
@@ -105,7 +108,7 @@ async def _health_check(sup: "Supervisor", old: procs.Pinned, new: procs.Pinned)
             worker.signal(signal.SIGSTOP)
             paused.append(worker)
     try:
-        return await health.check(sup.config.health_check) or None
+        return (await health.check(sup.config.health_check) or None), stopped
     finally:
         for worker in paused:
             worker.signal(signal.SIGCONT)
@@ -113,8 +116,8 @@ async def _health_check(sup: "Supervisor", old: procs.Pinned, new: procs.Pinned)
 
 
 async def _roll_back(sup: "Supervisor", old: procs.Pinned, new: Optional[procs.Pinned],
-                     reason: str, t0: float, gen: int) -> Dict[str, Any]:
-    if sup.old_workers_stopped and old.alive():
+                     workers_stopped: bool, reason: str, t0: float, gen: int) -> Dict[str, Any]:
+    if workers_stopped and old.alive():
         old.signal(sup.profile.respawn_workers)
         try:
             await sup.wait_ready(old, time.monotonic() + sup.config.ready_timeout, "old master")

@@ -62,6 +62,10 @@ class HookReports:
             if master is not None:
                 self.ready.setdefault(master, {})[key] = (sender, of, time.monotonic())
 
+    def expected(self, master: int) -> Optional[int]:
+        """How many workers the master's hook said to expect, if it said."""
+        return max((of for _pid, of, _t in self.ready.get(master, {}).values()), default=None)
+
     def forget(self, master: int) -> None:
         self.hello.discard(master)
         self.ready.pop(master, None)
@@ -145,7 +149,7 @@ class WorkerWatch:
             return Verdict("crash-loop", n, f"{self.deaths} workers died during boot ({self.births} started)")
         if self.master in self.reports.hello:
             live = [t for pid, _of, t in self.reports.ready.get(self.master, {}).values() if pid in self.alive]
-            expected = self.expected_workers()
+            expected = self.reports.expected(self.master)
             if expected and len(live) >= expected:
                 return Verdict("ready", expected, "the readiness hook", max(live))
             return Verdict("booting", n)
@@ -153,7 +157,3 @@ class WorkerWatch:
             return Verdict("ready", n, f"heuristic: worker count steady for {self.settle:g} s",
                            self.last_change)
         return Verdict("booting", n)
-
-    def expected_workers(self) -> Optional[int]:
-        ready = self.reports.ready.get(self.master, {})
-        return max((of for _pid, of, _t in ready.values()), default=None)

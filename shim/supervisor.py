@@ -61,7 +61,6 @@ class Supervisor:
         self.master: Optional[procs.Pinned] = None       # the one serving, MAINPID in steady state
         self.masters: Dict[int, procs.Pinned] = {}       # every master alive and pinned
         self.generation = 0
-        self.old_workers_stopped = False                 # for a health check; undone on rollback
         self.stop_requested = False
         self.last_reload = ""
         self.started = time.time()
@@ -315,8 +314,8 @@ class Supervisor:
             return self.state
         if workers is None:
             workers = sum(1 for p in procs.children(m.pid) if self.profile.worker_title.search(procs.title(p)))
-        expected = {of for _pid, of, _t in self.reports.ready.get(m.pid, {}).values()}
-        counted = f"{workers}/{max(expected)} workers ready" if expected else f"{workers} workers"
+        expected = self.reports.expected(m.pid)
+        counted = f"{workers}/{expected} workers ready" if expected else f"{workers} workers"
         line = (f"{self.state}: master {m.pid}, {counted}, release {self.release(m)}, "
                 f"generation {self.generation}")
         return line + (f"; last reload {self.last_reload}" if self.last_reload else "")
