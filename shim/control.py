@@ -115,7 +115,12 @@ def request(path: Optional[str], command: Dict[str, Any], timeout: Optional[floa
     sock.settimeout(timeout)
     try:
         sock.connect(path)
-        sock.sendall(json.dumps(command).encode() + b"\n")
+        try:
+            sock.sendall(json.dumps(command).encode() + b"\n")
+        except (BrokenPipeError, ConnectionResetError):
+            # The shim may answer and close before reading us (a refused peer): its
+            # answer is already queued on our side, so read it rather than report EPIPE.
+            pass
         data = b""
         while not data.endswith(b"\n"):
             chunk = sock.recv(65536)

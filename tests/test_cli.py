@@ -166,3 +166,28 @@ def test_reload_without_a_shim(tmp_path):
     r = subprocess.run([SHIM, "reload"], capture_output=True, text=True,
                        env={k: v for k, v in os.environ.items() if k != "RUNTIME_DIRECTORY"})
     assert r.returncode == 9 and "RuntimeDirectory=" in one_line(r)
+
+
+def test_answer_read_even_when_the_shim_closes_before_reading(tmp_path):
+    """A refused peer gets its answer at once and the shim closes without reading
+    the request: the client's write then fails with EPIPE, yet the answer is there.
+    (Seen in CI: `reload` said "Broken pipe" instead of "permission denied".)"""
+    import threading
+    from shim.control import request
+    path = str(tmp_path / "control.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+
+    def refuse_without_reading():
+        conn, _ = listener.accept()
+        conn.sendall(b'{"ok": false, "error": "permission denied"}\n')
+        conn.close()
+
+    server = threading.Thread(target=refuse_without_reading)
+    server.start()
+    # Large enough that the write cannot all fit in the socket buffer before the close.
+    answer = request(path, {"command": "reload", "pad": "x" * 4_000_000}, timeout=10)
+    server.join()
+    listener.close()
+    assert answer == {"ok": False, "error": "permission denied"}
