@@ -69,7 +69,7 @@ def test_stopped_new_master_fails_at_ready_timeout(deploy, manager):
     d.start()
     old = d.assert_main_pid_is_live_master()
     with Load(d.port) as load:
-        d.app.release()
+        d.app.release(extra=d.app.slow_boot(2))     # still reading its config when stopped
         t, result = reload_in_background(d)
         new = wait_new_master(d, old)
         os.kill(new, signal.SIGSTOP)

@@ -157,7 +157,8 @@ def test_deb_installs_and_runs_an_app_through_the_templates(deb, container):
     assert r.returncode != 0
     assert run("curl", "-s", "127.0.0.1:8080/").stdout.strip() == "release=r2"
 
-    # the journal shows the shim's events with their fields
+    # the journal shows the shim's events with their fields (once journald has read them all)
+    run("journalctl", "--sync")
     entries = [json.loads(line) for line in run("journalctl", "-u", "unicorn-shim@myapp", "-o", "json",
                                                 "SYSLOG_IDENTIFIER=unicorn-shim").stdout.splitlines()]
     events = {e.get("SHIM_EVENT"): e for e in entries}

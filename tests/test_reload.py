@@ -161,11 +161,8 @@ def test_back_to_back_reloads_both_run(deploy, manager):
     d = deploy()
     d.start()
     control = os.path.join(manager.runtime_dir, "app", "control.sock")
-    # A release whose master takes 2 s to load its config keeps the first hand-over
-    # in flight while the second request arrives, however slow this machine is.
-    slow_boot = "sleep 2" if d.app.server == "unicorn" else "import time\ntime.sleep(2)"
     with Load(d.port) as load:
-        d.app.release(extra=slow_boot)
+        d.app.release(extra=d.app.slow_boot(2))     # the first hand-over is in flight when the second comes
         results = {}
         first = threading.Thread(target=lambda: results.update(systemctl=d.reload()))
         first.start()

@@ -159,3 +159,10 @@ class App:
 
     def never_ready(self) -> str:
         return NEVER_READY[self.server]
+
+    def slow_boot(self, seconds: float) -> str:
+        """Config that makes the master take `seconds` to read it: keeps a hand-over
+        in flight long enough for a test to act on it, on a machine of any speed."""
+        if self.server == "unicorn":
+            return f"sleep {seconds}"
+        return f"import time\ntime.sleep({seconds})"

@@ -66,11 +66,22 @@ class UserManager:
 
     def journal(self, *matches: str, unit: Optional[str] = None) -> List[Dict[str, str]]:
         """Entries as dicts (journalctl -o json), oldest first."""
+        self.sync_journal()
         args = ["journalctl", "-D", self.journal_dir, "-o", "json", "--no-pager"]
         if unit:
             args += ["--user-unit", unit]
         out = subprocess.run(args + list(matches), env=self.env, capture_output=True, text=True).stdout
         return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    def sync_journal(self) -> None:
+        """Wait until journald has stored everything sent to it so far.
+
+        The shim answers `reload` right after sending its event; journald, another
+        process, may not have read that datagram yet when the test looks (seen in
+        CI). `journalctl --sync` returns only after journald's queued input is
+        processed; it must run in the manager's namespace to reach its journald."""
+        subprocess.run(["nsenter", "-t", str(self.pid), "-m", "--", "journalctl", "--sync"],
+                       check=True, capture_output=True, timeout=30)
 
     def journal_text(self, unit: str = "app.service") -> str:
         return "\n".join(str(e.get("MESSAGE", "")) for e in self.journal(unit=unit))
