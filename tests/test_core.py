@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from support.load import Load, get
+from support.load import Load, get, wait_accepted
 from support.systemd import proc_cmdline, proc_environ
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,7 +108,7 @@ def test_stop_is_graceful_and_leaves_nothing(deploy, manager):
     result = {}
     t = threading.Thread(target=lambda: result.update(r=get(d.port, "/slow?s=2", timeout=10)))
     t.start()
-    time.sleep(0.5)
+    wait_accepted(d.port)
     stop = manager.systemctl("stop", "app.service")
     t.join()
     assert stop.returncode == 0

@@ -13,6 +13,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+import psutil
+
 
 @dataclass
 class Result:
@@ -88,3 +90,15 @@ def get(port: int, path: str = "/", timeout: float = 10.0, host: str = "127.0.0.
         return Result(t0, time.monotonic() - t0, None, f"{type(e).__name__}: {e}")
     finally:
         conn.close()
+
+
+def wait_accepted(port: int, timeout: float = 10.0) -> None:
+    """Until a server process has accepted a connection on `port`: from then on the
+    request is in a worker's hands, not in the listen queue."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(c.laddr and c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED and c.pid
+               for c in psutil.net_connections("tcp")):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"no connection on port {port} was accepted within {timeout:g} s")
