@@ -77,8 +77,8 @@ class UserManager:
         """Wait until journald has stored everything sent to it so far.
 
         The shim answers `reload` right after sending its event; journald, another
-        process, may not have read that datagram yet when the test looks (seen in
-        CI). `journalctl --sync` returns only after journald's queued input is
+        process, may not have read that datagram yet when the test looks (seen in a
+        full run). `journalctl --sync` returns only after journald's queued input is
         processed; it must run in the manager's namespace to reach its journald."""
         subprocess.run(["nsenter", "-t", str(self.pid), "-m", "--", "journalctl", "--sync"],
                        check=True, capture_output=True, timeout=30)
