@@ -108,6 +108,15 @@ def cwd(pid: int) -> Optional[str]:
         return None
 
 
+def is_zombie(pid: int) -> bool:
+    """Exited, but its parent has not waited for it yet."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def exit_description(pid: int) -> str:
     """Best effort: how a process that is not our child ended.
 

@@ -7,7 +7,8 @@ Otherwise by a heuristic: the master has workers (by process title) and the
 set of workers has not changed for a settle window.
 
 Either way worker births and deaths are counted from samples, so a release
-whose workers crash-loop is rejected in seconds rather than at the timeout.
+whose workers crash-loop, or whose master stops reaping its dead workers, is
+rejected in seconds rather than at the timeout.
 """
 from __future__ import annotations
 
@@ -24,6 +25,10 @@ from shim.servers import ServerProfile
 HOOK_ENV = "UNICORN_SHIM_READY_SOCKET"
 HOOKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hooks")
 CRASH_LOOP_DEATHS = 3
+# A master that leaves its only (dead) workers unreaped this long is not running
+# its loop: Gunicorn 20.1 halting after "Worker failed to boot" does this for
+# graceful_timeout when two workers die at once (it reaps one, waits for the other).
+UNREAPED_LIMIT = 1.5
 _CRED = struct.Struct("3i")   # struct ucred: pid, uid, gid
 
 
@@ -110,7 +115,7 @@ class HookSocket:
 
 @dataclass
 class Verdict:
-    state: str              # "ready", "booting" or "crash-loop"
+    state: str              # "ready", "booting" or "failed"
     workers: int
     detail: str = ""
     since: float = 0.0      # when the server became ready, as far as can be known (monotonic)
@@ -129,24 +134,38 @@ class WorkerWatch:
         self.births = 0
         self.deaths = 0
         self.last_change = now
-
-    def workers(self) -> Set[int]:
-        return {pid for pid in procs.children(self.master)
-                if self.profile.worker_title.search(procs.title(pid))}
+        self.unreaped = 0
+        self.unreaped_since: Optional[float] = None
 
     def sample(self, now: float) -> None:
-        current = self.workers()
+        current: Set[int] = set()
+        unreaped = 0
+        for pid in procs.children(self.master):
+            if procs.is_zombie(pid):          # a dead worker, whatever its title pattern matches
+                unreaped += 1
+            elif self.profile.worker_title.search(procs.title(pid)):
+                current.add(pid)
         born, died = current - self.alive, self.alive - current
         if born or died:
             self.births += len(born)
             self.deaths += len(died)
             self.last_change = now
         self.alive = current
+        self.unreaped = unreaped
+        if unreaped and not current:
+            if self.unreaped_since is None:
+                self.unreaped_since = now
+        else:
+            self.unreaped_since = None
 
     def verdict(self, now: float) -> Verdict:
         n = len(self.alive)
         if self.deaths >= CRASH_LOOP_DEATHS:
-            return Verdict("crash-loop", n, f"{self.deaths} workers died during boot ({self.births} started)")
+            return Verdict("failed", n, f"workers crash-looping: {self.deaths} workers died during boot "
+                                        f"({self.births} started)")
+        if self.unreaped_since is not None and now - self.unreaped_since >= UNREAPED_LIMIT:
+            return Verdict("failed", 0, f"its workers died during boot and it left {self.unreaped} unreaped "
+                                        f"for {UNREAPED_LIMIT:g} s: it is shutting down, not booting")
         if self.master in self.reports.hello:
             live = [t for pid, _of, t in self.reports.ready.get(self.master, {}).values() if pid in self.alive]
             expected = self.reports.expected(self.master)

@@ -25,6 +25,7 @@ from shim.handover import hand_over
 from shim.upgrade import FAILED_MASTER_GRACE, STRATEGIES, ReloadFailed, Stopping
 
 SAMPLE = 0.05         # how often workers are looked at while a master boots
+WORKERLESS_GRACE = 2.0  # how long a master with no live worker gets to stop gracefully
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 
 
@@ -197,8 +198,8 @@ class Supervisor:
             verdict = watch.verdict(now)
             if verdict.state == "ready":
                 return verdict
-            if verdict.state == "crash-loop":
-                raise ReloadFailed(f"{what} {master.pid}: workers crash-looping: {verdict.detail}")
+            if verdict.state == "failed":
+                raise ReloadFailed(f"{what} {master.pid}: {verdict.detail}")
             if now > deadline:
                 raise ReloadFailed(f"{what} {master.pid} not ready within {self.config.ready_timeout:g} s "
                                    f"({verdict.workers} workers up)")
@@ -226,6 +227,10 @@ class Supervisor:
                     workers.append(procs.pin(pid, self.cgroup, parent=master.pid, role="worker"))
                 except procs.UntrustedPid:
                     pass
+        if not any(worker.alive() for worker in workers):
+            # Without a live worker nothing is in flight, so a master that ignores its
+            # graceful stop (Gunicorn halting on a boot error) is not waited for.
+            grace = min(grace, WORKERLESS_GRACE)
         master.signal(self.profile.graceful_stop)
         if not await self.wait_exit(master, grace):
             self.log.event("retire-timeout", f"master {master.pid} still running after "

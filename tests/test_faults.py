@@ -14,7 +14,7 @@ import time
 import pytest
 
 from support.load import Load, get
-from support.systemd import proc_cmdline, proc_parent
+from support.systemd import exited, proc_cmdline, proc_parent
 
 
 def finish(d, manager):
@@ -79,6 +79,49 @@ def test_stopped_new_master_fails_at_ready_timeout(deploy, manager):
     assert load.failures() == [], load.failure_kinds()
     assert d.assert_main_pid_is_live_master() == old
     assert not os.path.exists(f"/proc/{new}") or open(f"/proc/{new}/stat").read().split()[2] == "Z"
+    finish(d, manager)
+
+
+WAIT_FOR_FILE = """
+import os, time
+def post_fork(server, worker):
+    while not os.path.exists(%r):
+        time.sleep(0.01)
+"""
+
+
+@pytest.mark.parametrize("server", ["gunicorn"])
+def test_gunicorn_halting_after_boot_errors_is_rejected_in_seconds(deploy, manager, server):
+    """Gunicorn 20.1: two workers fail to boot before its SIGCHLD handler runs (a busy
+    machine; here the master is stopped meanwhile). It reaps one, halts, and waits
+    graceful_timeout (30 s) for the other, which it never reaps. The shim sees the
+    dead worker left unreaped and rejects the release in seconds."""
+    d = deploy(preload=False, shim_args="--ready-timeout 60")
+    d.start()
+    old = d.assert_main_pid_is_live_master()
+    fail_now = os.path.join(d.app.root, "fail-now")
+    with Load(d.port) as load:
+        d.app.release(broken=True, extra=WAIT_FOR_FILE % fail_now)
+        t, result = reload_in_background(d)
+        new = wait_new_master(d, old)
+        deadline = time.monotonic() + 10
+        while len(d.app_workers(new)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        workers = d.app_workers(new)
+        os.kill(new, signal.SIGSTOP)
+        open(fail_now, "w").close()
+        while not all(exited(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        os.kill(new, signal.SIGCONT)
+        cont = time.monotonic()
+        t.join()
+        took = time.monotonic() - cont
+    assert len(workers) == 2
+    assert result["r"].returncode != 0
+    assert "left 1 unreaped" in manager.events("reload-failed")[-1]["REASON"]
+    assert took < 10, took              # Gunicorn alone ends this after graceful_timeout = 30 s
+    assert load.failures() == [], load.failure_kinds()
+    assert d.assert_main_pid_is_live_master() == old
     finish(d, manager)
 
 

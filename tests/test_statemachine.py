@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from typing import Dict, List, Optional
 
 import pytest
@@ -15,7 +16,8 @@ from shim import procs, spawn
 from shim.journal import Log
 from shim.notify import Notifier
 from shim.servers import UNICORN
-from shim.supervisor import Config, Supervisor
+from shim.readiness import UNREAPED_LIMIT
+from shim.supervisor import WORKERLESS_GRACE, Config, Supervisor
 
 
 class FakeProcess:
@@ -23,6 +25,8 @@ class FakeProcess:
         self.pid, self.parent, self.title = pid, parent, title
         self.r, self.w = os.pipe()       # the "pidfd": readable (EOF) once the process exits
         self.signals: List[int] = []
+        self.zombie = False              # exited, not yet waited for by its parent
+        self.deaf = False                # ignores every signal but KILL
 
     @property
     def alive(self) -> bool:
@@ -42,7 +46,7 @@ class FakeOS:
         self.procs: Dict[int, FakeProcess] = {}
         self.next_pid = 1000
         self.workers, self.boot_delay = workers, boot_delay
-        self.next_behaviour = "healthy"       # healthy | dies | hangs | quits-old
+        self.next_behaviour = "healthy"       # healthy | dies | hangs | quits-old | halts
         self.manager = 1
 
     def new(self, parent: int, title: str) -> FakeProcess:
@@ -64,7 +68,11 @@ class FakeOS:
         if not master.alive:
             return
         for nr in range(self.workers):
-            self.new(master.pid, f"unicorn worker[{nr}]")
+            worker = self.new(master.pid, f"unicorn worker[{nr}]")
+            if behaviour == "halts":      # Gunicorn's boot error: one worker reaped, one left
+                worker.exit()
+                worker.zombie = nr == 0
+                master.deaf = True
         if behaviour == "quits-old":       # the common before_fork hook QUITs the old master
             self.signal(master.parent, signal.SIGQUIT)
 
@@ -73,6 +81,8 @@ class FakeOS:
         if p is None or not p.alive:
             return False
         p.signals.append(sig)
+        if p.deaf and sig != signal.SIGKILL:
+            return True
         if sig in (signal.SIGQUIT, signal.SIGKILL, signal.SIGTERM):
             for child in self.children(pid):
                 if "worker" in self.procs[child].title:
@@ -88,7 +98,7 @@ class FakeOS:
         return True
 
     def children(self, pid: int) -> List[int]:
-        return [p.pid for p in self.procs.values() if p.parent == pid and p.alive]
+        return [p.pid for p in self.procs.values() if p.parent == pid and (p.alive or p.zombie)]
 
     def pin(self, pid: int, cgroup: Optional[str], *, parent: Optional[int] = None,
             not_before: Optional[int] = None, role: str = "master") -> procs.Pinned:
@@ -116,7 +126,9 @@ class Recorder(Notifier):
 def fake(monkeypatch, tmp_path):
     fos = FakeOS()
     monkeypatch.setattr(procs, "children", fos.children)
-    monkeypatch.setattr(procs, "title", lambda pid: fos.procs[pid].title if pid in fos.procs else "")
+    monkeypatch.setattr(procs, "title",
+                        lambda pid: fos.procs[pid].title if pid in fos.procs and fos.procs[pid].alive else "")
+    monkeypatch.setattr(procs, "is_zombie", lambda pid: pid in fos.procs and fos.procs[pid].zombie)
     monkeypatch.setattr(procs, "parent_of", lambda pid: fos.procs[pid].parent if pid in fos.procs else None)
     monkeypatch.setattr(procs, "cwd", lambda pid: "/srv/app/releases/r1")
     monkeypatch.setattr(procs, "exit_description", lambda pid: "exited with status 1")
@@ -128,9 +140,9 @@ def fake(monkeypatch, tmp_path):
     return fos
 
 
-def supervisor(fake: FakeOS, ready_timeout: float = 2.0) -> Supervisor:
+def supervisor(fake: FakeOS, ready_timeout: float = 2.0, retire_timeout: float = 1.0) -> Supervisor:
     config = Config(command=["unicorn"], profile=UNICORN, upgrade="usr2", pid_file=None,
-                    ready_timeout=ready_timeout, retire_timeout=1.0, settle=0.1, health_check=None,
+                    ready_timeout=ready_timeout, retire_timeout=retire_timeout, settle=0.1, health_check=None,
                     chdir=None, control_path=None, control_mode=0o600, runtime_dir=fake.tmp)
     return Supervisor(config, [], Recorder(), Log(use_journal=False), {})
 
@@ -186,6 +198,18 @@ def test_rollback_keeps_the_old_master(fake, behaviour, reason):
     assert sup.notifier.mainpids() == [1001, os.getpid(), 1001]   # back on the old master
     assert signal.SIGQUIT not in fake.procs[1001].signals[:-1]    # only the final stop's QUIT
     assert not fake.procs[1004].alive                             # the failed one is gone
+
+
+def test_a_halting_master_is_rejected_and_killed_in_seconds(fake):
+    """Its workers died, one is left unreaped, it ignores its graceful stop (Gunicorn
+    20.1 after a boot error): neither the ready timeout nor the retire grace is waited."""
+    sup = supervisor(fake, ready_timeout=30, retire_timeout=30)
+    t0 = time.monotonic()
+    [result] = asyncio.run(drive(sup, "halts", fake=fake))
+    assert not result["ok"] and "left 1 unreaped" in result["error"], result
+    assert time.monotonic() - t0 < UNREAPED_LIMIT + WORKERLESS_GRACE + 2
+    assert fake.procs[1004].signals[-1] == signal.SIGKILL and not fake.procs[1004].alive
+    assert sup.notifier.mainpids() == [1001, os.getpid(), 1001]
 
 
 def test_old_master_killed_before_its_child_was_found(fake):

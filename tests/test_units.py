@@ -157,8 +157,11 @@ class FakeTree:
 
     def __init__(self, monkeypatch):
         self.kids = []
-        monkeypatch.setattr(procs, "children", lambda pid: list(self.kids))
-        monkeypatch.setattr(procs, "title", lambda pid: f"unicorn worker[{pid % 10}] -c x")
+        self.zombies = []        # exited children the master has not waited for: no title
+        monkeypatch.setattr(procs, "children", lambda pid: self.kids + self.zombies)
+        monkeypatch.setattr(procs, "title",
+                            lambda pid: "" if pid in self.zombies else f"unicorn worker[{pid % 10}] -c x")
+        monkeypatch.setattr(procs, "is_zombie", lambda pid: pid in self.zombies)
         monkeypatch.setattr(procs, "parent_of", lambda pid: 100)
 
 
@@ -180,7 +183,29 @@ def test_crash_loop_counted_from_births_and_deaths(monkeypatch):
         tree.kids = kids
         w.sample(0.05 * i)
     v = w.verdict(0.2)
-    assert v.state == "crash-loop" and "3 workers died" in v.detail
+    assert v.state == "failed" and "crash-looping: 3 workers died" in v.detail
+
+
+def test_master_leaving_its_dead_workers_unreaped_is_failing(monkeypatch):
+    """Gunicorn 20.1 halting after a boot error can leave a worker unreaped for
+    graceful_timeout: seen as a failure after UNREAPED_LIMIT, not at its exit."""
+    tree = FakeTree(monkeypatch)
+    w = readiness.WorkerWatch(100, servers.GUNICORN, readiness.HookReports(), settle=10.0, now=0.0)
+    tree.zombies = [102]              # one reaped already, one dead and waiting
+    w.sample(0.1)
+    assert w.verdict(0.1).state == "booting"
+    w.sample(1.0)
+    assert w.verdict(1.0).state == "booting"      # a master may be busy for a moment
+    w.sample(1.7)
+    v = w.verdict(1.7)
+    assert v.state == "failed" and "left 1 unreaped" in v.detail
+    tree.kids, tree.zombies = [103], []          # a master that respawns is booting again
+    w.sample(1.8)
+    assert w.verdict(1.8).state == "booting"
+    tree.kids, tree.zombies = [104], [103]       # a dead worker beside a live one is just a respawn
+    w.sample(2.0)
+    w.sample(4.0)
+    assert w.verdict(4.0).state == "booting"
 
 
 def test_hook_readiness_is_exact(monkeypatch):

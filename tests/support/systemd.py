@@ -99,10 +99,11 @@ class UserManager:
                     pids |= {int(p) for p in open(f"{root}{cg}/cgroup.procs").read().split()}
                 except OSError:
                     pass
-        return sorted(p for p in pids if not _zombie(p))
+        return sorted(p for p in pids if not exited(p))
 
 
-def _zombie(pid: int) -> bool:
+def exited(pid: int) -> bool:
+    """Dead: reaped already, or a zombie its parent has not waited for."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
