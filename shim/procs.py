@@ -58,12 +58,21 @@ def cgroup_members(cgroup: Optional[str]) -> List[int]:
     return []
 
 
+def _stat(pid: int) -> List[str]:
+    """/proc/PID/stat from field 3 (state) on, so fields[0] is the state; [] once gone.
+    The command name before it may hold spaces and parentheses: split at the last ")"."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
 def start_time(pid: int) -> Optional[int]:
     """Start time in clock ticks since boot: exact, unlike a wall-clock create time."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
+        return int(_stat(pid)[19])
+    except (IndexError, ValueError):
         return None
 
 
@@ -110,11 +119,7 @@ def cwd(pid: int) -> Optional[str]:
 
 def is_zombie(pid: int) -> bool:
     """Exited, but its parent has not waited for it yet."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return False
+    return _stat(pid)[:1] == ["Z"]
 
 
 def exit_description(pid: int) -> str:
@@ -123,14 +128,15 @@ def exit_description(pid: int) -> str:
     Only its parent can wait for it; while it is a zombie, /proc still shows
     its exit code (field 52 of stat, Linux >= 3.5). Once reaped it is gone.
     """
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        if fields[0] != "Z":
-            return "exited"
-        return describe_wait_status(int(fields[49]))
-    except (OSError, IndexError, ValueError):
-        return "exited (its parent collected the status: see the server's log)"
+    fields = _stat(pid)
+    if fields[:1] == ["Z"]:
+        try:
+            return describe_wait_status(int(fields[49]))
+        except (IndexError, ValueError):
+            pass
+    elif fields:
+        return "exited"
+    return "exited (its parent collected the status: see the server's log)"
 
 
 def describe_wait_status(status: int) -> str:
