@@ -3,8 +3,10 @@
 Exactly, when the server loads the shipped hook (`require "unicorn_shim"` in
 the Unicorn config, or shim.hooks.gunicorn in Gunicorn's): the master says
 hello when its config loads, each worker reports once it is ready to accept.
-Otherwise by a heuristic: the master has workers (by process title) and the
-set of workers has not changed for a settle window.
+Otherwise by a heuristic: the master has workers (by process title), their
+set has not changed, and the master and every worker have been asleep without
+using any CPU for a short settle window (0.1 s): a worker still loading the
+app is running, a worker waiting on the listening socket is not.
 
 Either way worker births and deaths are counted from samples, so a release
 whose workers crash-loop, or whose master stops reaping its dead workers, is
@@ -133,9 +135,10 @@ class WorkerWatch:
         self.alive: Set[int] = set()
         self.births = 0
         self.deaths = 0
-        self.last_change = now
         self.unreaped = 0
         self.unreaped_since: Optional[float] = None
+        self.activity: Dict[int, Tuple[str, int]] = {}
+        self.quiet_since: Optional[float] = None   # workers unchanged, all asleep, no CPU used
 
     def sample(self, now: float) -> None:
         current: Set[int] = set()
@@ -146,17 +149,37 @@ class WorkerWatch:
             elif self.profile.worker_title.search(procs.title(pid)):
                 current.add(pid)
         born, died = current - self.alive, self.alive - current
-        if born or died:
-            self.births += len(born)
-            self.deaths += len(died)
-            self.last_change = now
+        self.births += len(born)
+        self.deaths += len(died)
         self.alive = current
+        if self._busy(current | {self.master}) or born or died:
+            self.quiet_since = None
+        elif self.quiet_since is None:
+            self.quiet_since = now
         self.unreaped = unreaped
         if unreaped and not current:
             if self.unreaped_since is None:
                 self.unreaped_since = now
         else:
             self.unreaped_since = None
+
+    def _busy(self, pids: Set[int]) -> bool:
+        """Has any of `pids` run since the last look? A worker loading the app
+        uses CPU or waits on the disk; one that sleeps without using a single
+        clock tick between two looks is waiting for work (or for something
+        outside, such as a database: then requests wait in the socket's queue)."""
+        seen = {}
+        busy = False
+        for pid in pids:
+            now = procs.activity(pid)
+            if now is None:
+                continue
+            seen[pid] = now
+            state, ticks = now
+            if state not in ("S", "I") or self.activity.get(pid, ("", -1))[1] != ticks:
+                busy = True
+        self.activity = seen
+        return busy
 
     def verdict(self, now: float) -> Verdict:
         n = len(self.alive)
@@ -172,7 +195,6 @@ class WorkerWatch:
             if expected and len(live) >= expected:
                 return Verdict("ready", expected, "the readiness hook", max(live))
             return Verdict("booting", n)
-        if n and now - self.last_change >= self.settle:
-            return Verdict("ready", n, f"heuristic: worker count steady for {self.settle:g} s",
-                           self.last_change)
+        if n and self.quiet_since is not None and now - self.quiet_since >= self.settle:
+            return Verdict("ready", n, f"heuristic: {n} workers idle for {self.settle:g} s", self.quiet_since)
         return Verdict("booting", n)

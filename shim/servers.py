@@ -50,7 +50,11 @@ UNICORN = ServerProfile(
     reexec=signal.SIGUSR2,
     stop_workers=signal.SIGWINCH,
     respawn_workers=signal.SIGHUP,
-    default_upgrade="usr2",
+    # spawn: each master starts in the release `current` names, with a fresh
+    # environment. Unicorn's own USR2 re-execs with the first master's config
+    # path, working_directory and BUNDLE_GEMFILE: the classic config pins
+    # every later deploy to the first release.
+    default_upgrade="spawn",
     usr2_carries_sockets=True,
     worker_title=re.compile(r"\bworker\[\d+\]"),
     fd_handover="UNICORN_FD",

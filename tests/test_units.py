@@ -158,6 +158,8 @@ class FakeTree:
     def __init__(self, monkeypatch):
         self.kids = []
         self.zombies = []        # exited children the master has not waited for: no title
+        self.ticks = {}          # CPU used so far, by pid; a pid missing here sleeps at 0
+        monkeypatch.setattr(procs, "activity", lambda pid: ("S", self.ticks.get(pid, 0)))
         monkeypatch.setattr(procs, "children", lambda pid: self.kids + self.zombies)
         monkeypatch.setattr(procs, "title",
                             lambda pid: "" if pid in self.zombies else f"unicorn worker[{pid % 10}] -c x")
@@ -165,15 +167,36 @@ class FakeTree:
         monkeypatch.setattr(procs, "parent_of", lambda pid: 100)
 
 
-def test_heuristic_ready_after_settle(monkeypatch):
+def test_heuristic_ready_once_workers_sleep_without_using_cpu(monkeypatch):
     tree = FakeTree(monkeypatch)
-    w = readiness.WorkerWatch(100, servers.UNICORN, readiness.HookReports(), settle=1.0, now=0.0)
-    w.sample(0.1)
-    assert w.verdict(0.1).state == "booting"        # no workers yet
+    w = readiness.WorkerWatch(100, servers.UNICORN, readiness.HookReports(), settle=0.1, now=0.0)
+    w.sample(0.05)
+    assert w.verdict(0.05).state == "booting"       # no workers yet
     tree.kids = [101, 102]
-    w.sample(0.2)
-    assert w.verdict(1.0).state == "booting"        # not steady long enough
-    assert w.verdict(1.25).state == "ready" and w.verdict(1.25).workers == 2
+    for i, t in enumerate((0.10, 0.15, 0.20, 0.25, 0.30)):
+        tree.ticks[102] = i                         # worker 102 still loading the app
+        w.sample(t)
+        assert w.verdict(t).state == "booting"
+    w.sample(0.35)                                  # both asleep, no CPU since the last look
+    assert w.verdict(0.35).state == "booting"       # not idle long enough
+    w.sample(0.40)
+    w.sample(0.45)
+    v = w.verdict(0.45)
+    assert v.state == "ready" and v.workers == 2 and v.since == 0.35
+    tree.kids = [101, 102, 103]                     # a new worker: not settled any more
+    w.sample(0.5)
+    assert w.verdict(0.6).state == "booting"
+
+
+def test_heuristic_waits_for_a_running_master(monkeypatch):
+    """A master still forking (or a worker in state R/D) is not idle, whatever its CPU count."""
+    tree = FakeTree(monkeypatch)
+    monkeypatch.setattr(procs, "activity", lambda pid: ("R" if pid == 100 else "S", 0))
+    w = readiness.WorkerWatch(100, servers.UNICORN, readiness.HookReports(), settle=0.1, now=0.0)
+    tree.kids = [101]
+    for t in (0.1, 0.2, 0.3, 0.4):
+        w.sample(t)
+    assert w.verdict(0.4).state == "booting"
 
 
 def test_crash_loop_counted_from_births_and_deaths(monkeypatch):

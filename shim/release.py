@@ -1,0 +1,75 @@
+"""Which release a master serves, and whether it is the one deployed.
+
+A deploy flips a `current` symlink and reloads. The shim resolves `--chdir`
+to the real release directory when a hand-over begins (the intended release)
+and, once the new master is ready, compares it with what that master really
+runs: its working directory after its config loaded, and the Gemfile Bundler
+was told to use. A config that pins itself to the first release (Unicorn's
+`working_directory File.expand_path('../..', __FILE__)` read through a
+relative `-c`, or a `BUNDLE_GEMFILE` that Unicorn's own re-exec carries over)
+would otherwise make every later deploy a silent no-op.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+
+def resolve(directory: Optional[str]) -> Optional[str]:
+    """The real directory behind `directory` (a `current` symlink), now."""
+    if not directory:
+        return None
+    return os.path.realpath(directory)
+
+
+def _under(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+def pin_paths(argv: Sequence[str], env: Dict[str, str], link: str,
+              real: str) -> Tuple[List[str], Dict[str, str]]:
+    """Arguments and environment values that name a path under `link` (e.g.
+    `-c /srv/app/current/config/unicorn.rb`, `BUNDLE_GEMFILE=/srv/app/current/Gemfile`)
+    rewritten to the same path under `real`, so that a master started for one
+    release never reads files of the release `current` points to later."""
+    link = link.rstrip("/")
+    if not link or link == real:
+        return list(argv), dict(env)
+
+    def pin(value: str) -> str:
+        for prefix in ("", "--config=", "-c"):
+            rest = value[len(prefix):]
+            if value.startswith(prefix) and _under(rest, link):
+                return prefix + real + rest[len(link):]
+        return value
+    return [pin(a) for a in argv], {k: pin(v) for k, v in env.items()}
+
+
+def environ_of(pid: int) -> Dict[str, str]:
+    """The environment `pid` was exec'd with (what Unicorn's re-exec passed on)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            items = f.read().split(b"\0")
+    except OSError:
+        return {}
+    return dict(i.decode(errors="replace").split("=", 1) for i in items if b"=" in i)
+
+
+def mismatch(pid: int, intended: str) -> Optional[str]:
+    """Why master `pid` does not serve the `intended` release, or None when it does."""
+    try:
+        actual = os.path.realpath(os.readlink(f"/proc/{pid}/cwd"))
+    except OSError:
+        return None      # gone: the caller sees that on its own
+    if not _under(actual, intended):
+        return (f"the new master serves {actual}, not the deployed release {intended}: its config "
+                "pins an old release (a `working_directory` computed from __FILE__ through a relative "
+                "`-c`, or an absolute path into releases/); fix: use the default `--upgrade spawn`, or "
+                "give `-c` an absolute path under the `current` symlink")
+    gemfile = environ_of(pid).get("BUNDLE_GEMFILE")
+    if gemfile and not _under(os.path.realpath(gemfile), intended):
+        return (f"the new master runs with BUNDLE_GEMFILE={gemfile}, which is not in the deployed release "
+                f"{intended}: Bundler is pinned to an old release (Unicorn's re-exec keeps the first "
+                "master's environment); fix: use the default `--upgrade spawn`, or reset it in "
+                "`before_exec { |server| ENV['BUNDLE_GEMFILE'] = \"#{APP_PATH}/Gemfile\" }`")
+    return None
