@@ -163,9 +163,10 @@ def _keep_unchanged(sup: "Supervisor", old: procs.Pinned, new: procs.Pinned, rea
     duration = time.monotonic() - t0
     sup.last_reload = f"failed after {duration:.1f}s: {reason}"
     sup.notifier.ready(new.pid, sup.status_line())
-    sup.log.event("reload-failed", f"reload to generation {gen} failed: {reason}; the old master "
-                  f"{old.pid} was already retired by the server's own hook, so master {new.pid} keeps "
-                  "serving the same old release", ERR, RESULT="not-deployed", OLD_MASTER_PID=old.pid,
-                  MASTER_PID=new.pid, GENERATION=gen, REASON=reason, DURATION_MS=int(duration * 1000))
+    kept = (f"the config's own hook had already retired the old master {old.pid}, so master {new.pid} "
+            "serves on as it is: fix the config, then reload or restart")
+    sup.log.event("reload-failed", f"reload to generation {gen} failed: {reason}; {kept}", ERR,
+                  RESULT="not-deployed", OLD_MASTER_PID=old.pid, MASTER_PID=new.pid, GENERATION=gen,
+                  REASON=reason, DURATION_MS=int(duration * 1000))
     sup.wake()
-    return {"ok": False, "error": f"{reason}; master {new.pid} serves the old release"}
+    return {"ok": False, "error": f"{reason}; {kept}"}

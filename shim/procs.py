@@ -126,6 +126,16 @@ def activity(pid: int) -> Optional[tuple]:
         return None
 
 
+def wchan(pid: int) -> str:
+    """The kernel function the process sleeps in ("" when running or unreadable)."""
+    try:
+        with open(f"/proc/{pid}/wchan") as f:
+            name = f.read().strip()
+    except OSError:
+        return ""
+    return "" if name == "0" else name
+
+
 def is_zombie(pid: int) -> bool:
     """Exited, but its parent has not waited for it yet."""
     return _stat(pid)[:1] == ["Z"]

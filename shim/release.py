@@ -12,7 +12,7 @@ would otherwise make every later deploy a silent no-op.
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 
 def resolve(directory: Optional[str]) -> Optional[str]:
@@ -26,23 +26,27 @@ def _under(path: str, directory: str) -> bool:
     return path == directory or path.startswith(directory.rstrip("/") + "/")
 
 
-def pin_paths(argv: Sequence[str], env: Dict[str, str], link: str,
-              real: str) -> Tuple[List[str], Dict[str, str]]:
-    """Arguments and environment values that name a path under `link` (e.g.
-    `-c /srv/app/current/config/unicorn.rb`, `BUNDLE_GEMFILE=/srv/app/current/Gemfile`)
-    rewritten to the same path under `real`, so that a master started for one
-    release never reads files of the release `current` points to later."""
-    link = link.rstrip("/")
-    if not link or link == real:
-        return list(argv), dict(env)
+def config_through(argv: Sequence[str], flags: Sequence[str], link: Optional[str]) -> List[str]:
+    """`argv` with a relative config file (`-c config/unicorn.rb`) named through
+    `link` (`/srv/app/current/config/unicorn.rb`).
 
-    def pin(value: str) -> str:
-        for prefix in ("", "--config=", "-c"):
-            rest = value[len(prefix):]
-            if value.startswith(prefix) and _under(rest, link):
-                return prefix + real + rest[len(link):]
-        return value
-    return [pin(a) for a in argv], {k: pin(v) for k, v in env.items()}
+    A relative path is resolved from the master's working directory, which is
+    the real release: a config computing APP_PATH from __FILE__ would then name
+    that one release for good (Unicorn's own re-exec reads the same path again).
+    Through the symlink, __FILE__-based paths (working_directory, listen, pid)
+    name `current` and read the same on every generation."""
+    if not link:
+        return list(argv)
+    out = list(argv)
+    for i, word in enumerate(out):
+        for flag in flags:
+            if word == flag and i + 1 < len(out) and not os.path.isabs(out[i + 1]):
+                out[i + 1] = os.path.join(link, out[i + 1])
+            elif flag.startswith("--") and word.startswith(flag + "="):
+                value = word[len(flag) + 1:]
+                if not os.path.isabs(value):
+                    out[i] = f"{flag}={os.path.join(link, value)}"
+    return out
 
 
 def environ_of(pid: int) -> Dict[str, str]:
@@ -63,9 +67,10 @@ def mismatch(pid: int, intended: str) -> Optional[str]:
         return None      # gone: the caller sees that on its own
     if not _under(actual, intended):
         return (f"the new master serves {actual}, not the deployed release {intended}: its config "
-                "pins an old release (a `working_directory` computed from __FILE__ through a relative "
-                "`-c`, or an absolute path into releases/); fix: use the default `--upgrade spawn`, or "
-                "give `-c` an absolute path under the `current` symlink")
+                "pins an old release (a `working_directory` computed from __FILE__ of a config read from "
+                "releases/, or an absolute path into releases/); fix: name the config through the "
+                "`current` symlink (a relative `-c` with --chdir does that) and use the default "
+                "`--upgrade spawn`")
     gemfile = environ_of(pid).get("BUNDLE_GEMFILE")
     if gemfile and not _under(os.path.realpath(gemfile), intended):
         return (f"the new master runs with BUNDLE_GEMFILE={gemfile}, which is not in the deployed release "

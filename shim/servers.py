@@ -26,6 +26,7 @@ class ServerProfile:
     fd_handover: str                 # "UNICORN_FD" (list of fds) or "LISTEN_FDS" (sd_listen_fds)
     listen_flag: Optional[str]       # flag naming a held socket on the command line, if any
     daemon_flags: Sequence[str] = field(default=())
+    config_flags: Sequence[str] = field(default=())   # flags naming the server's config file
 
     @property
     def sets_listen_pid(self) -> bool:
@@ -60,6 +61,7 @@ UNICORN = ServerProfile(
     fd_handover="UNICORN_FD",
     listen_flag="-l",
     daemon_flags=("-D", "--daemonize"),
+    config_flags=("-c", "--config-file"),
 )
 
 GUNICORN = ServerProfile(
@@ -76,6 +78,7 @@ GUNICORN = ServerProfile(
     fd_handover="LISTEN_FDS",
     listen_flag=None,
     daemon_flags=("-D", "--daemon"),
+    config_flags=("-c", "--config"),
 )
 
 PROFILES = {p.name: p for p in (UNICORN, GUNICORN)}

@@ -160,6 +160,7 @@ class FakeTree:
         self.zombies = []        # exited children the master has not waited for: no title
         self.ticks = {}          # CPU used so far, by pid; a pid missing here sleeps at 0
         monkeypatch.setattr(procs, "activity", lambda pid: ("S", self.ticks.get(pid, 0)))
+        monkeypatch.setattr(procs, "wchan", lambda pid: "")
         monkeypatch.setattr(procs, "children", lambda pid: self.kids + self.zombies)
         monkeypatch.setattr(procs, "title",
                             lambda pid: "" if pid in self.zombies else f"unicorn worker[{pid % 10}] -c x")
@@ -167,36 +168,41 @@ class FakeTree:
         monkeypatch.setattr(procs, "parent_of", lambda pid: 100)
 
 
-def test_heuristic_ready_once_workers_sleep_without_using_cpu(monkeypatch):
+def test_heuristic_ready_once_every_worker_waits_for_connections(monkeypatch):
     tree = FakeTree(monkeypatch)
+    wchans = {}
+    monkeypatch.setattr(procs, "wchan", lambda pid: wchans.get(pid, ""))
+    monkeypatch.setattr(procs, "activity", lambda pid: ("R", tree.ticks.get(pid, 0)))
     w = readiness.WorkerWatch(100, servers.UNICORN, readiness.HookReports(), settle=0.1, now=0.0)
     w.sample(0.05)
     assert w.verdict(0.05).state == "booting"       # no workers yet
     tree.kids = [101, 102]
-    for i, t in enumerate((0.10, 0.15, 0.20, 0.25, 0.30)):
-        tree.ticks[102] = i                         # worker 102 still loading the app
-        w.sample(t)
+    wchans[101] = "poll_schedule_timeout.constprop.0"
+    for t in (0.10, 0.15, 0.20, 0.25):
+        w.sample(t)                                 # 102 still loading the app
         assert w.verdict(t).state == "booting"
-    w.sample(0.35)                                  # both asleep, no CPU since the last look
-    assert w.verdict(0.35).state == "booting"       # not idle long enough
-    w.sample(0.40)
-    w.sample(0.45)
-    v = w.verdict(0.45)
-    assert v.state == "ready" and v.workers == 2 and v.since == 0.35
+    wchans[102] = "do_select"
+    wchans[101] = ""                                # serving a request now: it has waited before
+    w.sample(0.30)
+    v = w.verdict(0.30)
+    assert v.state == "ready" and v.workers == 2 and v.since == 0.30
     tree.kids = [101, 102, 103]                     # a new worker: not settled any more
-    w.sample(0.5)
-    assert w.verdict(0.6).state == "booting"
+    w.sample(0.35)
+    assert w.verdict(0.35).state == "booting"
 
 
-def test_heuristic_waits_for_a_running_master(monkeypatch):
-    """A master still forking (or a worker in state R/D) is not idle, whatever its CPU count."""
+def test_heuristic_counts_an_unreadable_wchan_asleep_without_cpu_as_waiting(monkeypatch):
+    """A worker of another user: /proc/PID/wchan is unreadable, /proc/PID/stat is not."""
     tree = FakeTree(monkeypatch)
-    monkeypatch.setattr(procs, "activity", lambda pid: ("R" if pid == 100 else "S", 0))
+    monkeypatch.setattr(procs, "wchan", lambda pid: "")
     w = readiness.WorkerWatch(100, servers.UNICORN, readiness.HookReports(), settle=0.1, now=0.0)
     tree.kids = [101]
-    for t in (0.1, 0.2, 0.3, 0.4):
+    for i, t in enumerate((0.1, 0.15, 0.2)):
+        tree.ticks[101] = i                         # using CPU: loading
         w.sample(t)
-    assert w.verdict(0.4).state == "booting"
+        assert w.verdict(t).state == "booting"
+    w.sample(0.25)                                  # asleep, no tick used since the last look
+    assert w.verdict(0.25).state == "ready"
 
 
 def test_crash_loop_counted_from_births_and_deaths(monkeypatch):
