@@ -140,7 +140,8 @@ async def _roll_back(sup: "Supervisor", old: procs.Pinned, new: Optional[procs.P
     sup.last_reload = f"failed after {duration:.1f}s: {reason}"
     fields = dict(OLD_MASTER_PID=old.pid, GENERATION=gen, REASON=reason,
                   DURATION_MS=int(duration * 1000),
-                  MASTER_PID=new.pid if new else None)
+                  MASTER_PID=new.pid if new else None,
+                  SERVER_ERROR=sup.reports.error_of(new.pid) if new else sup.reports.error_of(old.pid))
     if old.alive():
         old.role = "master"
         sup.state = "serving"

@@ -155,7 +155,7 @@ def exit_description(pid: int) -> str:
             pass
     elif fields:
         return "exited"
-    return "exited (its parent collected the status: see the server's log)"
+    return "exited"      # reaped by its parent already: the status went there
 
 
 def describe_wait_status(status: int) -> str:

@@ -35,6 +35,7 @@ CRASH_LOOP_DEATHS = 3
 UNREAPED_LIMIT = 1.5
 # Where a worker that has loaded the app sleeps: in its accept loop.
 WAITING = re.compile(r"poll|select|accept|wait_for_connect")
+MAX_ERRORS = 64      # remembered error lines; the oldest goes first
 _CRED = struct.Struct("3i")   # struct ucred: pid, uid, gid
 
 
@@ -45,6 +46,9 @@ def hook_environment(environ: Dict[str, str]) -> Dict[str, str]:
     for var, lang in (("RUBYLIB", "ruby"), ("PYTHONPATH", "python")):
         path = os.path.join(HOOKS_DIR, lang)
         env[var] = f"{path}:{environ[var]}" if environ.get(var) else path
+    # Each directory also carries the failure reporter, which the interpreter
+    # loads at start by itself: Python's sitecustomize.py, and for Ruby the
+    # rubygems/defaults/operating_system.rb that RubyGems loads before any -r.
     return env
 
 
@@ -53,6 +57,8 @@ class HookReports:
     """What the in-server hook said, by master pid."""
 
     hello: Set[int] = field(default_factory=set)
+    # the last error line reported by a process or by one of its children, by pid
+    errors: Dict[int, str] = field(default_factory=dict)
     # master -> worker key (Unicorn: worker nr; Gunicorn: pid) -> (worker pid, workers
     # expected, monotonic time of the report)
     ready: Dict[int, Dict[int, Tuple[int, int, float]]] = field(default_factory=dict)
@@ -64,6 +70,14 @@ class HookReports:
         args = dict(w.split("=", 1) for w in words[1:] if "=" in w)
         if words[0] == "hello":
             self.hello.add(sender)
+        elif words[0] == "error":
+            line = text.split(None, 1)[1].strip() if len(words) > 1 else ""
+            if len(self.errors) >= MAX_ERRORS:
+                self.errors.pop(next(iter(self.errors)))
+            self.errors[sender] = line
+            parent = procs.parent_of(sender)   # a worker's error is its master's too
+            if parent is not None and parent > 1:
+                self.errors[parent] = line
         elif words[0] == "ready":
             try:
                 key, of = int(args["worker"]), int(args["workers"])
@@ -77,9 +91,14 @@ class HookReports:
         """How many workers the master's hook said to expect, if it said."""
         return max((of for _pid, of, _t in self.ready.get(master, {}).values()), default=None)
 
+    def error_of(self, master: int) -> Optional[str]:
+        """The server's own last error line for `master` (it or one of its workers)."""
+        return self.errors.get(master)
+
     def forget(self, master: int) -> None:
         self.hello.discard(master)
         self.ready.pop(master, None)
+        # errors stay (bounded): a master's last words are read after it exited
 
 
 class HookSocket:

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-from shim import procs, spawn
+from shim import procs, release, spawn
 from shim.control import ControlServer
 from shim.errors import EXIT_MASTER_EXIT, EXIT_START, ShimError
 from shim.journal import WARNING, Log
@@ -199,18 +199,28 @@ class Supervisor:
             if self.stop_requested:
                 raise Stopping()
             if not master.alive():
-                raise ReloadFailed(f"{what} {master.pid} {master.exit_text or 'exited'} before it was ready")
+                raise ReloadFailed(f"{what} {master.pid} {master.exit_text or 'exited'} before it was ready"
+                                   + self.server_error(master.pid))
             now = time.monotonic()
             watch.sample(now)
             verdict = watch.verdict(now)
             if verdict.state == "ready":
                 return verdict
             if verdict.state == "failed":
-                raise ReloadFailed(f"{what} {master.pid}: {verdict.detail}")
+                raise ReloadFailed(f"{what} {master.pid}: {verdict.detail}" + self.server_error(master.pid))
             if now > deadline:
                 raise ReloadFailed(f"{what} {master.pid} not ready within {self.config.ready_timeout:g} s "
-                                   f"({verdict.workers} workers up)")
+                                   f"({verdict.workers} workers up)" + self.server_error(master.pid))
             await self.tick()
+
+    def server_error(self, pid: int) -> str:
+        """': <the server's own error line>' for `pid` or its workers, as its
+        reporter sent it (read now: it may still sit in the socket), or a
+        pointer to the server's log."""
+        if self.hook_socket:
+            self.hook_socket.drain(self.reports)
+        error = self.reports.error_of(pid)
+        return f": {error}" if error else " (the server's own log in the journal says why)"
 
     async def wait_exit(self, proc: procs.Pinned, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -264,6 +274,9 @@ class Supervisor:
         except ReloadFailed as e:
             if master is not None:
                 await self.retire(master, grace=min(FAILED_MASTER_GRACE, self.config.retire_timeout))
+            self.log.error("start-failed", f"start failed: {e}", REASON=str(e),
+                           SERVER_ERROR=self.reports.error_of(master.pid) if master else None,
+                           RELEASE=release.resolve(self.config.chdir))
             raise ShimError(f"start failed: {e}", EXIT_START) from None
         except Stopping:
             if master is not None:

@@ -121,8 +121,8 @@ class Usr2(Strategy):
                 saw_oldbin = True
             elif saw_oldbin and procs.read_pid_file(self.pid_file) == old.pid:
                 # Unicorn reaped its re-exec'd child and put its own pid file back.
-                raise ReloadFailed("new master exited during boot before it could be watched "
-                                   "(the old master restored its pid file; see the server's log)")
+                raise ReloadFailed("new master exited during boot, before it could be watched"
+                                   + self.sup.server_error(old.pid))
             if not old.alive():
                 # Its child, if it forked one, now belongs to the manager: _find looks
                 # there too, for a moment, before giving up.

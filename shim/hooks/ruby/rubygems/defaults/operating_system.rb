@@ -1,0 +1,15 @@
+# unicorn-shim puts its hooks directory first on RUBYLIB for the masters it
+# starts. RubyGems loads this file at interpreter start, before any `-r` of
+# RUBYOPT — and so before the `-rbundler/setup` that `bundle exec` puts first
+# there: the failure reporter is in place even when Bundler itself fails (a
+# missing gem). Then the distribution's own file of this name (Debian ships
+# one that sets its gem paths) is loaded exactly as it would have been.
+require_relative "../../unicorn_shim_report"
+
+here = File.expand_path(__dir__)
+original = $LOAD_PATH.map { |dir| File.join(dir, "rubygems", "defaults", "operating_system.rb") }
+                     .find { |path| File.expand_path(File.dirname(path)) != here && File.file?(path) }
+if original
+  $LOADED_FEATURES << __FILE__ unless $LOADED_FEATURES.include?(__FILE__)
+  load original
+end
