@@ -112,18 +112,23 @@ def _timeouts(ctx: Context) -> None:
 
 
 def _sockets_in_runtime_directory(ctx: Context) -> None:
-    preserve = (_last(ctx.service, "RuntimeDirectoryPreserve") or "no").lower()
-    if preserve in ("yes", "true", "1", "on"):
-        return
-    for address in ctx.held:
-        for directory in ctx.runtime_dirs:
-            if address.startswith("/") and _inside(address, directory):
+    preserve = (_last(ctx.service, "RuntimeDirectoryPreserve") or "no").lower() in ("yes", "true", "1", "on")
+    mode_text = _last(ctx.service, "RuntimeDirectoryMode") or "0755"
+    streams = ctx.setup.socket.get("Socket", {}).get("ListenStream", [])
+    for address in (a for a in ctx.held if a.startswith("/")):
+        for directory in (d for d in ctx.runtime_dirs if _inside(address, d)):
+            if address in streams and not preserve:
+                # The shim re-binds a --listen socket at each start; a .socket unit's is bound once.
                 ctx.add(ERROR, f"the socket {address} lives in RuntimeDirectory= {directory}, which systemd "
                         "removes when the service stops or restarts: the .socket unit stays active but "
                         "every connection fails from then on",
                         "put the socket outside the service's runtime directory (e.g. "
                         f"ListenStream=/run/{os.path.basename(address)} or a directory of its own made by "
                         "tmpfiles.d), or RuntimeDirectoryPreserve=yes")
+            elif mode_text.isdigit() and not int(mode_text, 8) & 0o001:
+                ctx.add(WARNING, f"the socket {address} is in {directory} (RuntimeDirectoryMode={mode_text}): "
+                        "only the unit's user and group can reach it, not a web server running as www-data",
+                        "RuntimeDirectoryMode=0751, or add the web server's user to the unit's group")
 
 
 # --- rules on this machine --------------------------------------------------------------------
