@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import io
 import os
+import re
 import shlex
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -34,13 +35,20 @@ class Finding:
         return f"{self.level}: {self.what}\n    {'to tell' if self.level == CANNOT else 'fix'}: {self.fix}"
 
 
-def _last(section: Dict[str, List[str]], key: str) -> Optional[str]:
+def last(section: Dict[str, List[str]], key: str) -> Optional[str]:
     values = section.get(key)
     return values[-1] if values else None
 
 
-def _command_words(value: str) -> List[str]:
-    words = shlex.split(value)
+def _command_words(value: str, env: Dict[str, str]) -> List[str]:
+    """ExecStart= as systemd runs it: `${VAR}` replaced in a word, a lone `$VAR` split into words."""
+    words = []
+    for word in shlex.split(value):
+        lone = re.fullmatch(r"\$([A-Za-z_][A-Za-z0-9_]*)", word)
+        if lone:
+            words += env.get(lone.group(1), "").split()
+        else:
+            words.append(re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", lambda m: env.get(m.group(1), ""), word))
     while words and words[0][:1] in "-@:+!":     # ExecStart= prefixes
         words[0] = words[0][1:] or words.pop(0)
     return words
@@ -90,14 +98,14 @@ def _unit_rules(setup: Setup, server_command: Optional[List[str]], host: bool) -
     def warn(what: str, fix: str) -> None:
         found.append(Finding(WARNING, what, fix))
 
-    if _last(service, "Type") != "notify":
-        error(f"Type={_last(service, 'Type') or 'simple (default)'}: systemd would not wait for the app "
+    if last(service, "Type") != "notify":
+        error(f"Type={last(service, 'Type') or 'simple (default)'}: systemd would not wait for the app "
               "nor learn the master's pid", "Type=notify")
-    if _last(service, "NotifyAccess") != "all":
-        error(f"NotifyAccess={_last(service, 'NotifyAccess') or 'none (default)'}: once MAINPID is the "
+    if last(service, "NotifyAccess") != "all":
+        error(f"NotifyAccess={last(service, 'NotifyAccess') or 'none (default)'}: once MAINPID is the "
               "master, systemd refuses the shim's own messages", "NotifyAccess=all")
-    start = _last(service, "ExecStart")
-    words = _command_words(start) if start else []
+    start = last(service, "ExecStart")
+    words = _command_words(start, check_setup.environment_files(service)[0]) if start else []
     if not words or os.path.basename(words[0]) != "unicorn-shim" or words[1:2] != ["run"]:
         error("ExecStart= does not run `unicorn-shim run`",
               "ExecStart=/usr/bin/unicorn-shim run [options] -- SERVER_COMMAND")
@@ -107,11 +115,11 @@ def _unit_rules(setup: Setup, server_command: Optional[List[str]], host: bool) -
         error(f"ExecStart=: `unicorn-shim run` would refuse its options: {why}", "unicorn-shim run --help")
         return found
     command = server_command or shim.command
-    reload = _last(service, "ExecReload")
+    reload = last(service, "ExecReload")
     if not reload or "unicorn-shim" not in reload or " reload" not in reload:
         error("no ExecReload= calling `unicorn-shim reload`: `systemctl reload` would not deploy, "
               "or would not report the outcome", "ExecReload=/usr/bin/unicorn-shim reload")
-    if not _last(service, "RuntimeDirectory") and not shim.control:
+    if not last(service, "RuntimeDirectory") and not shim.control:
         error("no RuntimeDirectory=: the control socket has nowhere to live and `unicorn-shim reload` "
               "cannot find the shim", "RuntimeDirectory=app (any name)")
     if not command:
@@ -124,17 +132,17 @@ def _unit_rules(setup: Setup, server_command: Optional[List[str]], host: bool) -
         return found
 
     graceful = profile.graceful_stop.name
-    kill_signal = _last(service, "KillSignal") or "SIGTERM"
+    kill_signal = last(service, "KillSignal") or "SIGTERM"
     if not kill_signal.startswith("SIG"):
         kill_signal = "SIG" + kill_signal
     if kill_signal != graceful:
         error(f"KillSignal={kill_signal}: {profile.name}'s graceful stop is {graceful}; with "
               f"{kill_signal} `systemctl stop` cuts requests in flight", f"KillSignal={graceful}")
-    kill_mode = _last(service, "KillMode") or "control-group"
+    kill_mode = last(service, "KillMode") or "control-group"
     if kill_mode not in ("control-group", "mixed"):
         error(f"KillMode={kill_mode}: stop would leave workers running or signal only the master",
               "KillMode=control-group")
-    if not _last(service, "Restart"):
+    if not last(service, "Restart"):
         warn("no Restart=: a crashed master is not brought back", "Restart=on-failure")
     for flag in profile.daemon_flags:
         if flag in command[1:]:

@@ -68,7 +68,12 @@ class ConfigRules:
 
     def listeners(self) -> None:
         for address in self.v.get("listeners", []):
-            if not _held(address, self.ctx.held):
+            if not _held(address, self.ctx.held) and not self.ctx.setup.socket_known:
+                self.ctx.add(CANNOT, f"whether the shim holds {address}, which the config listens on: no "
+                             f".socket unit next to {self.ctx.setup.label} was seen",
+                             "check the unit by name (unicorn-shim check NAME.service) or put its .socket "
+                             "next to it")
+            elif not _held(address, self.ctx.held):
                 self.error(f"the config listens on {address}, which the shim does not hold "
                            f"({', '.join(self.ctx.held) or 'nothing'}): each master binds it itself and a "
                            "reload can collide with it",

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from shim import config_eval
-from shim.check import CANNOT, ERROR, WARNING, Finding, _last
+from shim.check import CANNOT, ERROR, WARNING, Finding, last
 from shim.check_setup import SYSTEMD_PATH, Setup, environment_files
 from shim.readiness import hook_environment
 from shim.servers import ServerProfile
@@ -53,7 +53,7 @@ class Context:
 
     @property
     def workdir(self) -> Optional[str]:
-        value = _last(self.service, "WorkingDirectory")
+        value = last(self.service, "WorkingDirectory")
         return value.lstrip("-") if value else None
 
     @property
@@ -94,7 +94,7 @@ def unit_rules(ctx: Context) -> List[Finding]:
 
 
 def _timeouts(ctx: Context) -> None:
-    text = _last(ctx.service, "TimeoutStartSec") or _last(ctx.service, "TimeoutSec")
+    text = last(ctx.service, "TimeoutStartSec") or last(ctx.service, "TimeoutSec")
     limit = _span(text) if text else DEFAULT_TIMEOUT_START
     if limit is None:
         return
@@ -112,8 +112,8 @@ def _timeouts(ctx: Context) -> None:
 
 
 def _sockets_in_runtime_directory(ctx: Context) -> None:
-    preserve = (_last(ctx.service, "RuntimeDirectoryPreserve") or "no").lower() in ("yes", "true", "1", "on")
-    mode_text = _last(ctx.service, "RuntimeDirectoryMode") or "0755"
+    preserve = (last(ctx.service, "RuntimeDirectoryPreserve") or "no").lower() in ("yes", "true", "1", "on")
+    mode_text = last(ctx.service, "RuntimeDirectoryMode") or "0755"
     streams = ctx.setup.socket.get("Socket", {}).get("ListenStream", [])
     for address in (a for a in ctx.held if a.startswith("/")):
         for directory in (d for d in ctx.runtime_dirs if _inside(address, d)):
@@ -150,18 +150,18 @@ def host_rules(ctx: Context) -> List[Finding]:
 
 
 def _run_as(ctx: Context) -> Optional[config_eval.RunAs]:
-    if (_last(ctx.service, "DynamicUser") or "no").lower() in ("yes", "true", "1", "on"):
+    if (last(ctx.service, "DynamicUser") or "no").lower() in ("yes", "true", "1", "on"):
         ctx.add(CANNOT, "DynamicUser=: the unit's user exists only while it runs; what it may read and write "
                 "is not checked")
         return None
-    user = _last(ctx.service, "User") or "root"
+    user = last(ctx.service, "User") or "root"
     try:
         entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
     except KeyError:
         ctx.add(ERROR, f"User={user}: no such user; systemd fails the start with status=217/USER",
                 f"adduser --system --group --home /srv/{user} {user} (or correct User=)")
         return None
-    group = _last(ctx.service, "Group")
+    group = last(ctx.service, "Group")
     gid = entry.pw_gid
     if group:
         try:
@@ -220,7 +220,7 @@ def _probe(run_as: Optional[config_eval.RunAs], checks: List[Tuple[str, str]]) -
 
 def _directories(ctx: Context, run_as: Optional[config_eval.RunAs]) -> None:
     workdir = ctx.workdir
-    raw = _last(ctx.service, "WorkingDirectory") or ""
+    raw = last(ctx.service, "WorkingDirectory") or ""
     if workdir and workdir != "~" and not raw.startswith("-") and not os.path.isdir(workdir):
         ctx.add(ERROR, f"WorkingDirectory={workdir} does not exist: systemd fails the start with status=200/CHDIR",
                 f"create it, or correct WorkingDirectory= (a `-` prefix makes it optional)")
@@ -240,9 +240,9 @@ def _directories(ctx: Context, run_as: Optional[config_eval.RunAs]) -> None:
                 "deploy a release and point the symlink at it, or correct --chdir (APP_DIR= in the packaged conf)")
         return
     allowed = _probe(run_as, [(chdir, "rx")])
-    if allowed is not None and not allowed[0]:
-        ctx.add(ERROR, f"--chdir {chdir}: {run_as.name} cannot enter it or read it" if run_as else "",
-                f"chown -R {run_as.name if run_as else 'USER'} the release, or chmod o+rx its parents")
+    if run_as and allowed is not None and not allowed[0]:
+        ctx.add(ERROR, f"--chdir {chdir}: {run_as.name} cannot enter it or read it",
+                f"chown -R {run_as.name} the release, or chmod o+rx its parent directories")
 
 
 def _server_command(ctx: Context, run_as: Optional[config_eval.RunAs], env: Dict[str, str]) -> None:

@@ -41,6 +41,7 @@ class Setup:
     app: Optional[str] = None                # packaged app
     conf: Optional[Dict[str, str]] = None    # its APP.conf
     problems: List[Tuple[str, str, str]] = field(default_factory=list)   # (level, what, fix)
+    socket_known: bool = True                # False: a lone unit file, its socket unit not seen
 
 
 def parse_unit(text: str, sections: Optional[Sections] = None) -> Sections:
@@ -128,11 +129,15 @@ def _read(path: str) -> str:
 def load(target: str) -> Setup:
     """The service and socket the target names, merged as systemd will run them."""
     conf_dir = os.environ.get("UNICORN_SHIM_CONF_DIR", generator.CONF_DIR)
-    if target.endswith(".conf") and os.path.isfile(target):
-        return _load_app(os.path.basename(target)[:-len(".conf")], target)
-    m = re.match(r"^unicorn-shim@([^.]+)(\.service|\.socket)?$", target)
+    # The packaged units' own files (the template, a generated drop-in) stand for an app.
+    m = re.search(r"(?:^|/)unicorn-shim@([^./]*)(?:\.service|\.socket)?(?:\.d/[^/]+\.conf)?$", target)
+    if m and not m.group(1):
+        raise SetupError(f"{target} is the template of the packaged units: check an app instead "
+                         f"(unicorn-shim check APP, for {conf_dir}/APP.conf)")
     if m:
         return _load_app(m.group(1), os.path.join(conf_dir, m.group(1) + ".conf"))
+    if target.endswith(".conf") and os.path.isfile(target):
+        return _load_app(os.path.basename(target)[:-len(".conf")], target)
     if "/" not in target and os.path.isfile(os.path.join(conf_dir, target + ".conf")):
         return _load_app(target, os.path.join(conf_dir, target + ".conf"))
     if "/" in target or os.path.isfile(target):
@@ -146,9 +151,10 @@ def _load_file(path: str) -> Setup:
         text += "\n" + _read(dropin)
     name = os.path.basename(path)
     socket_path = re.sub(r"\.service$", ".socket", path)
-    socket = parse_unit(_read(socket_path)) if socket_path != path and os.path.exists(socket_path) else {}
+    known = socket_path != path and os.path.exists(socket_path)
+    socket = parse_unit(_read(socket_path)) if known else {}
     return Setup(path, name if name.endswith(".service") else None,
-                 parse_unit(expand_specifiers(text, name)), socket)
+                 parse_unit(expand_specifiers(text, name)), socket, socket_known=known)
 
 
 def _load_unit(name: str) -> Setup:

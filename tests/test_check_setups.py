@@ -263,3 +263,28 @@ def test_an_unknown_app_says_where_it_looked(packaged):
     _layout, _conf, _units, env = packaged
     r = run_check("nosuchapp", env=env)
     assert r.returncode == 2 and "no such app in" in r.stderr, r.stderr
+
+
+def test_the_packaged_units_own_files_stand_for_the_app(packaged):
+    layout, conf_dir, _units, env = packaged
+    dropin = "/run/systemd/generator/unicorn-shim@shop.service.d/50-unicorn-shim-conf.conf"
+    r = run_check(dropin, env=env)
+    assert r.returncode == 0 and "unicorn-shim@shop.service" in r.stdout.splitlines()[-1], r.stdout
+    r = run_check(os.path.join(UNITS_DIR, "unicorn-shim@.service"), env=env)
+    assert r.returncode == 2 and "the template of the packaged units: check an app instead" in r.stderr
+
+
+def test_a_lone_unit_file_cannot_tell_which_sockets_the_shim_holds(layout):
+    port = free_port()
+    layout.unicorn_release("r1", f'listen "127.0.0.1:{port}"\npid "/run/app/unicorn.pid"\nrequire "unicorn_shim"\n')
+    unit = write_unit(layout, f"unicorn -c {layout.current}/config/unicorn.rb", pid_file="/run/app/unicorn.pid")
+    r = run_check(unit)
+    assert r.returncode == 0 and f"cannot tell: whether the shim holds 127.0.0.1:{port}" in r.stdout, r.stdout
+
+
+def test_exec_start_variables_come_from_the_units_environment(layout):
+    layout.unicorn_release("r1", 'pid "/run/app/unicorn.pid"\nrequire "unicorn_shim"\n')
+    unit = write_unit(layout, "${SERVER} -c ${CONFIG}", pid_file="/run/app/unicorn.pid", socket="127.0.0.1:8080",
+                      extra=f"Environment=SERVER=unicorn CONFIG={layout.current}/config/unicorn.rb")
+    r = run_check(unit)
+    assert r.returncode == 0 and not errors(r) and "cannot tell: the unicorn config" not in r.stdout, r.stdout
