@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 from shim import check_setup, servers
-from shim.check_setup import Setup, parse_unit  # noqa: F401  (parse_unit: the unit syntax, for callers)
+from shim.check_setup import Setup
 
 ERROR, WARNING, CANNOT = "error", "warning", "cannot tell"
 

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import os
+import pwd
 from typing import Any, Dict, List, Optional
 
 from shim import config_eval
 from shim.check import CANNOT, ERROR, WARNING
-from shim.check_rules import Context, _inside, _writable_dir
+from shim.check_rules import Context, inside, writable_dir
 
 # Unicorn's own check that the pid/log directories are writable runs after the
 # whole config loaded: failing it leaves every value known (checked by our rules).
@@ -64,7 +65,7 @@ class ConfigRules:
         self.privilege_drop(user[0] if user else None, user[1] if user else None)
         for key in ("stderr_path", "stdout_path"):
             if self.v.get(key):
-                _writable_dir(self.ctx, self.run_as, self.v[key], f"the config's {key}")
+                writable_dir(self.ctx, self.run_as, self.v[key], f"the config's {key}")
 
     def listeners(self) -> None:
         for address in self.v.get("listeners", []):
@@ -100,7 +101,7 @@ class ConfigRules:
             else:
                 self.ctx.add(CANNOT, "where the config's before_exec points BUNDLE_GEMFILE: "
                              f"{(hook.get('effect') or {}).get('error', 'it did not say')}")
-        elif not _inside(gemfile, self.ctx.chdir):
+        elif not inside(gemfile, self.ctx.chdir):
             self.error(f"the config's before_exec sets BUNDLE_GEMFILE={gemfile}, outside --chdir "
                        f"{self.ctx.chdir}: every re-exec'd master loads that release's gems"
                        + self.relative_c_cause(), fix + self.relative_c_fix())
@@ -119,9 +120,13 @@ class ConfigRules:
         self.pid_file(self.v.get("pidfile"))
         self.release_pinning(self.v.get("chdir"), "chdir")
         self.readiness("from unicorn_shim_gunicorn import post_worker_init in the Gunicorn config")
-        user, group = self.v.get("user"), self.v.get("group")
-        if self.e.as_user and (user != self.v.get("own_uid") or group != self.v.get("own_gid")):
-            self.privilege_drop(str(user), str(group))
+        uid, gid = self.v.get("user"), self.v.get("group")
+        if self.e.as_user and (uid != self.v.get("own_uid") or gid != self.v.get("own_gid")):
+            try:
+                user = pwd.getpwuid(uid).pw_name
+            except (KeyError, TypeError):
+                user = str(uid)
+            self.privilege_drop(user, str(gid))
 
     # --- both ---
 
@@ -146,7 +151,7 @@ class ConfigRules:
 
     def release_pinning(self, directory: Optional[str], setting: str) -> None:
         chdir = self.ctx.chdir
-        if not directory or not chdir or _inside(directory, chdir):
+        if not directory or not chdir or inside(directory, chdir):
             return
         now = (" — the release `current` points at now" if os.path.realpath(directory) == os.path.realpath(chdir)
                else "")

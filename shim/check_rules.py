@@ -79,7 +79,7 @@ def _span(text: str) -> Optional[float]:
     return total or None
 
 
-def _inside(path: str, directory: str) -> bool:
+def inside(path: str, directory: str) -> bool:
     path, directory = os.path.normpath(path), os.path.normpath(directory)
     return path == directory or path.startswith(directory.rstrip("/") + "/")
 
@@ -116,7 +116,7 @@ def _sockets_in_runtime_directory(ctx: Context) -> None:
     mode_text = last(ctx.service, "RuntimeDirectoryMode") or "0755"
     streams = ctx.setup.socket.get("Socket", {}).get("ListenStream", [])
     for address in (a for a in ctx.held if a.startswith("/")):
-        for directory in (d for d in ctx.runtime_dirs if _inside(address, d)):
+        for directory in (d for d in ctx.runtime_dirs if inside(address, d)):
             if address in streams and not preserve:
                 # The shim re-binds a --listen socket at each start; a .socket unit's is bound once.
                 ctx.add(ERROR, f"the socket {address} lives in RuntimeDirectory= {directory}, which systemd "
@@ -141,7 +141,7 @@ def host_rules(ctx: Context) -> List[Finding]:
     _directories(ctx, run_as)
     _server_command(ctx, run_as, env)
     if ctx.shim.pid_file:
-        _writable_dir(ctx, run_as, ctx.shim.pid_file, "--pid-file")
+        writable_dir(ctx, run_as, ctx.shim.pid_file, "--pid-file")
     if ctx.app_dir is None or os.path.isdir(ctx.app_dir):
         evaluation = config_eval.evaluate(ctx.profile.name, ctx.command, ctx.app_dir, env, run_as)
         ConfigRules(ctx, run_as, evaluation, env_uncertain).run()
@@ -260,9 +260,9 @@ def _server_command(ctx: Context, run_as: Optional[config_eval.RunAs], env: Dict
                 f"{' by ' + run_as.name if run_as else ''}: the shim exits 5 at start", f"chmod +x {path}")
 
 
-def _writable_dir(ctx: Context, run_as: Optional[config_eval.RunAs], path: str, what: str) -> None:
+def writable_dir(ctx: Context, run_as: Optional[config_eval.RunAs], path: str, what: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
-    if any(_inside(directory, d) for d in ctx.runtime_dirs):
+    if any(inside(directory, d) for d in ctx.runtime_dirs):
         return          # systemd creates it for the unit's user at each start
     if not os.path.isdir(directory):
         ctx.add(ERROR, f"{what} {path}: the directory {directory} does not exist",

@@ -50,7 +50,7 @@ class Evaluation:
     server: str
     values: Dict[str, Any]              # the evaluator's report
     cannot: Optional[str] = None        # why nothing could be evaluated
-    as_user: bool = True                # evaluated as the unit's user
+    as_user: bool = False               # evaluated as the unit's user
 
     @property
     def unset_env(self) -> List[str]:
@@ -147,7 +147,7 @@ def evaluate(profile_name: str, command: Sequence[str], app_dir: Optional[str], 
     argv, why = evaluator_argv(profile_name, command, app_dir, env)
     if argv is None:
         return Evaluation(profile_name, {}, f"cannot evaluate the {profile_name} config: {why}")
-    as_user = run_as is None or run_as.can_switch
+    as_user = run_as is not None and run_as.can_switch
     if app_dir and not os.path.isdir(app_dir):
         return Evaluation(profile_name, {}, f"the app directory {app_dir} does not exist")
     try:

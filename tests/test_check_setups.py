@@ -288,3 +288,10 @@ def test_exec_start_variables_come_from_the_units_environment(layout):
                       extra=f"Environment=SERVER=unicorn CONFIG={layout.current}/config/unicorn.rb")
     r = run_check(unit)
     assert r.returncode == 0 and not errors(r) and "cannot tell: the unicorn config" not in r.stdout, r.stdout
+
+
+def test_gunicorn_workers_cannot_switch_user_under_a_non_root_master(layout):
+    gunicorn_release(layout, "r1", GUNICORN_CONF + 'user = "root"\n')
+    r = run_check(gunicorn_unit(layout))
+    assert r.returncode == 1 and "the config makes workers run as root, but the master runs as nobody" in r.stdout, \
+        r.stdout
