@@ -118,6 +118,10 @@ def evaluator_argv(profile_name: str, command: Sequence[str], app_dir: Optional[
             bundle = resolve_executable(prefix[0], app_dir, path)
             if not bundle:
                 return None, f"{prefix[0]} is not on PATH ({path})"
+            gemfile = os.path.join(app_dir or ".", env.get("BUNDLE_GEMFILE") or "Gemfile")
+            if os.path.exists(gemfile) and not os.path.exists(gemfile + ".lock"):
+                return None, (f"no {gemfile}.lock: Bundler would resolve and write it when the master starts, "
+                              "and check does not change the release (`bundle lock --local` there writes it)")
             return [bundle, *prefix[1:], "ruby", *tail], ""
         lang = "ruby"
     else:
@@ -146,8 +150,10 @@ def evaluate(profile_name: str, command: Sequence[str], app_dir: Optional[str], 
              run_as: Optional[RunAs], timeout: float = TIMEOUT) -> Evaluation:
     argv, why = evaluator_argv(profile_name, command, app_dir, env)
     if argv is None:
-        return Evaluation(profile_name, {}, f"cannot evaluate the {profile_name} config: {why}")
+        return Evaluation(profile_name, {}, why)
     as_user = run_as is not None and run_as.can_switch
+    # Bundler resolves and writes a missing Gemfile.lock: a check must not change the release.
+    env = dict(env, BUNDLE_FROZEN="true")
     if app_dir and not os.path.isdir(app_dir):
         return Evaluation(profile_name, {}, f"the app directory {app_dir} does not exist")
     try:
@@ -166,5 +172,7 @@ def evaluate(profile_name: str, command: Sequence[str], app_dir: Optional[str], 
         if line.startswith(MARK):
             values = json.loads(line[len(MARK):])
             return Evaluation(profile_name, values, values.get("cannot"), as_user)
-    last = (err.strip().splitlines() or [f"exit status {process.returncode}"])[-1]
-    return Evaluation(profile_name, {}, f"{' '.join(argv[:2])} failed: {last}", as_user)
+    lines = [line for line in err.strip().splitlines() if line.strip()] or [f"exit status {process.returncode}"]
+    # Ruby prints the exception first and the backtrace after it; Python the traceback, then the exception.
+    reason = lines[0] if profile_name == "unicorn" else lines[-1]
+    return Evaluation(profile_name, {}, f"{' '.join(argv[:2])} failed: {reason[:300]}", as_user)

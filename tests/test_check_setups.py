@@ -295,3 +295,14 @@ def test_gunicorn_workers_cannot_switch_user_under_a_non_root_master(layout):
     r = run_check(gunicorn_unit(layout))
     assert r.returncode == 1 and "the config makes workers run as root, but the master runs as nobody" in r.stdout, \
         r.stdout
+
+
+def test_check_never_writes_a_gemfile_lock(layout):
+    release = layout.unicorn_release("r1", f'pid "{layout.current}/tmp/pids/unicorn.pid"\nrequire "unicorn_shim"\n')
+    os.unlink(os.path.join(release, "Gemfile.lock"))
+    unit = write_unit(layout, f"bundle exec --keep-file-descriptors unicorn -c {layout.current}/config/unicorn.rb",
+                      pid_file=f"{layout.current}/tmp/pids/unicorn.pid", options="--upgrade spawn")
+    r = run_check(unit)
+    assert r.returncode == 0 and "cannot tell: the unicorn config: " in r.stdout, r.stdout
+    assert "Gemfile.lock: Bundler would resolve and write it" in r.stdout
+    assert not os.path.exists(os.path.join(release, "Gemfile.lock"))
