@@ -132,7 +132,8 @@ class ConfigRules:
 
     def pid_file(self, pid: Optional[str]) -> None:
         mine = os.path.abspath(self.ctx.shim.pid_file) if self.ctx.shim.pid_file else None
-        if pid and pid != mine:
+        # The same file by another path (releases/rN/tmp -> shared/tmp) is the same pid file.
+        if pid and (not mine or os.path.realpath(pid) != os.path.realpath(mine)):
             self.error(f"the config's pid file {pid} is not the shim's --pid-file ({mine or 'not given'}): "
                        "the shim cannot keep it truthful for the server and its hooks",
                        f"--pid-file {pid} (PID_FILE= in the packaged conf), or the config's pid set to "

@@ -41,3 +41,10 @@ def test_gunicorn_evaluation_runs_no_boot_hook_and_imports_no_app(tmp_path):
     assert e.values["hooks"]["on_starting"]["default"] is False
     assert not list(tmp_path.glob("ran*"))
     assert os.path.realpath(e.values["cwd"]) == os.path.realpath(tmp_path)
+
+
+def test_gunicorn_run_as_a_python_module_is_evaluated_by_that_python(tmp_path):
+    (tmp_path / "gunicorn.conf.py").write_text('workers = 3\n')
+    e = evaluate("gunicorn", ["python3", "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:application"],
+                 str(tmp_path), ENV, None)
+    assert e.cannot is None and e.values["workers"] == 3
