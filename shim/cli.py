@@ -64,9 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--upgrade", choices=["usr2", "spawn"],
                      help="usr2: the server re-execs itself (Unicorn's default); spawn: the shim "
                           "starts the next master itself (Gunicorn's default)")
-    run.add_argument("--settle", type=_seconds, default=1.2, metavar="SEC",
-                     help="without the readiness hook: how long the worker count must stay unchanged "
-                          "to count as ready (default 1.2)")
+    run.add_argument("--settle", type=_seconds, default=0.1, metavar="SEC",
+                     help="without the readiness hook: how long the master and its workers must stay "
+                          "unchanged and idle (asleep, using no CPU) to count as ready (default 0.1)")
     run.add_argument("--chdir", metavar="DIR",
                      help="start each new master in DIR, resolved anew each time (a `current` symlink)")
     run.add_argument("--control", metavar="PATH",
@@ -122,7 +122,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not command:
         raise ShimError("no server command after `--` (e.g. -- unicorn -c config/unicorn.rb)", EXIT_USAGE)
     profile = servers.detect(command, args.server)
-    spawn.resolve_command(command)
+    spawn.resolve_command(command, args.chdir)
     _reject_daemon_flags(profile, command)
     if args.upgrade == "usr2" and not profile.usr2_carries_sockets:
         raise ShimError(f"--upgrade usr2: {profile.name}'s own re-exec cannot keep the sockets the shim "

@@ -13,9 +13,9 @@ import signal
 import time
 from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
-from shim import health, procs
+from shim import health, procs, release
 from shim.journal import ERR
-from shim.upgrade import FAILED_MASTER_GRACE, ReloadFailed, Stopping
+from shim.upgrade import FAILED_MASTER_GRACE, ReloadFailed, Stopping, WrongRelease
 
 if TYPE_CHECKING:
     from shim.supervisor import Supervisor
@@ -33,8 +33,9 @@ async def hand_over(sup: "Supervisor") -> Dict[str, Any]:
     new: Optional[procs.Pinned] = None
     workers_stopped = False      # the old master's, for a health check; undone on rollback
     old.role = "old"
+    intended = release.resolve(sup.config.chdir)
     try:
-        new = await sup.strategy.start_next(old, started, deadline)
+        new = await sup.strategy.start_next(old, started, deadline, intended)
         new.generation = gen
         if new.pid not in sup.masters:
             sup.watch(new)
@@ -42,6 +43,9 @@ async def hand_over(sup: "Supervisor") -> Dict[str, Any]:
         found_ms = int((time.monotonic() - t0) * 1000)
         ready = await sup.wait_ready(new, deadline, "new master")
         ready_ms = int((time.monotonic() - t0) * 1000)
+        wrong_release = intended and release.mismatch(new.pid, intended)
+        if wrong_release:
+            raise WrongRelease(wrong_release)
         if sup.config.health_check:
             reason, workers_stopped = await _health_check(sup, old, new)
             if reason:
@@ -49,6 +53,12 @@ async def hand_over(sup: "Supervisor") -> Dict[str, Any]:
         retire_start = time.monotonic()
         await sup.retire(old, keep=new.pid)
         retire_end = time.monotonic()
+    except WrongRelease as e:
+        if not old.alive() and new is not None and new.alive():
+            # The config's own hook already retired the old master; the new one
+            # serves the old release as well as it did: keep it, fail the deploy.
+            return _keep_unchanged(sup, old, new, str(e), t0, gen)
+        return await _roll_back(sup, old, new, workers_stopped, str(e), t0, gen)
     except ReloadFailed as e:
         return await _roll_back(sup, old, new, workers_stopped, str(e), t0, gen)
     except Stopping:
@@ -66,18 +76,18 @@ async def hand_over(sup: "Supervisor") -> Dict[str, Any]:
                "ready_seen_ms": ready_ms, "retire_ms": int(retire * 1000),
                "shim_overhead_ms": int((duration - server_boot - retire) * 1000)}
     sup.last_reload = f"ok in {duration:.1f}s"
-    release = sup.release(new)
+    serving = sup.release(new)
     sup.notifier.ready(new.pid, sup.status_line(ready.workers))
-    sup.log.event("reload-done", f"generation {gen}: master {new.pid} serving {release}; "
+    sup.log.event("reload-done", f"generation {gen}: master {new.pid} serving {serving}; "
                   f"old master {old.pid} retired; {duration:.2f} s",
-                  MASTER_PID=new.pid, OLD_MASTER_PID=old.pid, GENERATION=gen, RELEASE=release,
+                  MASTER_PID=new.pid, OLD_MASTER_PID=old.pid, GENERATION=gen, RELEASE=serving,
                   DURATION_MS=int(duration * 1000), RESULT="done",
                   # where the time went: the server's own boot and the old master's drain
                   # are the server's; the rest is the shim's
                   **{k.upper(): v for k, v in timings.items()})
     sup.wake()
     return {"ok": True, "master_pid": new.pid, "old_master_pid": old.pid, "generation": gen,
-            "release": release, "duration_ms": int(duration * 1000),
+            "release": serving, "duration_ms": int(duration * 1000),
             "timings": timings}
 
 
@@ -144,3 +154,19 @@ async def _roll_back(sup: "Supervisor", old: procs.Pinned, new: Optional[procs.P
                   RESULT="nothing-serving", **fields)
     sup.wake()
     return {"ok": False, "error": f"{reason}; the old master is gone too: the service will restart"}
+
+
+def _keep_unchanged(sup: "Supervisor", old: procs.Pinned, new: procs.Pinned, reason: str,
+                    t0: float, gen: int) -> Dict[str, Any]:
+    sup.strategy.finish(new)
+    sup.master, sup.generation, sup.state = new, gen, "serving"
+    duration = time.monotonic() - t0
+    sup.last_reload = f"failed after {duration:.1f}s: {reason}"
+    sup.notifier.ready(new.pid, sup.status_line())
+    kept = (f"the config's own hook had already retired the old master {old.pid}, so master {new.pid} "
+            "serves on as it is: fix the config, then reload or restart")
+    sup.log.event("reload-failed", f"reload to generation {gen} failed: {reason}; {kept}", ERR,
+                  RESULT="not-deployed", OLD_MASTER_PID=old.pid, MASTER_PID=new.pid, GENERATION=gen,
+                  REASON=reason, DURATION_MS=int(duration * 1000))
+    sup.wake()
+    return {"ok": False, "error": f"{reason}; {kept}"}

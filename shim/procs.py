@@ -117,6 +117,25 @@ def cwd(pid: int) -> Optional[str]:
         return None
 
 
+def activity(pid: int) -> Optional[tuple]:
+    """(state letter, CPU clock ticks used so far), or None once gone."""
+    fields = _stat(pid)
+    try:
+        return fields[0], int(fields[11]) + int(fields[12])
+    except (IndexError, ValueError):
+        return None
+
+
+def wchan(pid: int) -> str:
+    """The kernel function the process sleeps in ("" when running or unreadable)."""
+    try:
+        with open(f"/proc/{pid}/wchan") as f:
+            name = f.read().strip()
+    except OSError:
+        return ""
+    return "" if name == "0" else name
+
+
 def is_zombie(pid: int) -> bool:
     """Exited, but its parent has not waited for it yet."""
     return _stat(pid)[:1] == ["Z"]

@@ -3,8 +3,11 @@
 Exactly, when the server loads the shipped hook (`require "unicorn_shim"` in
 the Unicorn config, or shim.hooks.gunicorn in Gunicorn's): the master says
 hello when its config loads, each worker reports once it is ready to accept.
-Otherwise by a heuristic: the master has workers (by process title) and the
-set of workers has not changed for a settle window.
+Otherwise by a heuristic: the master has workers (by process title), each of
+them has been seen waiting for connections (asleep in poll/select/accept, as
+the kernel reports it), and their set has not changed for a short settle
+window (0.1 s). Under load a serving worker still passes through its wait
+between requests; a worker loading the app does not.
 
 Either way worker births and deaths are counted from samples, so a release
 whose workers crash-loop, or whose master stops reaping its dead workers, is
@@ -13,6 +16,7 @@ rejected in seconds rather than at the timeout.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import struct
 import time
@@ -29,6 +33,8 @@ CRASH_LOOP_DEATHS = 3
 # its loop: Gunicorn 20.1 halting after "Worker failed to boot" does this for
 # graceful_timeout when two workers die at once (it reaps one, waits for the other).
 UNREAPED_LIMIT = 1.5
+# Where a worker that has loaded the app sleeps: in its accept loop.
+WAITING = re.compile(r"poll|select|accept|wait_for_connect")
 _CRED = struct.Struct("3i")   # struct ucred: pid, uid, gid
 
 
@@ -133,9 +139,12 @@ class WorkerWatch:
         self.alive: Set[int] = set()
         self.births = 0
         self.deaths = 0
-        self.last_change = now
         self.unreaped = 0
         self.unreaped_since: Optional[float] = None
+        self.activity: Dict[int, Tuple[str, int]] = {}
+        self.waited: Set[int] = set()               # workers seen waiting for connections
+        self.changed = now                          # last birth or death
+        self.all_waiting_since: Optional[float] = None
 
     def sample(self, now: float) -> None:
         current: Set[int] = set()
@@ -146,17 +155,44 @@ class WorkerWatch:
             elif self.profile.worker_title.search(procs.title(pid)):
                 current.add(pid)
         born, died = current - self.alive, self.alive - current
+        self.births += len(born)
+        self.deaths += len(died)
         if born or died:
-            self.births += len(born)
-            self.deaths += len(died)
-            self.last_change = now
+            self.changed = now
         self.alive = current
+        self._look_for_waiting(current, now)
         self.unreaped = unreaped
         if unreaped and not current:
             if self.unreaped_since is None:
                 self.unreaped_since = now
         else:
             self.unreaped_since = None
+
+    def _look_for_waiting(self, workers: Set[int], now: float) -> None:
+        """A worker that has loaded the app waits for connections: the kernel shows
+        it asleep in poll/select/epoll/accept. Where /proc/PID/wchan cannot be read
+        (a worker of another user), asleep without using a clock tick since the
+        last look means the same. A worker still loading the app runs, or waits on
+        the disk; one that sleeps on something else (a database in after_fork)
+        counts too early: requests then wait in the socket's queue, none fails."""
+        seen = {}
+        for pid in workers:
+            now_activity = procs.activity(pid)
+            if now_activity is None:
+                continue
+            seen[pid] = now_activity
+            if pid in self.waited:
+                continue
+            state, ticks = now_activity
+            if WAITING.search(procs.wchan(pid)) or (
+                    state == "S" and self.activity.get(pid, ("", -1))[1] == ticks):
+                self.waited.add(pid)
+        self.activity = seen
+        self.waited &= workers
+        if not (workers and workers <= self.waited):
+            self.all_waiting_since = None
+        elif self.all_waiting_since is None:
+            self.all_waiting_since = now
 
     def verdict(self, now: float) -> Verdict:
         n = len(self.alive)
@@ -172,7 +208,7 @@ class WorkerWatch:
             if expected and len(live) >= expected:
                 return Verdict("ready", expected, "the readiness hook", max(live))
             return Verdict("booting", n)
-        if n and now - self.last_change >= self.settle:
-            return Verdict("ready", n, f"heuristic: worker count steady for {self.settle:g} s",
-                           self.last_change)
+        if n and self.all_waiting_since is not None and now - self.changed >= self.settle:
+            return Verdict("ready", n, f"heuristic: {n} workers waiting for connections",
+                           max(self.changed, self.all_waiting_since))
         return Verdict("booting", n)

@@ -26,6 +26,7 @@ class ServerProfile:
     fd_handover: str                 # "UNICORN_FD" (list of fds) or "LISTEN_FDS" (sd_listen_fds)
     listen_flag: Optional[str]       # flag naming a held socket on the command line, if any
     daemon_flags: Sequence[str] = field(default=())
+    config_flags: Sequence[str] = field(default=())   # flags naming the server's config file
 
     @property
     def sets_listen_pid(self) -> bool:
@@ -50,12 +51,17 @@ UNICORN = ServerProfile(
     reexec=signal.SIGUSR2,
     stop_workers=signal.SIGWINCH,
     respawn_workers=signal.SIGHUP,
-    default_upgrade="usr2",
+    # spawn: each master starts in the release `current` names, with a fresh
+    # environment. Unicorn's own USR2 re-execs with the first master's config
+    # path, working_directory and BUNDLE_GEMFILE: the classic config pins
+    # every later deploy to the first release.
+    default_upgrade="spawn",
     usr2_carries_sockets=True,
     worker_title=re.compile(r"\bworker\[\d+\]"),
     fd_handover="UNICORN_FD",
     listen_flag="-l",
     daemon_flags=("-D", "--daemonize"),
+    config_flags=("-c", "--config-file"),
 )
 
 GUNICORN = ServerProfile(
@@ -72,6 +78,7 @@ GUNICORN = ServerProfile(
     fd_handover="LISTEN_FDS",
     listen_flag=None,
     daemon_flags=("-D", "--daemon"),
+    config_flags=("-c", "--config"),
 )
 
 PROFILES = {p.name: p for p in (UNICORN, GUNICORN)}

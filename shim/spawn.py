@@ -21,14 +21,26 @@ PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_PID", "
                "LISTEN_FDNAMES")
 
 
-def resolve_command(argv: Sequence[str]) -> str:
-    """The executable's path, or a clear error before anything is started."""
+def resolve_command(argv: Sequence[str], release: Optional[str] = None) -> str:
+    """The executable's path, or a clear error before anything is started.
+
+    A relative command with a slash (`bin/unicorn`, `venv/bin/gunicorn`) names a
+    file of the release being started, not of the directory the shim started in
+    (that release may have been pruned since)."""
     if not argv:
         raise ShimError("no server command after `--` (e.g. -- unicorn -c config/unicorn.rb)", 2)
-    path = shutil.which(argv[0])
+    name = argv[0]
+    if "/" in name and not os.path.isabs(name) and release:
+        name = os.path.join(release, name)
+        path = name if os.access(name, os.X_OK) and os.path.isfile(name) else None
+    else:
+        path = shutil.which(name)
     if path is None:
-        what = "does not exist" if not os.path.exists(argv[0]) else "is not executable"
-        raise ShimError(f"server command {argv[0]!r} {what} (PATH={os.environ.get('PATH', '')})", EXIT_SERVER)
+        what = "does not exist" if not os.path.exists(name) else "is not executable"
+        where = f"in {release}" if "/" in argv[0] and release else f"on PATH={os.environ.get('PATH', '')}"
+        hint = ("; a server installed in a virtualenv or by Bundler's binstubs is named by its path "
+                "in the release, e.g. venv/bin/gunicorn or bin/unicorn") if "/" not in argv[0] else ""
+        raise ShimError(f"server command {argv[0]!r} {what} {where}{hint}", EXIT_SERVER)
     return path
 
 
@@ -39,13 +51,15 @@ def server_environment(base: Dict[str, str], extra: Dict[str, str]) -> Dict[str,
 
 
 def spawn(argv: Sequence[str], env: Dict[str, str], fds: List[int], *,
-          chdir: Optional[str] = None, set_listen_pid: bool = False) -> int:
-    """Start `argv` with `fds` at 3, 4, ... in a new session; return its pid.
+          chdir: Optional[str] = None, pwd: Optional[str] = None, set_listen_pid: bool = False) -> int:
+    """Start `argv` in `chdir` with `fds` at 3, 4, ... in a new session; return its pid.
 
-    Raises ShimError if exec fails (the error comes back through a pipe that
-    exec closes).
+    PWD is set to `pwd` (default `chdir`): Unicorn re-execs into $PWD and
+    Gunicorn puts it on sys.path, so it decides which release later code loads
+    come from. Raises ShimError if exec fails (the error comes back through a
+    pipe that exec closes).
     """
-    executable = resolve_command(argv)
+    executable = resolve_command(argv, chdir)
     pid_r, pid_w = os.pipe()
     err_r, err_w = os.pipe()        # O_CLOEXEC: EOF on a successful exec
     child = os.fork()
@@ -56,7 +70,7 @@ def spawn(argv: Sequence[str], env: Dict[str, str], fds: List[int], *,
             os.setsid()
             master = os.fork()
             if master == 0:
-                _exec_master(executable, argv, env, fds, chdir, set_listen_pid, err_w)
+                _exec_master(executable, argv, env, fds, chdir, pwd or chdir, set_listen_pid, err_w)
             os.write(pid_w, str(master).encode())
         finally:
             os._exit(0)
@@ -75,7 +89,7 @@ def spawn(argv: Sequence[str], env: Dict[str, str], fds: List[int], *,
 
 
 def _exec_master(executable: str, argv: Sequence[str], env: Dict[str, str], fds: List[int],
-                 chdir: Optional[str], set_listen_pid: bool, err_w: int) -> None:
+                 chdir: Optional[str], pwd: Optional[str], set_listen_pid: bool, err_w: int) -> None:
     try:
         # Move everything out of the way first: a held socket may sit at 3 already.
         high = [os.dup(fd) for fd in fds]
@@ -96,7 +110,7 @@ def _exec_master(executable: str, argv: Sequence[str], env: Dict[str, str], fds:
             signal.signal(sig, signal.SIG_DFL)
         if chdir:
             os.chdir(chdir)
-            env = dict(env, PWD=chdir)   # Unicorn re-execs into $PWD: keeps a `current` symlink
+            env = dict(env, PWD=pwd)
         if set_listen_pid:
             env = dict(env, LISTEN_PID=str(os.getpid()))
         os.execve(executable, list(argv), env)

@@ -18,6 +18,7 @@ from shim.control import ControlServer
 from shim.errors import EXIT_MASTER_EXIT, EXIT_START, ShimError
 from shim.journal import WARNING, Log
 from shim.notify import Notifier
+from shim.release import config_through
 from shim.readiness import HOOK_ENV, HookReports, HookSocket, Verdict, WorkerWatch, hook_environment
 from shim.servers import ServerProfile
 from shim.sockets import HeldSocket
@@ -160,15 +161,21 @@ class Supervisor:
 
     # -- masters ------------------------------------------------------------
 
-    def start_master(self, not_before: int) -> procs.Pinned:
-        """Spawn a master from the held sockets and pin it."""
+    def start_master(self, not_before: int, release: Optional[str] = None) -> procs.Pinned:
+        """Spawn a master from the held sockets and pin it.
+
+        With `release` (the real directory behind --chdir) the master starts there
+        with PWD naming it, so code it loads later (Gunicorn puts PWD on sys.path)
+        comes from that release, never from the one `current` names later.
+        Without, PWD names --chdir itself, which Unicorn's own re-exec follows."""
         fds = [s.fileno() for s in self.sockets]
         fd_numbers = list(range(spawn.FD_START, spawn.FD_START + len(fds)))
         env = spawn.server_environment(self.environ, {**self.profile.socket_env(fd_numbers),
                                                       **hook_environment(self.environ),
                                                       HOOK_ENV: self.hook_socket.path})
-        argv = self.config.command + self.profile.listen_args([s.name for s in self.sockets])
-        pid = spawn.spawn(argv, env, fds, chdir=self.config.chdir,
+        argv = config_through(self.config.command, self.profile.config_flags, self.config.chdir)
+        argv += self.profile.listen_args([s.name for s in self.sockets])
+        pid = spawn.spawn(argv, env, fds, chdir=release or self.config.chdir,
                           set_listen_pid=self.profile.sets_listen_pid)
         try:
             master = procs.pin(pid, self.cgroup, not_before=not_before)
@@ -252,7 +259,7 @@ class Supervisor:
         deadline = time.monotonic() + self.config.ready_timeout
         master = None
         try:
-            master = self.start_master(born_after)
+            master = self.start_master(born_after, self.strategy.release_to_pin())
             ready = await self.wait_ready(master, deadline, "master")
         except ReloadFailed as e:
             if master is not None:

@@ -14,7 +14,8 @@ import os
 import time
 from typing import TYPE_CHECKING, Optional, Set
 
-from shim import procs
+from shim import procs, release
+from shim.errors import ShimError
 
 if TYPE_CHECKING:
     from shim.supervisor import Supervisor
@@ -27,6 +28,10 @@ FAILED_MASTER_GRACE = 10.0
 
 class ReloadFailed(Exception):
     """The reload cannot go on; the message is the one line the operator sees."""
+
+
+class WrongRelease(ReloadFailed):
+    """The new master is ready but serves another release than the one deployed."""
 
 
 class Stopping(Exception):
@@ -42,6 +47,7 @@ def _remove(path: str) -> None:
 
 class Strategy:
     name = ""
+    pins_release = False     # does each master start pinned to the real release directory?
 
     def __init__(self, sup: "Supervisor") -> None:
         self.sup = sup
@@ -65,8 +71,15 @@ class Strategy:
         except OSError as e:
             raise ReloadFailed(f"cannot repair pid file {self.pid_file}: {e.strerror or e}") from None
 
-    async def start_next(self, old: procs.Pinned, started: int, deadline: float) -> procs.Pinned:
+    async def start_next(self, old: procs.Pinned, started: int, deadline: float,
+                         intended: Optional[str]) -> procs.Pinned:
+        """Start the next master; `intended` is the real release directory the
+        deploy put behind --chdir when the hand-over began."""
         raise NotImplementedError
+
+    def release_to_pin(self) -> Optional[str]:
+        """The real release directory a new master is started in, if this strategy pins it."""
+        return release.resolve(self.sup.config.chdir) if self.pins_release else None
 
     def restore(self, old: procs.Pinned) -> None:
         """After a rollback: the pid file names the old master again."""
@@ -92,7 +105,8 @@ class Usr2(Strategy):
         # writing the file under it makes its rename fail ("Already running").
         pass
 
-    async def start_next(self, old: procs.Pinned, started: int, deadline: float) -> procs.Pinned:
+    async def start_next(self, old: procs.Pinned, started: int, deadline: float,
+                         intended: Optional[str]) -> procs.Pinned:
         known: Set[int] = set(procs.children(old.pid))   # the old master's workers
         self.prepare_pid_files(old)
         if not old.signal(self.sup.profile.reexec):
@@ -145,8 +159,10 @@ class Usr2(Strategy):
 
 class Spawn(Strategy):
     name = "spawn"
+    pins_release = True
 
-    async def start_next(self, old: procs.Pinned, started: int, deadline: float) -> procs.Pinned:
+    async def start_next(self, old: procs.Pinned, started: int, deadline: float,
+                         intended: Optional[str]) -> procs.Pinned:
         self.prepare_pid_files(old)
         if self.pid_file:
             try:
@@ -155,7 +171,10 @@ class Spawn(Strategy):
                 pass
             except OSError as e:
                 raise ReloadFailed(f"cannot move pid file {self.pid_file} aside: {e.strerror}") from None
-        return self.sup.start_master(started)
+        try:
+            return self.sup.start_master(started, intended)
+        except ShimError as e:       # e.g. the release's own bin/unicorn is missing
+            raise ReloadFailed(str(e)) from None
 
 
 STRATEGIES = {"usr2": Usr2, "spawn": Spawn}

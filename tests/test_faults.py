@@ -152,7 +152,15 @@ def test_kill9_a_new_worker_during_hand_over(deploy, manager):
 
 
 def test_kill9_old_master_in_the_middle_of_a_hand_over(deploy, manager):
-    d = deploy()
+    kill_old_master_mid_hand_over(deploy(), manager)
+
+
+def test_kill9_old_master_in_the_middle_of_a_usr2_hand_over(unicorn_deploy, manager):
+    """usr2: the new master is the old one's child and is reparented to the manager."""
+    kill_old_master_mid_hand_over(unicorn_deploy(shim_args="--upgrade usr2"), manager)
+
+
+def kill_old_master_mid_hand_over(d, manager):
     d.start()
     old = d.assert_main_pid_is_live_master()
     with Load(d.port) as load:
@@ -221,7 +229,7 @@ def test_kill9_shim_in_the_middle_of_a_hand_over(deploy, manager):
 def test_pid_file_damage_between_reloads(unicorn_deploy, manager, damage):
     """With the common before_fork hook, which QUITs whatever .oldbin names: the shim
     rewrites the pid file to the master it knows before USR2."""
-    d = unicorn_deploy(seed_hook=True)
+    d = unicorn_deploy(seed_hook=True, shim_args="--upgrade usr2")
     d.start()
     pid_file = d.app.pid_file
     sleeper = subprocess.Popen(["sleep", "60"])     # a process outside the unit

@@ -90,16 +90,17 @@ def test_reloads_in_other_setups(deploy, manager, socket_unit, preload, ready_ho
     assert load.failures() == [], load.failure_kinds()
 
 
-def test_spawn_upgrade_for_unicorn(unicorn_deploy, manager):
-    """The shim starts the next master itself: the manager's child from the start."""
-    d = unicorn_deploy(shim_args="--upgrade spawn", seed_hook=True)
+def test_usr2_upgrade_for_unicorn(unicorn_deploy, manager):
+    """Unicorn's own re-exec (the default is spawn): the new master is the old one's
+    child until the old one exits; with the common hook, which QUITs the old master."""
+    d = unicorn_deploy(shim_args="--upgrade usr2", seed_hook=True)
     d.start()
     with Load(d.port, clients=4) as load:
         for _ in range(3):
             reload_and_check(d, load, d.app.release())
         rollback(d, manager, load, reason="exited", release_kw={"broken": True})
     assert load.failures() == [], load.failure_kinds()
-    assert [e["MESSAGE"].split("(")[1].split(")")[0] for e in manager.events("reload-start")] == ["spawn"] * 4
+    assert [e["MESSAGE"].split("(")[1].split(")")[0] for e in manager.events("reload-start")] == ["usr2"] * 4
 
 
 def test_rollback_when_new_master_dies(deploy, manager):

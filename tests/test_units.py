@@ -158,6 +158,9 @@ class FakeTree:
     def __init__(self, monkeypatch):
         self.kids = []
         self.zombies = []        # exited children the master has not waited for: no title
+        self.ticks = {}          # CPU used so far, by pid; a pid missing here sleeps at 0
+        monkeypatch.setattr(procs, "activity", lambda pid: ("S", self.ticks.get(pid, 0)))
+        monkeypatch.setattr(procs, "wchan", lambda pid: "")
         monkeypatch.setattr(procs, "children", lambda pid: self.kids + self.zombies)
         monkeypatch.setattr(procs, "title",
                             lambda pid: "" if pid in self.zombies else f"unicorn worker[{pid % 10}] -c x")
@@ -165,15 +168,41 @@ class FakeTree:
         monkeypatch.setattr(procs, "parent_of", lambda pid: 100)
 
 
-def test_heuristic_ready_after_settle(monkeypatch):
+def test_heuristic_ready_once_every_worker_waits_for_connections(monkeypatch):
     tree = FakeTree(monkeypatch)
-    w = readiness.WorkerWatch(100, servers.UNICORN, readiness.HookReports(), settle=1.0, now=0.0)
-    w.sample(0.1)
-    assert w.verdict(0.1).state == "booting"        # no workers yet
+    wchans = {}
+    monkeypatch.setattr(procs, "wchan", lambda pid: wchans.get(pid, ""))
+    monkeypatch.setattr(procs, "activity", lambda pid: ("R", tree.ticks.get(pid, 0)))
+    w = readiness.WorkerWatch(100, servers.UNICORN, readiness.HookReports(), settle=0.1, now=0.0)
+    w.sample(0.05)
+    assert w.verdict(0.05).state == "booting"       # no workers yet
     tree.kids = [101, 102]
-    w.sample(0.2)
-    assert w.verdict(1.0).state == "booting"        # not steady long enough
-    assert w.verdict(1.25).state == "ready" and w.verdict(1.25).workers == 2
+    wchans[101] = "poll_schedule_timeout.constprop.0"
+    for t in (0.10, 0.15, 0.20, 0.25):
+        w.sample(t)                                 # 102 still loading the app
+        assert w.verdict(t).state == "booting"
+    wchans[102] = "do_select"
+    wchans[101] = ""                                # serving a request now: it has waited before
+    w.sample(0.30)
+    v = w.verdict(0.30)
+    assert v.state == "ready" and v.workers == 2 and v.since == 0.30
+    tree.kids = [101, 102, 103]                     # a new worker: not settled any more
+    w.sample(0.35)
+    assert w.verdict(0.35).state == "booting"
+
+
+def test_heuristic_counts_an_unreadable_wchan_asleep_without_cpu_as_waiting(monkeypatch):
+    """A worker of another user: /proc/PID/wchan is unreadable, /proc/PID/stat is not."""
+    tree = FakeTree(monkeypatch)
+    monkeypatch.setattr(procs, "wchan", lambda pid: "")
+    w = readiness.WorkerWatch(100, servers.UNICORN, readiness.HookReports(), settle=0.1, now=0.0)
+    tree.kids = [101]
+    for i, t in enumerate((0.1, 0.15, 0.2)):
+        tree.ticks[101] = i                         # using CPU: loading
+        w.sample(t)
+        assert w.verdict(t).state == "booting"
+    w.sample(0.25)                                  # asleep, no tick used since the last look
+    assert w.verdict(0.25).state == "ready"
 
 
 def test_crash_loop_counted_from_births_and_deaths(monkeypatch):

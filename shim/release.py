@@ -1,0 +1,80 @@
+"""Which release a master serves, and whether it is the one deployed.
+
+A deploy flips a `current` symlink and reloads. The shim resolves `--chdir`
+to the real release directory when a hand-over begins (the intended release)
+and, once the new master is ready, compares it with what that master really
+runs: its working directory after its config loaded, and the Gemfile Bundler
+was told to use. A config that pins itself to the first release (Unicorn's
+`working_directory File.expand_path('../..', __FILE__)` read through a
+relative `-c`, or a `BUNDLE_GEMFILE` that Unicorn's own re-exec carries over)
+would otherwise make every later deploy a silent no-op.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional, Sequence
+
+
+def resolve(directory: Optional[str]) -> Optional[str]:
+    """The real directory behind `directory` (a `current` symlink), now."""
+    if not directory:
+        return None
+    return os.path.realpath(directory)
+
+
+def _under(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+def config_through(argv: Sequence[str], flags: Sequence[str], link: Optional[str]) -> List[str]:
+    """`argv` with a relative config file (`-c config/unicorn.rb`) named through
+    `link` (`/srv/app/current/config/unicorn.rb`).
+
+    A relative path is resolved from the master's working directory, which is
+    the real release: a config computing APP_PATH from __FILE__ would then name
+    that one release for good (Unicorn's own re-exec reads the same path again).
+    Through the symlink, __FILE__-based paths (working_directory, listen, pid)
+    name `current` and read the same on every generation."""
+    if not link:
+        return list(argv)
+    out = list(argv)
+    for i, word in enumerate(out):
+        for flag in flags:
+            if word == flag and i + 1 < len(out) and not os.path.isabs(out[i + 1]):
+                out[i + 1] = os.path.join(link, out[i + 1])
+            elif flag.startswith("--") and word.startswith(flag + "="):
+                value = word[len(flag) + 1:]
+                if not os.path.isabs(value):
+                    out[i] = f"{flag}={os.path.join(link, value)}"
+    return out
+
+
+def environ_of(pid: int) -> Dict[str, str]:
+    """The environment `pid` was exec'd with (what Unicorn's re-exec passed on)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            items = f.read().split(b"\0")
+    except OSError:
+        return {}
+    return dict(i.decode(errors="replace").split("=", 1) for i in items if b"=" in i)
+
+
+def mismatch(pid: int, intended: str) -> Optional[str]:
+    """Why master `pid` does not serve the `intended` release, or None when it does."""
+    try:
+        actual = os.path.realpath(os.readlink(f"/proc/{pid}/cwd"))
+    except OSError:
+        return None      # gone: the caller sees that on its own
+    if not _under(actual, intended):
+        return (f"the new master serves {actual}, not the deployed release {intended}: its config "
+                "pins an old release (a `working_directory` computed from __FILE__ of a config read from "
+                "releases/, or an absolute path into releases/); fix: name the config through the "
+                "`current` symlink (a relative `-c` with --chdir does that) and use the default "
+                "`--upgrade spawn`")
+    gemfile = environ_of(pid).get("BUNDLE_GEMFILE")
+    if gemfile and not _under(os.path.realpath(gemfile), intended):
+        return (f"the new master runs with BUNDLE_GEMFILE={gemfile}, which is not in the deployed release "
+                f"{intended}: Bundler is pinned to an old release (Unicorn's re-exec keeps the first "
+                "master's environment); fix: use the default `--upgrade spawn`, or reset it in "
+                "`before_exec { |server| ENV['BUNDLE_GEMFILE'] = \"#{APP_PATH}/Gemfile\" }`")
+    return None
