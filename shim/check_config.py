@@ -23,7 +23,6 @@ class ConfigRules:
         self.e = evaluation
         self.v: Dict[str, Any] = evaluation.values
         self.unknown_env = [k for k in evaluation.unset_env if not k.startswith(SHIM_ENV)] if env_uncertain else []
-        self.config = config_eval.config_option(ctx.profile.name, ctx.command)
 
     def error(self, what: str, fix: str) -> None:
         """An error that rests on the config's values: only as sure as the environment it was evaluated in."""
@@ -103,8 +102,7 @@ class ConfigRules:
                              f"{(hook.get('effect') or {}).get('error', 'it did not say')}")
         elif not inside(gemfile, self.ctx.chdir):
             self.error(f"the config's before_exec sets BUNDLE_GEMFILE={gemfile}, outside --chdir "
-                       f"{self.ctx.chdir}: every re-exec'd master loads that release's gems"
-                       + self.relative_c_cause(), fix + self.relative_c_fix())
+                       f"{self.ctx.chdir}: every re-exec'd master loads that release's gems", fix)
 
     def oldbin_hook(self) -> None:
         hook = self.v.get("hooks", {}).get("before_fork") or {}
@@ -139,28 +137,26 @@ class ConfigRules:
                        f"--pid-file {pid} (PID_FILE= in the packaged conf), or the config's pid set to "
                        f"{mine or 'the --pid-file'}")
 
-    def relative_c_cause(self) -> str:
-        if self.config and not os.path.isabs(self.config):
-            return (f" (the relative -c {self.config} makes __FILE__ resolve through the real release "
-                    "directory, so File.expand_path(..., __FILE__) names that release, not `current`)")
-        return ""
-
-    def relative_c_fix(self) -> str:
-        if self.config and not os.path.isabs(self.config) and self.ctx.chdir:
-            return f"; or give -c as {os.path.join(self.ctx.chdir, self.config)}"
-        return ""
-
     def release_pinning(self, directory: Optional[str], setting: str) -> None:
+        """A directory the config sets for the master must follow `current`. Under spawn
+        each master starts in the real release behind --chdir, so that release's own path
+        is fine; under usr2 Unicorn's re-exec returns to it, so only --chdir is."""
         chdir = self.ctx.chdir
         if not directory or not chdir or inside(directory, chdir):
             return
-        now = (" — the release `current` points at now" if os.path.realpath(directory) == os.path.realpath(chdir)
-               else "")
-        fix = (f"give -c as {os.path.join(chdir, self.config)} (absolute, through the symlink)"
-               if self.config and not os.path.isabs(self.config) and self.ctx.profile.name == "unicorn"
-               else f"{setting} {chdir!r} in the config, or drop it: the shim starts each master in --chdir")
-        self.error(f"the config's {setting} resolves to {directory}{now}, outside --chdir {chdir}: every new "
-                   "master is started there, so later deploys never take effect" + self.relative_c_cause(), fix)
+        real, resolved = os.path.realpath(chdir), os.path.realpath(directory)
+        if self.ctx.upgrade == "spawn" and inside(resolved, real):
+            return
+        if inside(resolved, real):
+            what = ("the release `current` points at now, where Unicorn's own re-exec (--upgrade usr2) starts "
+                    "every later master")
+            fix = f"{setting} through the symlink ({chdir}), or the default --upgrade spawn"
+        else:
+            what = "not the release `current` points at, and every master is started there"
+            fix = (f"{setting} through the symlink ({chdir}; e.g. computed from __FILE__ of a config named "
+                   "through it), or drop it: the shim starts each master in --chdir")
+        self.error(f"the config's {setting} resolves to {directory}, outside --chdir {chdir}: {what}, so "
+                   "deploys never take effect", fix)
 
     def readiness(self, how: str) -> None:
         if not self.v.get("readiness_hook"):

@@ -20,6 +20,7 @@ from shim import config_eval
 from shim.check import CANNOT, ERROR, WARNING, Finding, last
 from shim.check_setup import SYSTEMD_PATH, Setup, environment_files
 from shim.readiness import hook_environment
+from shim.release import config_through
 from shim.servers import ServerProfile
 
 DEFAULT_TIMEOUT_START = 90.0      # systemd's DefaultTimeoutStartSec=
@@ -59,6 +60,19 @@ class Context:
     @property
     def app_dir(self) -> Optional[str]:
         return self.chdir or self.workdir
+
+    @property
+    def start_dir(self) -> Optional[str]:
+        """Where the shim starts a master (and what PWD says): under spawn the real
+        release behind --chdir, under usr2 --chdir itself (Unicorn's re-exec follows PWD)."""
+        if self.chdir and self.upgrade == "spawn":
+            return os.path.realpath(self.chdir)
+        return self.app_dir
+
+    @property
+    def server_command(self) -> List[str]:
+        """The command as the shim runs it: a relative config file named through --chdir."""
+        return config_through(self.command, self.profile.config_flags, self.chdir)
 
     @property
     def runtime_dirs(self) -> List[str]:
@@ -143,7 +157,7 @@ def host_rules(ctx: Context) -> List[Finding]:
     if ctx.shim.pid_file:
         writable_dir(ctx, run_as, ctx.shim.pid_file, "--pid-file")
     if ctx.app_dir is None or os.path.isdir(ctx.app_dir):
-        evaluation = config_eval.evaluate(ctx.profile.name, ctx.command, ctx.app_dir, env, run_as)
+        evaluation = config_eval.evaluate(ctx.profile, ctx.server_command, ctx.start_dir, env, run_as)
         ConfigRules(ctx, run_as, evaluation, env_uncertain).run()
     _last_release(ctx)
     return ctx.found
@@ -199,7 +213,7 @@ def _environment(ctx: Context, run_as: Optional[config_eval.RunAs]) -> Tuple[Dic
     env.update(unit_env)
     env.update(hook_environment(env))
     if ctx.chdir:
-        env["PWD"] = ctx.chdir
+        env["PWD"] = ctx.start_dir or ctx.chdir
     for path in unread:
         ctx.add(CANNOT, f"EnvironmentFile={path} cannot be read here: the config was evaluated without it",
                 "run the check as root")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from shim.readiness import HOOKS_DIR
+from shim.servers import ServerProfile
 
 MARK = "unicorn-shim-eval: "
 TIMEOUT = 20.0
@@ -58,18 +59,17 @@ class Evaluation:
         return sorted(k for k, present in self.values.get("env_reads", {}).items() if not present)
 
 
-def config_option(profile_name: str, command: Sequence[str]) -> Optional[str]:
+def config_option(profile: ServerProfile, command: Sequence[str]) -> Optional[str]:
     """The server's config file as the command gives it (relative or absolute)."""
-    flags = ("-c", "--config-file") if profile_name == "unicorn" else ("-c", "--config")
     found = None
     for i, word in enumerate(command):
-        if word in flags and i + 1 < len(command):
-            found = command[i + 1]
-        for flag in flags:
-            if flag.startswith("--") and word.startswith(flag + "="):
+        for flag in profile.config_flags:
+            if word == flag and i + 1 < len(command):
+                found = command[i + 1]
+            elif flag.startswith("--") and word.startswith(flag + "="):
                 found = word.split("=", 1)[1]
-        if word.startswith("-c") and len(word) > 2 and not word.startswith("--"):
-            found = word[2:]
+            elif not flag.startswith("--") and word.startswith(flag) and len(word) > len(flag):
+                found = word[len(flag):]
     return found
 
 
@@ -98,11 +98,11 @@ def _server_index(command: Sequence[str], words: Sequence[str]) -> Optional[int]
     return None
 
 
-def evaluator_argv(profile_name: str, command: Sequence[str], app_dir: Optional[str],
+def evaluator_argv(profile: ServerProfile, command: Sequence[str], app_dir: Optional[str],
                    env: Dict[str, str]) -> Tuple[Optional[List[str]], str]:
     """The command that evaluates the config with the server's interpreter, or (None, why not)."""
     path = env.get("PATH", os.defpath)
-    if profile_name == "unicorn":
+    if profile.name == "unicorn":
         index = _server_index(command, UNICORN_WORDS)
         if index is None:
             return None, "the command does not name unicorn"
@@ -112,7 +112,7 @@ def evaluator_argv(profile_name: str, command: Sequence[str], app_dir: Optional[
         for i, word in enumerate(args):
             if word in ("-E", "--env") and i + 1 < len(args):
                 rack_env = args[i + 1]
-        tail = [script, config_option("unicorn", command) or "", rack_env]
+        tail = [script, config_option(profile, command) or "", rack_env]
         prefix = list(command[:index])
         if prefix and os.path.basename(prefix[0]) == "bundle" and "exec" in prefix:
             bundle = resolve_executable(prefix[0], app_dir, path)
@@ -146,9 +146,11 @@ def evaluator_argv(profile_name: str, command: Sequence[str], app_dir: Optional[
     return [*shebang, *extra, *tail], ""
 
 
-def evaluate(profile_name: str, command: Sequence[str], app_dir: Optional[str], env: Dict[str, str],
+def evaluate(profile: ServerProfile, command: Sequence[str], app_dir: Optional[str], env: Dict[str, str],
              run_as: Optional[RunAs], timeout: float = TIMEOUT) -> Evaluation:
-    argv, why = evaluator_argv(profile_name, command, app_dir, env)
+    """Load the config of `command` with the server's own code, in `app_dir`, with `env`, as `run_as`."""
+    profile_name = profile.name
+    argv, why = evaluator_argv(profile, command, app_dir, env)
     if argv is None:
         return Evaluation(profile_name, {}, why)
     as_user = run_as is not None and run_as.can_switch

@@ -10,34 +10,12 @@ import subprocess
 import tempfile
 from typing import Optional
 
+from support import classic
 from support.deploy import REPO, SHIM
 
-# The config from the widely read Capistrano + Unicorn deployment guides.
-CLASSIC_UNICORN_RB = """\
-APP_PATH = File.expand_path('../..', __FILE__)
-worker_processes 2
-working_directory APP_PATH
-listen APP_PATH + '/tmp/sockets/unicorn.sock', backlog: 64
-timeout 30
-pid APP_PATH + '/tmp/pids/unicorn.pid'
-preload_app true
-before_exec do |server|
-  ENV['BUNDLE_GEMFILE'] = APP_PATH + '/Gemfile'
-end
-before_fork do |server, worker|
-  defined?(ActiveRecord::Base) and ActiveRecord::Base.connection.disconnect!
-  old_pid = "#{server.config[:pid]}.oldbin"
-  if File.exist?(old_pid) && server.pid != old_pid
-    begin
-      Process.kill("QUIT", File.read(old_pid).to_i)
-    rescue Errno::ENOENT, Errno::ESRCH
-    end
-  end
-end
-after_fork do |server, worker|
-  defined?(ActiveRecord::Base) and ActiveRecord::Base.establish_connection
-end
-"""
+# The config from the widely read Capistrano + Unicorn deployment guides (the one the
+# release-truth tests deploy), with Bundler's gemfile reset before a re-exec.
+CLASSIC_UNICORN_RB = classic.CLASSIC_UNICORN_RB.format(preload="true", before_exec=classic.BEFORE_EXEC)
 
 UNIT = """\
 [Service]
@@ -99,9 +77,10 @@ class Layout:
             os.replace(tmp, self.current)
         return path
 
-    def unicorn_release(self, name: str, config: str) -> str:
+    def unicorn_release(self, name: str, config: str, flip: bool = True) -> str:
         return self.release(name, {"config/unicorn.rb": config, "Gemfile": 'gem "unicorn"\n',
-                                   "Gemfile.lock": gemfile_lock(), "config.ru": "run ->(e) { [200, {}, []] }\n"})
+                                   "Gemfile.lock": gemfile_lock(), "config.ru": "run ->(e) { [200, {}, []] }\n"},
+                            flip)
 
 
 def world_readable_dir() -> str:

@@ -45,33 +45,66 @@ def errors(r) -> list:
     return [line for line in r.stdout.splitlines() if line.startswith("error:")]
 
 
-def test_classic_guide_config_with_an_absolute_c_passes(layout):
-    r = classic(layout, f"{layout.current}/config/unicorn.rb")
+@pytest.mark.parametrize("options", ["", "--upgrade usr2"])
+@pytest.mark.parametrize("relative", [True, False])
+def test_classic_guide_config_passes(layout, relative, options):
+    # A relative -c is named through --chdir by the shim, so APP_PATH is `current` either way.
+    r = classic(layout, "config/unicorn.rb" if relative else f"{layout.current}/config/unicorn.rb", options)
     assert r.returncode == 0 and not errors(r), r.stdout + r.stderr
     assert "QUITs the .oldbin master" in r.stdout            # warnings kept
     assert "readiness hook is not loaded" in r.stdout
     assert "cannot tell: the unicorn config" not in r.stdout   # it was evaluated, as nobody
 
 
-def test_classic_guide_config_with_a_relative_c_is_pinned_to_the_first_release(layout):
-    r = classic(layout, "config/unicorn.rb")
+def pinned_release(layout: Layout, current_on: str) -> str:
+    """r1 and r2 whose config names r1 itself, the way a copied absolute path does."""
+    r1 = os.path.join(layout.root, "releases", "r1")
+    config = f'working_directory "{r1}"\npid "{layout.current}/tmp/pids/unicorn.pid"\nrequire "unicorn_shim"\n'
+    layout.unicorn_release("r1", config)
+    layout.unicorn_release("r2", config, flip=current_on == "r2")
+    return r1
+
+
+@pytest.mark.parametrize("options", ["", "--upgrade usr2"])
+def test_working_directory_pinned_to_an_old_release(layout, options):
+    r1 = pinned_release(layout, current_on="r2")
+    unit = write_unit(layout, "unicorn -c config/unicorn.rb", pid_file=f"{layout.current}/tmp/pids/unicorn.pid",
+                      options=options)
+    r = run_check(unit)
     assert r.returncode == 1, r.stdout
-    release = os.path.join(layout.root, "releases", "r1")
-    text = r.stdout
-    assert f"working_directory resolves to {release}" in text and "the relative -c config/unicorn.rb" in text
-    assert f"give -c as {layout.current}/config/unicorn.rb" in text
-    assert f"BUNDLE_GEMFILE={release}/Gemfile, outside --chdir {layout.current}" in text
+    assert f"working_directory resolves to {r1}, outside --chdir {layout.current}: not the release" in r.stdout
+
+
+def test_working_directory_of_the_current_release_pins_only_under_usr2(layout):
+    r1 = pinned_release(layout, current_on="r1")
+    pid = f"{layout.current}/tmp/pids/unicorn.pid"
+    r = run_check(write_unit(layout, "unicorn -c config/unicorn.rb", pid_file=pid))
+    assert r.returncode == 0 and not errors(r), r.stdout      # spawn: each master starts in its release
+    r = run_check(write_unit(layout, "unicorn -c config/unicorn.rb", pid_file=pid, options="--upgrade usr2"))
+    assert r.returncode == 1 and f"working_directory resolves to {r1}" in r.stdout, r.stdout
+    assert "Unicorn's own re-exec (--upgrade usr2) starts every later master" in r.stdout
 
 
 def test_bundle_exec_under_usr2_needs_bundle_gemfile_handling(layout):
     layout.unicorn_release("r1", f'pid "{layout.current}/tmp/pids/unicorn.pid"\nrequire "unicorn_shim"\n')
-    command = f"bundle exec --keep-file-descriptors unicorn -c {layout.current}/config/unicorn.rb"
-    unit = write_unit(layout, command, pid_file=f"{layout.current}/tmp/pids/unicorn.pid")
-    r = run_check(unit)
+    command = "bundle exec --keep-file-descriptors unicorn -c config/unicorn.rb"
+    pid = f"{layout.current}/tmp/pids/unicorn.pid"
+    r = run_check(write_unit(layout, command, pid_file=pid, options="--upgrade usr2"))
     assert r.returncode == 1 and "no before_exec setting BUNDLE_GEMFILE" in r.stdout, r.stdout
-    unit = write_unit(layout, command, pid_file=f"{layout.current}/tmp/pids/unicorn.pid", options="--upgrade spawn")
-    r = run_check(unit)
+    r = run_check(write_unit(layout, command, pid_file=pid))      # the default, spawn: a fresh environment
     assert r.returncode == 0 and not errors(r), r.stdout
+
+
+def test_before_exec_pointing_bundler_at_an_old_release(layout):
+    r1 = os.path.join(layout.root, "releases", "r1")
+    config = (f'pid "{layout.current}/tmp/pids/unicorn.pid"\nrequire "unicorn_shim"\n'
+              f"before_exec {{ |s| ENV['BUNDLE_GEMFILE'] = '{r1}/Gemfile' }}\n")
+    layout.unicorn_release("r1", config)
+    layout.unicorn_release("r2", config)
+    unit = write_unit(layout, "bundle exec --keep-file-descriptors unicorn -c config/unicorn.rb",
+                      pid_file=f"{layout.current}/tmp/pids/unicorn.pid", options="--upgrade usr2")
+    r = run_check(unit)
+    assert r.returncode == 1 and f"sets BUNDLE_GEMFILE={r1}/Gemfile, outside --chdir" in r.stdout, r.stdout
 
 
 @pytest.mark.parametrize("unit_env,expect_error", [("", False), ("Environment=LISTEN=127.0.0.1:9", True)])
@@ -135,11 +168,19 @@ def test_gunicorn_venv_missing_from_the_release(layout):
     assert r.returncode == 1 and f"'venv/bin/gunicorn' does not exist in {layout.current}" in r.stdout, r.stdout
 
 
-def test_gunicorn_chdir_pinned_to_a_release(layout):
+def test_gunicorn_chdir_pinned_to_an_old_release(layout):
+    r1 = os.path.join(layout.root, "releases", "r1")
+    config = GUNICORN_CONF + f"chdir = {r1!r}\n"
+    gunicorn_release(layout, "r1", config)
+    gunicorn_release(layout, "r2", config)
+    r = run_check(gunicorn_unit(layout))
+    assert r.returncode == 1 and f"the config's chdir resolves to {r1}, outside --chdir" in r.stdout, r.stdout
+
+
+def test_gunicorn_chdir_from_the_config_files_own_path_follows_current(layout):
     gunicorn_release(layout, "r1", GUNICORN_CONF + "chdir = os.path.dirname(os.path.abspath(__file__))\n")
     r = run_check(gunicorn_unit(layout))
-    release = os.path.join(layout.root, "releases", "r1")
-    assert r.returncode == 1 and f"the config's chdir resolves to {release}" in r.stdout, r.stdout
+    assert r.returncode == 0 and not errors(r), r.stdout
 
 
 @pytest.mark.parametrize("change,expect", [
