@@ -131,6 +131,9 @@ def _unit_rules(setup: Setup, server_command: Optional[List[str]], host: bool) -
         error(str(e), "add --server unicorn|gunicorn to ExecStart=")
         return found
 
+    if shim.upgrade == "usr2" and not profile.usr2_carries_sockets:
+        error(f"--upgrade usr2: {profile.name}'s own re-exec cannot keep the sockets the shim holds; "
+              "the shim refuses to start", "--upgrade spawn (the default)")
     graceful = profile.graceful_stop.name
     kill_signal = last(service, "KillSignal") or "SIGTERM"
     if not kill_signal.startswith("SIG"):

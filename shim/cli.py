@@ -208,7 +208,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     from shim.check import check, report
     from shim.check_setup import SetupError
 
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    rest = args.command
+    if rest[:1] == ["--unit-only"]:          # given after the target: REMAINDER took it
+        args.unit_only, rest = True, rest[1:]
+    command = rest[1:] if rest[:1] == ["--"] else rest
     try:
         label, findings = check(args.unit_file, command or None, host=not args.unit_only)
     except OSError as e:

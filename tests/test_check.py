@@ -93,3 +93,10 @@ def test_server_command_given_on_the_command_line(tmp_path):
     r = check(tmp_path, unit, extra=["--", "gunicorn", "--daemon", "app:app"])
     assert r.returncode == 1 and "--daemon in the server command" in r.stdout
     assert "KillSignal=SIGQUIT: gunicorn's graceful stop is SIGTERM" in r.stdout
+
+
+def test_usr2_is_refused_for_gunicorn(tmp_path):
+    unit = GOOD.replace("unicorn-shim run ", "unicorn-shim run --upgrade usr2 ").replace(
+        "bundle exec --keep-file-descriptors unicorn -c config/unicorn.rb -E production", "gunicorn app:app")
+    r = check(tmp_path, unit.replace("KillSignal=SIGQUIT", "KillSignal=SIGTERM"), extra=["--unit-only"])
+    assert r.returncode == 1 and "--upgrade usr2: gunicorn's own re-exec cannot keep the sockets" in r.stdout
