@@ -27,14 +27,14 @@ class ConfigRules:
     def error(self, what: str, fix: str) -> None:
         """An error that rests on the config's values: only as sure as the environment it was evaluated in."""
         if self.unknown_env:
-            self.ctx.add(CANNOT, f"{what} — if {', '.join(self.unknown_env)} stay unset (the unit may pass "
-                         "more environment than this check can see)", fix)
+            self.ctx.add(CANNOT, f"{what} (as evaluated with {', '.join(self.unknown_env)} unset; the unit "
+                         "may pass more environment than this check can see)", fix)
         else:
             self.ctx.add(ERROR, what, fix)
 
     def run(self) -> None:
         who = f" as {self.run_as.name}" if self.run_as and self.e.as_user else ""
-        where = f" in {self.ctx.app_dir}" if self.ctx.app_dir else ""
+        where = f" in {self.ctx.start_dir}" if self.ctx.start_dir else ""
         if self.e.cannot:
             self.ctx.add(CANNOT, f"the {self.e.server} config: {self.e.cannot}; nothing in it was checked",
                          f"what `check` ran{who}{where} is what the shim will run: make it load there")

@@ -215,8 +215,12 @@ def _environment(ctx: Context, run_as: Optional[config_eval.RunAs]) -> Tuple[Dic
     if ctx.chdir:
         env["PWD"] = ctx.start_dir or ctx.chdir
     for path in unread:
-        ctx.add(CANNOT, f"EnvironmentFile={path} cannot be read here: the config was evaluated without it",
-                "run the check as root")
+        if not os.path.exists(path):
+            ctx.add(ERROR, f"EnvironmentFile={path} does not exist: systemd fails the start",
+                    f"create it, or EnvironmentFile=-{path} if it is optional")
+        else:
+            ctx.add(CANNOT, f"EnvironmentFile={path} cannot be read here: the config was evaluated without it",
+                    "run the check as root")
     return env, bool(unread or ctx.service.get("PassEnvironment"))
 
 
@@ -309,8 +313,8 @@ def _last_release(ctx: Context) -> None:
         serving = f"; the running master serves {good}" if good else ""
         ctx.add(ERROR, f"{ctx.chdir} points at {real}, the release whose last reload failed{serving}: a restart "
                 "or reboot would start the broken release",
-                (f"flip it back: ln -sfn {good} {ctx.chdir}.tmp && mv -T {ctx.chdir}.tmp {ctx.chdir}"
-                 if good else "deploy a fixed release") + ", or deploy a fixed release and reload")
+                (f"flip it back: ln -sfn {good} {ctx.chdir}.tmp && mv -T {ctx.chdir}.tmp {ctx.chdir}, or "
+                 if good else "") + "deploy a fixed release and reload")
 
 
 def _state_file(ctx: Context) -> str:

@@ -208,7 +208,8 @@ def _load_app(app: str, conf_path: str) -> Setup:
 
 
 def environment_files(service: Dict[str, List[str]]) -> Tuple[Dict[str, str], List[str]]:
-    """Environment= and EnvironmentFile= of a [Service], and what could not be read."""
+    """Environment= and EnvironmentFile= of a [Service], and the files that could not be read
+    (a missing optional `-` file is simply empty)."""
     env: Dict[str, str] = {}
     unread: List[str] = []
     for value in service.get("Environment", []):

@@ -347,3 +347,21 @@ def test_check_never_writes_a_gemfile_lock(layout):
     assert r.returncode == 0 and "cannot tell: the unicorn config: " in r.stdout, r.stdout
     assert "Gemfile.lock: Bundler would resolve and write it" in r.stdout
     assert not os.path.exists(os.path.join(release, "Gemfile.lock"))
+
+
+def test_a_value_from_environment_the_check_cannot_see_is_cannot_tell(layout):
+    layout.unicorn_release("r1", 'listen ENV.fetch("LISTEN", "127.0.0.1:9")\npid "/run/app/unicorn.pid"\n'
+                                 'require "unicorn_shim"\n')
+    unit = write_unit(layout, "unicorn -c config/unicorn.rb", pid_file="/run/app/unicorn.pid",
+                      socket="127.0.0.1:8080", extra="PassEnvironment=LISTEN")
+    r = run_check(unit)
+    assert r.returncode == 0 and "cannot tell: the config listens on 127.0.0.1:9," in r.stdout, r.stdout
+    assert "(as evaluated with LISTEN unset;" in r.stdout
+
+
+def test_a_missing_environment_file_stops_the_start(layout):
+    layout.unicorn_release("r1", 'pid "/run/app/unicorn.pid"\nrequire "unicorn_shim"\n')
+    unit = write_unit(layout, "unicorn -c config/unicorn.rb", pid_file="/run/app/unicorn.pid",
+                      socket="127.0.0.1:8080", extra=f"EnvironmentFile={layout.root}/no-such.env")
+    r = run_check(unit)
+    assert r.returncode == 1 and "no-such.env does not exist: systemd fails the start" in r.stdout, r.stdout
