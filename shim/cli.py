@@ -83,8 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="give up waiting after SEC (the reload itself goes on)")
     reload.add_argument("--control", metavar="PATH", help="control socket of the shim")
 
-    check = sub.add_parser("check", help="pre-flight: known mistakes in a unit file and the server's config")
-    check.add_argument("unit_file", metavar="UNIT_FILE")
+    check = sub.add_parser("check", help="pre-flight: known mistakes in a setup and the server's config",
+                           description="Check an app of the packaged units (APP, unicorn-shim@APP or "
+                                       "/etc/unicorn-shim/APP.conf), a unit (NAME.service) or a unit file, "
+                                       "as systemd and the server will run it.")
+    check.add_argument("unit_file", metavar="APP|UNIT|UNIT_FILE")
+    check.add_argument("--unit-only", action="store_true",
+                       help="only the unit's own settings: not this machine's users and directories, "
+                            "nor the server's config")
     check.add_argument("command", nargs=argparse.REMAINDER, metavar="-- SERVER_COMMAND ...",
                        help="the server command, when ExecStart= does not show it")
 
@@ -199,15 +205,19 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from shim.check import check_unit
+    from shim.check import check, report
+    from shim.check_setup import SetupError
 
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    rest = args.command
+    if rest[:1] == ["--unit-only"]:          # given after the target: REMAINDER took it
+        args.unit_only, rest = True, rest[1:]
+    command = rest[1:] if rest[:1] == ["--"] else rest
     try:
-        findings = check_unit(args.unit_file, command or None)
+        label, findings = check(args.unit_file, command or None, host=not args.unit_only)
     except OSError as e:
         raise ShimError(f"cannot read {args.unit_file}: {e.strerror}", EXIT_USAGE) from None
-    for finding in findings:
-        print(finding)
-    errors = sum(1 for f in findings if f.level == "error")
-    print(f"{args.unit_file}: {errors} errors, {len(findings) - errors} warnings")
-    return 1 if errors else 0
+    except SetupError as e:
+        raise ShimError(str(e), EXIT_USAGE) from None
+    text, status = report(label, findings)
+    print(text)
+    return status

@@ -1,4 +1,5 @@
-"""Issue 7: `unicorn-shim check` flags each known mistake and passes the shipped examples."""
+"""Issue 7: `unicorn-shim check` flags each known mistake in a unit file and passes the shipped
+examples (real setups, evaluated by the servers themselves: test_check_setups.py)."""
 from __future__ import annotations
 
 import os
@@ -6,6 +7,7 @@ import subprocess
 
 import pytest
 
+from check_fixtures import gemfile_lock
 from support.deploy import REPO, SHIM
 
 GOOD = """\
@@ -27,6 +29,9 @@ def check(tmp_path, unit_text, config=None, socket=None, extra=()):
     (workdir / "config").mkdir(parents=True, exist_ok=True)
     if config is not None:
         (workdir / "config" / "unicorn.rb").write_text(config)
+    # `bundle exec`: the config is evaluated under Bundler, as the shim will run it.
+    (workdir / "Gemfile").write_text('gem "unicorn"\n')
+    (workdir / "Gemfile.lock").write_text(gemfile_lock())
     unit = tmp_path / "app.service"
     unit.write_text(unit_text.format(workdir=workdir))
     if socket:
@@ -37,8 +42,10 @@ def check(tmp_path, unit_text, config=None, socket=None, extra=()):
 @pytest.mark.parametrize("name", sorted(n for n in os.listdir(os.path.join(REPO, "units"))
                                          if n.endswith(".service") and "@" not in n))   # templates: see test_package
 def test_shipped_examples_pass(name):
-    r = subprocess.run([SHIM, "check", os.path.join(REPO, "units", name)], capture_output=True, text=True)
-    assert r.returncode == 0 and "0 errors, 0 warnings" in r.stdout, r.stdout
+    # --unit-only: the examples name /srv/app and a user `app` that this machine does not have.
+    r = subprocess.run([SHIM, "check", "--unit-only", os.path.join(REPO, "units", name)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and ": 0 errors," in r.stdout, r.stdout
 
 
 def test_a_good_unit_passes(tmp_path):
@@ -65,7 +72,7 @@ def test_each_unit_mistake_is_flagged_with_its_fix(tmp_path, change, expect):
 
 @pytest.mark.parametrize("config,expect", [
     ('pid "/srv/app/tmp/pids/unicorn.pid"\n', "is not the shim's --pid-file"),
-    ('pid "/run/app/unicorn.pid"\nlisten 9000\n', "listens on 9000"),
+    ('pid "/run/app/unicorn.pid"\nlisten 9000\n', "listens on 0.0.0.0:9000"),   # as Unicorn expands it
 ])
 def test_config_mistakes_are_flagged(tmp_path, config, expect):
     r = check(tmp_path, GOOD, config=config + 'require "unicorn_shim"\n',
@@ -86,3 +93,10 @@ def test_server_command_given_on_the_command_line(tmp_path):
     r = check(tmp_path, unit, extra=["--", "gunicorn", "--daemon", "app:app"])
     assert r.returncode == 1 and "--daemon in the server command" in r.stdout
     assert "KillSignal=SIGQUIT: gunicorn's graceful stop is SIGTERM" in r.stdout
+
+
+def test_usr2_is_refused_for_gunicorn(tmp_path):
+    unit = GOOD.replace("unicorn-shim run ", "unicorn-shim run --upgrade usr2 ").replace(
+        "bundle exec --keep-file-descriptors unicorn -c config/unicorn.rb -E production", "gunicorn app:app")
+    r = check(tmp_path, unit.replace("KillSignal=SIGQUIT", "KillSignal=SIGTERM"), extra=["--unit-only"])
+    assert r.returncode == 1 and "--upgrade usr2: gunicorn's own re-exec cannot keep the sockets" in r.stdout
