@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="file mode of the control socket (default 0600; 0660 lets the group reload)")
     run.add_argument("--socket-mode", type=_mode, metavar="MODE",
                      help="file mode of unix sockets bound from --listen")
+    run.add_argument("--state-dir", metavar="DIR",
+                     help="where the last good release is remembered (default: $STATE_DIRECTORY, "
+                          "from the unit's StateDirectory=)")
+    run.add_argument("--no-fallback", action="store_true",
+                     help="at start, never fall back to the last good release when the deployed one "
+                          "cannot boot: the start fails instead")
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- SERVER_COMMAND ...")
 
     reload = sub.add_parser("reload", help="replace the running release, wait for the outcome "
@@ -145,7 +151,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         ready_timeout=args.ready_timeout, retire_timeout=args.retire_timeout, settle=args.settle,
         health_check=args.health_check, chdir=args.chdir,
         control_path=args.control or control.default_path(environ), control_mode=args.control_mode,
-        runtime_dir=runtime)
+        runtime_dir=runtime, fallback=not args.no_fallback,
+        state_dir=args.state_dir or environ.get("STATE_DIRECTORY", "").split(":")[0] or None)
     log = Log()
     if not config.control_path:
         log.event("no-control", "no control socket (no RuntimeDirectory= and no --control): "

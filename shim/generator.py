@@ -14,6 +14,7 @@ APP.conf, shell-style KEY=VALUE lines:
     GROUP=myapp                         # default: USER
     PID_FILE=/run/unicorn-shim/myapp/server.pid   # must match the server's config
     SHIM_OPTIONS=--ready-timeout 120    # more `unicorn-shim run` options
+    FALLBACK=no                         # never boot the last good release instead (default yes)
 """
 from __future__ import annotations
 
@@ -69,8 +70,12 @@ def dropins(app: str, conf: Dict[str, str]) -> Dict[str, str]:
     group = conf.get("GROUP", user)
     pid_file = conf.get("PID_FILE", f"/run/unicorn-shim/{app}/server.pid")
     listen: List[str] = conf["LISTEN"].split()
+    fallback = conf.get("FALLBACK", "yes").lower()
+    if fallback not in ("yes", "no"):
+        raise ConfError(f"FALLBACK={conf['FALLBACK']}: expected yes or no")
     exec_start = " ".join([SHIM, "run", "--pid-file", shlex.quote(pid_file), "--chdir",
-                           shlex.quote(conf["APP_DIR"]), conf.get("SHIM_OPTIONS", ""), "--",
+                           shlex.quote(conf["APP_DIR"]), "--no-fallback" if fallback == "no" else "",
+                           conf.get("SHIM_OPTIONS", ""), "--",
                            conf["SERVER_COMMAND"]])
     service = "\n".join([
         f"# generated from {CONF_DIR}/{app}.conf by unicorn-shim-generator", "[Service]",

@@ -19,6 +19,7 @@ from shim.upgrade import FAILED_MASTER_GRACE, ReloadFailed, Stopping, WrongRelea
 
 if TYPE_CHECKING:
     from shim.supervisor import Supervisor
+    from shim.upgrade import Strategy
 
 
 async def hand_over(sup: "Supervisor") -> Dict[str, Any]:
@@ -28,14 +29,17 @@ async def hand_over(sup: "Supervisor") -> Dict[str, Any]:
     deadline = t0 + sup.config.ready_timeout
     sup.state = "reloading"
     sup.notifier.reloading(os.getpid(), f"reloading: starting generation {gen} beside master {old.pid}")
-    sup.log.event("reload-start", f"reload to generation {gen} ({sup.strategy.name}) from master {old.pid}",
+    # A master of the fallback release was started there, not through --chdir:
+    # Unicorn's own re-exec would come back to it. The shim starts the next one.
+    strategy = sup.strategies["spawn"] if sup.degraded else sup.strategy
+    sup.log.event("reload-start", f"reload to generation {gen} ({strategy.name}) from master {old.pid}",
                   OLD_MASTER_PID=old.pid, GENERATION=gen)
     new: Optional[procs.Pinned] = None
     workers_stopped = False      # the old master's, for a health check; undone on rollback
     old.role = "old"
     intended = release.resolve(sup.config.chdir)
     try:
-        new = await sup.strategy.start_next(old, started, deadline, intended)
+        new = await strategy.start_next(old, started, deadline, intended)
         new.generation = gen
         if new.pid not in sup.masters:
             sup.watch(new)
@@ -54,22 +58,26 @@ async def hand_over(sup: "Supervisor") -> Dict[str, Any]:
         await sup.retire(old, keep=new.pid)
         retire_end = time.monotonic()
     except WrongRelease as e:
+        sup.remember("failed", intended, str(e))
         if not old.alive() and new is not None and new.alive():
             # The config's own hook already retired the old master; the new one
             # serves the old release as well as it did: keep it, fail the deploy.
-            return _keep_unchanged(sup, old, new, str(e), t0, gen)
-        return await _roll_back(sup, old, new, workers_stopped, str(e), t0, gen)
+            return _keep_unchanged(sup, old, new, str(e), t0, gen, strategy)
+        return await _roll_back(sup, old, new, workers_stopped, str(e), t0, gen, strategy)
     except ReloadFailed as e:
-        return await _roll_back(sup, old, new, workers_stopped, str(e), t0, gen)
+        sup.remember("failed", intended, str(e))
+        return await _roll_back(sup, old, new, workers_stopped, str(e), t0, gen, strategy)
     except Stopping:
         return {"ok": False, "error": "reload aborted: the service is stopping"}
     except Exception as e:   # a bug must not leave MAINPID on the shim and the state "reloading"
         sup.log.error("internal-error", f"reload: {type(e).__name__}: {e}")
         return await _roll_back(sup, old, new, workers_stopped,
-                                f"internal error: {type(e).__name__}: {e}", t0, gen)
+                                f"internal error: {type(e).__name__}: {e}", t0, gen, strategy)
 
-    sup.strategy.finish(new)
+    strategy.finish(new)
     sup.master, sup.generation, sup.state = new, gen, "serving"
+    sup.degraded = ""
+    sup.remember("served", intended or sup.release(new))
     duration = time.monotonic() - t0
     server_boot, retire = ready.since - t0, retire_end - retire_start
     timings = {"new_master_found_ms": found_ms, "server_boot_ms": int(server_boot * 1000),
@@ -126,7 +134,8 @@ async def _health_check(sup: "Supervisor", old: procs.Pinned,
 
 
 async def _roll_back(sup: "Supervisor", old: procs.Pinned, new: Optional[procs.Pinned],
-                     workers_stopped: bool, reason: str, t0: float, gen: int) -> Dict[str, Any]:
+                     workers_stopped: bool, reason: str, t0: float, gen: int,
+                     strategy: "Strategy") -> Dict[str, Any]:
     if workers_stopped and old.alive():
         old.signal(sup.profile.respawn_workers)
         try:
@@ -135,7 +144,7 @@ async def _roll_back(sup: "Supervisor", old: procs.Pinned, new: Optional[procs.P
             sup.log.error("rollback-error", f"old master did not get its workers back: {e}")
     if new is not None and new.alive():
         await sup.retire(new, grace=min(FAILED_MASTER_GRACE, sup.config.retire_timeout))
-    sup.strategy.restore(old)
+    strategy.restore(old)
     duration = time.monotonic() - t0
     sup.last_reload = f"failed after {duration:.1f}s: {reason}"
     fields = dict(OLD_MASTER_PID=old.pid, GENERATION=gen, REASON=reason,
@@ -158,8 +167,8 @@ async def _roll_back(sup: "Supervisor", old: procs.Pinned, new: Optional[procs.P
 
 
 def _keep_unchanged(sup: "Supervisor", old: procs.Pinned, new: procs.Pinned, reason: str,
-                    t0: float, gen: int) -> Dict[str, Any]:
-    sup.strategy.finish(new)
+                    t0: float, gen: int, strategy: "Strategy") -> Dict[str, Any]:
+    strategy.finish(new)
     sup.master, sup.generation, sup.state = new, gen, "serving"
     duration = time.monotonic() - t0
     sup.last_reload = f"failed after {duration:.1f}s: {reason}"

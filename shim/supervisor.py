@@ -11,7 +11,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from shim import procs, release, spawn
 from shim.control import ControlServer
@@ -22,6 +22,7 @@ from shim.release import config_through
 from shim.readiness import HOOK_ENV, HookReports, HookSocket, Verdict, WorkerWatch, hook_environment
 from shim.servers import ServerProfile
 from shim.sockets import HeldSocket
+from shim.state import State
 from shim.handover import hand_over
 from shim.upgrade import FAILED_MASTER_GRACE, STRATEGIES, ReloadFailed, Stopping
 
@@ -45,6 +46,8 @@ class Config:
     control_path: Optional[str]
     control_mode: int
     runtime_dir: str
+    state_dir: Optional[str] = None
+    fallback: bool = True
 
 
 class Supervisor:
@@ -56,7 +59,8 @@ class Supervisor:
         self.notifier = notifier
         self.log = log
         self.environ = environ                   # the shim's own, for every master: never a stale one
-        self.strategy = STRATEGIES[config.upgrade](self)
+        self.strategies = {name: kind(self) for name, kind in STRATEGIES.items()}
+        self.strategy = self.strategies[config.upgrade]
         self.cgroup = procs.cgroup_of(os.getpid())
         self.reports = HookReports()
         self.state = "booting"
@@ -65,6 +69,8 @@ class Supervisor:
         self.generation = 0
         self.stop_requested = False
         self.last_reload = ""
+        self.remembered = State(config.state_dir)
+        self.degraded = ""        # why the last good release serves instead of the deployed one
         self.started = time.time()
         self._wake = asyncio.Event()      # for the run loop
         self._hook = asyncio.Event()      # for whoever waits on a booting master
@@ -161,19 +167,21 @@ class Supervisor:
 
     # -- masters ------------------------------------------------------------
 
-    def start_master(self, not_before: int, release: Optional[str] = None) -> procs.Pinned:
+    def start_master(self, not_before: int, release: Optional[str] = None,
+                     link: Optional[str] = None) -> procs.Pinned:
         """Spawn a master from the held sockets and pin it.
 
         With `release` (the real directory behind --chdir) the master starts there
         with PWD naming it, so code it loads later (Gunicorn puts PWD on sys.path)
         comes from that release, never from the one `current` names later.
-        Without, PWD names --chdir itself, which Unicorn's own re-exec follows."""
+        Without, PWD names --chdir itself, which Unicorn's own re-exec follows.
+        A relative config path is named through `link` (default --chdir)."""
         fds = [s.fileno() for s in self.sockets]
         fd_numbers = list(range(spawn.FD_START, spawn.FD_START + len(fds)))
         env = spawn.server_environment(self.environ, {**self.profile.socket_env(fd_numbers),
                                                       **hook_environment(self.environ),
                                                       HOOK_ENV: self.hook_socket.path})
-        argv = config_through(self.config.command, self.profile.config_flags, self.config.chdir)
+        argv = config_through(self.config.command, self.profile.config_flags, link or self.config.chdir)
         argv += self.profile.listen_args([s.name for s in self.sockets])
         pid = spawn.spawn(argv, env, fds, chdir=release or self.config.chdir,
                           set_listen_pid=self.profile.sets_listen_pid)
@@ -262,32 +270,89 @@ class Supervisor:
     # -- lifecycle ----------------------------------------------------------
 
     async def boot(self) -> None:
-        self.notifier.extend_timeout(self.config.ready_timeout + 10)
         self._clean_stale_pid_files()
         t0 = time.time()
-        born_after = procs.now_ticks()
-        deadline = time.monotonic() + self.config.ready_timeout
-        master = None
+        deployed = release.resolve(self.config.chdir)
         try:
-            master = self.start_master(born_after, self.strategy.release_to_pin())
-            ready = await self.wait_ready(master, deadline, "master")
+            master, ready = await self._boot_release(None)
         except ReloadFailed as e:
-            if master is not None:
-                await self.retire(master, grace=min(FAILED_MASTER_GRACE, self.config.retire_timeout))
-            self.log.error("start-failed", f"start failed: {e}", REASON=str(e),
-                           SERVER_ERROR=self.reports.error_of(master.pid) if master else None,
-                           RELEASE=release.resolve(self.config.chdir))
-            raise ShimError(f"start failed: {e}", EXIT_START) from None
-        except Stopping:
-            if master is not None:
-                await self.retire(master)
-            raise
+            fallback = self._fallback_for(deployed)
+            self.remember("failed", deployed, str(e))
+            if fallback is None:
+                self._start_failed(e, deployed)
+            self.log.error("fallback", f"{deployed} failed to start ({e}); starting the last good release "
+                           f"{fallback} instead", RELEASE=fallback, FAILED_RELEASE=deployed, REASON=str(e),
+                           SERVER_ERROR=self.reports.error_of(e.master) if e.master else None)
+            self.notifier.status(f"starting: {deployed} failed; trying the last good release {fallback}")
+            try:
+                master, ready = await self._boot_release(fallback)
+            except ReloadFailed as e2:
+                self._start_failed(e2, fallback, also=f"; before that, {deployed} failed: {e}")
+            self.degraded = (f"degraded: serving last good release {fallback} because {self.config.chdir} "
+                             f"(-> {deployed}) failed: {e}")
         self.master, self.generation, self.state = master, 1, "serving"
         master.generation = 1
+        self.remember("served", self.release(master))
         self.notifier.ready(master.pid, self.status_line(ready.workers))
         self.log.event("ready", f"master {master.pid} ready with {ready.workers} workers in "
                        f"{time.time() - t0:.2f} s (by {ready.detail})", MASTER_PID=master.pid, GENERATION=1,
                        RELEASE=self.release(master), DURATION_MS=int((time.time() - t0) * 1000))
+
+    async def _boot_release(self, fallback: Optional[str]) -> Tuple[procs.Pinned, Verdict]:
+        """Start the first master, in --chdir as the strategy wants it or in the
+        `fallback` release directory, and wait until it is ready."""
+        self.notifier.extend_timeout(self.config.ready_timeout + 10)
+        born_after = procs.now_ticks()
+        deadline = time.monotonic() + self.config.ready_timeout
+        master = None
+        try:
+            if fallback:
+                master = self.start_master(born_after, fallback, link=fallback)
+            else:
+                master = self.start_master(born_after, self.strategy.release_to_pin())
+            return master, await self.wait_ready(master, deadline, "master")
+        except ReloadFailed as e:
+            if master is not None:
+                await self.retire(master, grace=min(FAILED_MASTER_GRACE, self.config.retire_timeout))
+                e.master = master.pid
+            raise
+        except Stopping:
+            if master is not None:
+                await self.retire(master)
+            raise
+
+    def _fallback_for(self, deployed: Optional[str]) -> Optional[str]:
+        """The last good release, when there is one to fall back to, or None (and why, logged)."""
+        last_good = self.remembered.last_good
+        why = None
+        if not self.config.fallback:
+            why = "--no-fallback"
+        elif not last_good:
+            why = "no release has served here yet" if self.remembered.path else "no state directory"
+        elif last_good == deployed:
+            why = "it is the release that failed"
+        elif not os.path.isdir(last_good):
+            why = f"the last good release {last_good} no longer exists"
+        if why:
+            self.log.event("no-fallback", f"no fallback: {why}", WARNING, RELEASE=last_good)
+            return None
+        return last_good
+
+    def _start_failed(self, e: ReloadFailed, failed: Optional[str], also: str = "") -> None:
+        error = self.reports.error_of(e.master) if e.master else None
+        self.log.error("start-failed", f"start failed: {e}{also}", REASON=str(e) + also, SERVER_ERROR=error,
+                       RELEASE=failed)
+        raise ShimError(f"start failed: {e}{also}", EXIT_START) from None
+
+    def remember(self, what: str, where: Optional[str], reason: str = "") -> None:
+        try:
+            if what == "served":
+                self.remembered.served(where)
+            else:
+                self.remembered.failed(where, reason)
+        except OSError as e:
+            self.log.event("state-error", f"cannot record the last good release in "
+                           f"{self.remembered.path}: {e}", WARNING)
 
     def _clean_stale_pid_files(self) -> None:
         """A pid file naming no process of this unit would mislead the server and its hooks."""
@@ -343,7 +408,8 @@ class Supervisor:
         counted = f"{workers}/{expected} workers ready" if expected else f"{workers} workers"
         line = (f"{self.state}: master {m.pid}, {counted}, release {self.release(m)}, "
                 f"generation {self.generation}")
-        return line + (f"; last reload {self.last_reload}" if self.last_reload else "")
+        line += f"; last reload {self.last_reload}" if self.last_reload else ""
+        return f"{self.degraded}; {line}" if self.degraded else line
 
     def status(self) -> Dict[str, Any]:
         m = self.master
@@ -359,6 +425,8 @@ class Supervisor:
             "sockets": [{"address": s.name, "origin": s.origin} for s in self.sockets],
             "uptime_s": round(time.time() - self.started, 1),
             "status_line": self.status_line(),
+            "degraded": self.degraded or None,
+            "last_good_release": self.remembered.last_good,
         }
 
     def _close(self) -> None:

@@ -29,6 +29,8 @@ FAILED_MASTER_GRACE = 10.0
 class ReloadFailed(Exception):
     """The reload cannot go on; the message is the one line the operator sees."""
 
+    master: Optional[int] = None     # the master that failed, once known
+
 
 class WrongRelease(ReloadFailed):
     """The new master is ready but serves another release than the one deployed."""
