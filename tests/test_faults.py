@@ -34,12 +34,15 @@ def reload_in_background(d):
 
 def wait_new_master(d, old, timeout=10):
     """The new master once it exists (usr2: the old master's non-worker child; spawn: a
-    second master beside the old)."""
+    second master beside the old). The server's name in its command line tells it from
+    the ExecReload= process, which systemd 257 starts as systemd-executor."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for pid in d.m.unit_processes():
-            if pid != old and "unicorn-shim" not in proc_cmdline(pid) and proc_parent(pid) in (old, d.m.pid) \
-                    and "worker" not in proc_cmdline(pid) and pid not in d.app_workers(old):
+            cmdline = proc_cmdline(pid)
+            if pid != old and "unicorn" in cmdline and "unicorn-shim" not in cmdline \
+                    and proc_parent(pid) in (old, d.m.pid) \
+                    and "worker" not in cmdline and pid not in d.app_workers(old):
                 return pid
         time.sleep(0.01)
     raise AssertionError("no new master appeared")
