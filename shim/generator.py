@@ -27,6 +27,11 @@ from typing import Dict, List
 from shim import servers
 from shim.errors import ShimError
 
+try:
+    from systemd import journal as _journal
+except ImportError:   # pragma: no cover - exercised where python3-systemd is absent
+    _journal = None
+
 CONF_DIR = "/etc/unicorn-shim"
 SHIM = "/usr/bin/unicorn-shim"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -116,14 +121,18 @@ def generate(conf_dir: str, out_dir: str) -> List[str]:
 
 
 KMSG = "/dev/kmsg"
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
 
 
 def report(problems: List[str]) -> None:
     """Generators run before the journal may be up: the kernel log always is, where
-    there is one. A container has no /dev/kmsg device: there, opening the path to
-    write would create a plain file nobody reads, so it is opened without O_CREAT
-    and used only when it is the character device; otherwise stderr, which systemd
-    logs for generators."""
+    there is one (journald reads it: `journalctl -t unicorn-shim-generator`).
+
+    A container has no /dev/kmsg device: opening the path to write would create a
+    plain file nobody reads, so it is opened without O_CREAT and used only when it
+    is the character device. There the journal takes the line (a daemon-reload
+    runs with journald up); stderr is the last resort: PID 1 may point it at
+    /dev/null."""
     if not problems:
         return
     try:
@@ -133,16 +142,30 @@ def report(problems: List[str]) -> None:
     if fd >= 0 and not stat.S_ISCHR(os.fstat(fd).st_mode):
         os.close(fd)
         fd = -1
-    for problem in problems:
-        try:
-            if fd >= 0:
-                os.write(fd, f"<4>{problem}\n".encode())
-                continue
-        except OSError:
-            pass
-        print(problem, file=sys.stderr)
-    if fd >= 0:
-        os.close(fd)
+    try:
+        for problem in problems:
+            if not (_to_kmsg(fd, problem) or _to_journal(problem)):
+                print(problem, file=sys.stderr)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _to_kmsg(fd: int, problem: str) -> bool:
+    try:
+        return fd >= 0 and os.write(fd, f"<4>{problem}\n".encode()) > 0
+    except OSError:
+        return False
+
+
+def _to_journal(problem: str) -> bool:
+    if _journal is None or not os.path.exists(JOURNAL_SOCKET):
+        return False
+    try:
+        _journal.send(problem, SYSLOG_IDENTIFIER="unicorn-shim-generator", PRIORITY=4)
+        return True
+    except OSError:
+        return False
 
 
 def main(argv: List[str]) -> int:

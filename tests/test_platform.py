@@ -98,12 +98,13 @@ def run_generator(tmp_path, monkeypatch, capsys, kmsg):
     (conf / "bad.conf").write_text(BAD_CONF)
     monkeypatch.setenv("UNICORN_SHIM_CONF_DIR", str(conf))
     monkeypatch.setattr(generator, "KMSG", kmsg)
+    monkeypatch.setattr(generator, "JOURNAL_SOCKET", str(tmp_path / "no-journald"))
     assert generator.main(["unicorn-shim-generator", str(out), str(out), str(out)]) == 0
     return capsys.readouterr().err
 
 
 def test_generator_without_kmsg_writes_stderr_and_creates_nothing(tmp_path, monkeypatch, capsys):
-    kmsg = str(tmp_path / "dev-kmsg")          # a container: no such device
+    kmsg = str(tmp_path / "dev-kmsg")          # a container: no such device (nor journald here)
     err = run_generator(tmp_path, monkeypatch, capsys, kmsg)
     assert "bad.conf: SERVER_COMMAND= is missing" in err
     assert not os.path.exists(kmsg)
