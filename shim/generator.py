@@ -4,7 +4,7 @@ units unicorn-shim@APP.service and unicorn-shim@APP.socket.
 Some settings a config file must decide cannot come from an EnvironmentFile=
 (User=, WorkingDirectory=, a socket's ListenStream=), so they are written as
 drop-ins each time systemd loads its units (boot, daemon-reload). Installed as
-/lib/systemd/system-generators/unicorn-shim-generator.
+/usr/lib/systemd/system-generators/unicorn-shim-generator.
 
 APP.conf, shell-style KEY=VALUE lines:
     APP_DIR=/srv/myapp/current          # required: the release directory (a symlink is fine)
@@ -21,11 +21,17 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import stat
 import sys
 from typing import Dict, List
 
 from shim import servers
 from shim.errors import ShimError
+
+try:
+    from systemd import journal as _journal
+except ImportError:   # pragma: no cover - exercised where python3-systemd is absent
+    _journal = None
 
 CONF_DIR = "/etc/unicorn-shim"
 SHIM = "/usr/bin/unicorn-shim"
@@ -119,17 +125,59 @@ def generate(conf_dir: str, out_dir: str) -> List[str]:
     return problems
 
 
+KMSG = "/dev/kmsg"
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+
+
+def report(problems: List[str]) -> None:
+    """Generators run before the journal may be up: the kernel log always is, where
+    there is one (journald reads it: `journalctl -t unicorn-shim-generator`).
+
+    A container has no /dev/kmsg device: opening the path to write would create a
+    plain file nobody reads, so it is opened without O_CREAT and used only when it
+    is the character device. There the journal takes the line (a daemon-reload
+    runs with journald up); stderr is the last resort: PID 1 may point it at
+    /dev/null."""
+    if not problems:
+        return
+    try:
+        fd = os.open(KMSG, os.O_WRONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        fd = -1
+    if fd >= 0 and not stat.S_ISCHR(os.fstat(fd).st_mode):
+        os.close(fd)
+        fd = -1
+    try:
+        for problem in problems:
+            if not (_to_kmsg(fd, problem) or _to_journal(problem)):
+                print(problem, file=sys.stderr)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _to_kmsg(fd: int, problem: str) -> bool:
+    try:
+        return fd >= 0 and os.write(fd, f"<4>{problem}\n".encode()) > 0
+    except OSError:
+        return False
+
+
+def _to_journal(problem: str) -> bool:
+    if _journal is None or not os.path.exists(JOURNAL_SOCKET):
+        return False
+    try:
+        _journal.send(problem, SYSLOG_IDENTIFIER="unicorn-shim-generator", PRIORITY=4)
+        return True
+    except OSError:
+        return False
+
+
 def main(argv: List[str]) -> int:
     if len(argv) < 2:
         print("usage: unicorn-shim-generator NORMAL_DIR [EARLY_DIR LATE_DIR]", file=sys.stderr)
         return 2
-    for problem in generate(os.environ.get("UNICORN_SHIM_CONF_DIR", CONF_DIR), argv[1]):
-        # Generators run before the journal may be up: the kernel log always is.
-        try:
-            with open("/dev/kmsg", "w") as kmsg:
-                kmsg.write(f"<4>{problem}\n")
-        except OSError:
-            print(problem, file=sys.stderr)
+    report(generate(os.environ.get("UNICORN_SHIM_CONF_DIR", CONF_DIR), argv[1]))
     return 0
 
 

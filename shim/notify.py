@@ -7,7 +7,8 @@ NOTIFY_SOCKET (not run by systemd) every message is a no-op.
 from __future__ import annotations
 
 import os
-import time
+import select
+import socket
 from typing import Callable, Optional
 
 try:
@@ -44,9 +45,16 @@ class Notifier:
         self.send(MAINPID=mainpid, READY=1, STATUS=status)
 
     def reloading(self, mainpid: int, status: str) -> None:
-        # MONOTONIC_USEC lets systemd >= 253 match the reload; older ones ignore it.
-        self.send(RELOADING=1, MAINPID=mainpid, STATUS=status,
-                  MONOTONIC_USEC=int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1e6))
+        """The hand-over begins: MAINPID moves to the shim, and systemd has taken
+        it in when this returns, so the old master may exit from then on.
+
+        No RELOADING=1: the unit already shows "reloading" while `systemctl
+        reload` runs ExecReload=, and after it systemd >= 253 waits for READY=1
+        after ExecReload= ends even when the main process is dead: a shim killed
+        mid hand-over left the unit stuck until TimeoutStartSec= instead of
+        restarting it (252 restarts it at once either way)."""
+        self.send(MAINPID=mainpid, STATUS=status)
+        _barrier()
 
     def status(self, status: str) -> None:
         self.send(STATUS=status)
@@ -59,6 +67,32 @@ class Notifier:
 
     def watchdog(self) -> None:
         self.send(WATCHDOG=1)
+
+
+def _barrier(timeout: float = 5.0) -> bool:
+    """sd_notify_barrier(): wait until the manager has processed every message sent
+    before (it closes the pipe end passed with BARRIER=1 once it has). Datagrams
+    are read asynchronously: without this, systemd may still see the old master
+    as the main process when it exits. False without a manager or on timeout."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address or address[0] not in "/@":
+        return False
+    if address[0] == "@":
+        address = "\0" + address[1:]
+    r, w = os.pipe()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(address)
+            socket.send_fds(s, [b"BARRIER=1"], [w])
+        os.close(w)
+        w = -1
+        return bool(select.select([r], [], [], timeout)[0])
+    except OSError:
+        return False
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
 
 
 def _watchdog_usec() -> Optional[int]:

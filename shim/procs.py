@@ -6,12 +6,13 @@ is pinned with a pidfd (which cannot be reused by another process).
 """
 from __future__ import annotations
 
+import functools
 import os
 import select
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import psutil
 
@@ -20,21 +21,53 @@ class UntrustedPid(Exception):
     """A pid the shim refuses to signal, with the reason why."""
 
 
-def cgroup_of(pid: int) -> Optional[str]:
-    """The process's systemd cgroup path (cgroup v2, or v1's name=systemd)."""
+# Where the kernel's cgroup file systems are mounted, and /proc (tests point them elsewhere).
+CGROUP_FS = "/sys/fs/cgroup"
+PROC = "/proc"
+
+
+@functools.lru_cache(maxsize=None)
+def systemd_hierarchy() -> Tuple[str, str]:
+    """The hierarchy systemd tracks units in: (the controller field of its
+    /proc/PID/cgroup line, the directory its cgroup paths are under).
+
+    Decided the way systemd decides (cg_unified_cached): cgroup2 on /sys/fs/cgroup
+    (unified), else cgroup2 on /sys/fs/cgroup/unified (hybrid: systemd tracks
+    there and only mirrors to name=systemd), else the v1 name=systemd hierarchy.
+    Which lines look meaningful is no guide: in a container on a hybrid host the
+    host's name=systemd line reads "/" for every process."""
+    mounts = {}
     try:
-        with open(f"/proc/{pid}/cgroup") as f:
+        with open(f"{PROC}/self/mountinfo") as f:
+            for line in f:
+                before, _, after = line.partition(" - ")
+                fields, fs = before.split(), after.split()
+                if len(fields) > 4 and len(fs) > 2:
+                    mounts[fields[4]] = (fs[0], fs[2].split(","))
+    except OSError:
+        pass
+    for directory in (CGROUP_FS, f"{CGROUP_FS}/unified"):
+        if mounts.get(directory, ("", []))[0] == "cgroup2":
+            return "", directory
+    legacy = f"{CGROUP_FS}/systemd"
+    if "name=systemd" in mounts.get(legacy, ("", []))[1]:
+        return "name=systemd", legacy
+    return "", CGROUP_FS
+
+
+def cgroup_of(pid: int) -> Optional[str]:
+    """The process's cgroup path in the hierarchy systemd tracks units in."""
+    controllers = systemd_hierarchy()[0]
+    try:
+        with open(f"{PROC}/{pid}/cgroup") as f:
             lines = f.read().splitlines()
     except OSError:
         return None
-    v2 = None
     for line in lines:
-        hier, controllers, path = line.split(":", 2)
-        if controllers == "name=systemd":
+        hier, found, path = line.split(":", 2)
+        if found == controllers and (controllers or hier == "0"):
             return path
-        if hier == "0" and controllers == "":
-            v2 = path
-    return v2
+    return None
 
 
 def in_cgroup(pid: int, cgroup: Optional[str]) -> bool:
@@ -46,16 +79,14 @@ _TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def cgroup_members(cgroup: Optional[str]) -> List[int]:
-    """Every pid in the unit's own cgroup (v1 name=systemd, or v2)."""
+    """Every pid in the unit's own cgroup, read where cgroup_of() reads."""
     if not cgroup:
         return []
-    for root in ("/sys/fs/cgroup/systemd", "/sys/fs/cgroup/unified", "/sys/fs/cgroup"):
-        try:
-            with open(f"{root}{cgroup}/cgroup.procs") as f:
-                return [int(p) for p in f.read().split()]
-        except OSError:
-            continue
-    return []
+    try:
+        with open(f"{systemd_hierarchy()[1]}{cgroup}/cgroup.procs") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
 
 
 def _stat(pid: int) -> List[str]:

@@ -14,6 +14,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 ROOTFS=${2:-$SDH_BASE/ct/rootfs-full}
 R=$SDH_BASE/ct/run/$NAME
 CG=sdh-ct-$NAME.scope
+. "$HERE/cgroup-roots.sh"
 [ -f "$R/nspawn.pid" ] && kill -0 "$(cat "$R/nspawn.pid")" 2>/dev/null && { echo "$NAME already up" >&2; exit 1; }
 rm -rf "$R"; mkdir -p "$R/share"
 t0=$(date +%s.%N)
@@ -21,8 +22,7 @@ t0=$(date +%s.%N)
 # Own cgroup per container (nspawn --keep-unit puts payload/ + supervisor/ below
 # the cgroup it starts in; sharing /init.scope would collide).
 (
-  for h in /sys/fs/cgroup/*/; do
-      [ -e "$h/cgroup.procs" ] || continue
+  for h in $(cgroup_roots); do
       mkdir -p "$h$CG"
       [ -e "$h/cpuset.cpus" ] && { cat "$h/cpuset.cpus" > "$h$CG/cpuset.cpus"; cat "$h/cpuset.mems" > "$h$CG/cpuset.mems"; }
       echo $BASHPID > "$h$CG/cgroup.procs"

@@ -5,6 +5,7 @@ SDH_BASE=${SDH_BASE:-${TMPDIR:-/tmp}/unicorn-shim-tests}
 NAME=${1:?name}
 R=$SDH_BASE/ct/run/$NAME
 CG=sdh-ct-$NAME.scope
+. "$(dirname "$0")/cgroup-roots.sh"
 alive() { local st; st=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1); [ -n "$st" ] && [ "$st" != Z ]; }
 if [ -f "$R/nspawn.pid" ]; then
     P=$(cat "$R/nspawn.pid")
@@ -16,9 +17,9 @@ if [ -f "$R/nspawn.pid" ]; then
     fi
 fi
 for _ in 1 2 3; do      # stragglers in the container's cgroup, by pid
-    pids=$(find /sys/fs/cgroup/systemd/$CG -name cgroup.procs -exec cat {} + 2>/dev/null)
+    pids=$(cgroup_pids "$CG")
     [ -z "$pids" ] && break; kill -KILL $pids 2>/dev/null; sleep 0.2
 done
-for h in /sys/fs/cgroup/*/; do [ -d "$h$CG" ] && find "$h$CG" -depth -type d -exec rmdir {} + 2>/dev/null; done
+cgroup_remove "$CG"
 [ "${2:-}" = --keep ] || rm -rf "$R"
 exit 0

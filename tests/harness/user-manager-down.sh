@@ -6,6 +6,7 @@ set -u
 NAME=${1:?name}
 D=${SDH_BASE:-${TMPDIR:-/tmp}/unicorn-shim-tests}/um/$NAME
 CG=sdh-$NAME.slice
+. "$(dirname "$0")/cgroup-roots.sh"
 
 # "gone" includes zombie: our pids get reparented to the host's PID 1, which
 # reaps lazily (~2 s here), so `kill -0` alone would wait for the reaper.
@@ -22,13 +23,11 @@ stop_pid() { # pid, ticks of 20ms before SIGKILL
 
 # Anything left in the instance's cgroups (e.g. KillMode=none leftovers): SIGKILL by pid.
 for _ in 1 2 3; do
-    pids=$(find /sys/fs/cgroup/systemd/$CG -name cgroup.procs -exec cat {} + 2>/dev/null)
+    pids=$(cgroup_pids "$CG")
     [ -z "$pids" ] && break
     kill -KILL $pids 2>/dev/null; sleep 0.1
 done
 # Remove the cgroup trees in every hierarchy (deepest first).
-for h in /sys/fs/cgroup/*/; do
-    [ -d "$h$CG" ] && find "$h$CG" -depth -type d -exec rmdir {} + 2>/dev/null
-done
+cgroup_remove "$CG"
 [ "${2:-}" = --keep ] || rm -rf "$D"
 exit 0

@@ -1,0 +1,79 @@
+"""Booted Debian containers (systemd-nspawn --boot: systemd is PID 1 inside) for
+the tests that need a whole system: the package, and systemd versions other than
+the host's (Debian 13 / systemd 257).
+
+Images are debootstrapped by tests/harness/container-build.sh, from the mirror
+the host's apt uses, once per machine: they are cached under
+UNICORN_SHIM_IMAGE_CACHE (default /var/cache/unicorn-shim-tests). Each boot runs
+on a tmpfs overlay of the image, so the image stays pristine."""
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import subprocess
+import uuid
+from typing import Dict, List, Optional
+
+HARNESS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "harness")
+CACHE = os.environ.get("UNICORN_SHIM_IMAGE_CACHE", "/var/cache/unicorn-shim-tests")
+
+# What each image holds besides a booting systemd: the package's dependencies (the
+# containers have no network) and, for Debian 13, what the integration tests need
+# to run inside it. A new list needs a new name: the cache is keyed by it.
+IMAGES: Dict[str, tuple] = {
+    "bookworm": ("rootfs-bookworm-v1",
+                 "unicorn,ruby-rack,python3-psutil,python3-systemd,python3-sdnotify,procps,curl,python3"),
+    "trixie": ("rootfs-trixie-v1",
+               "unicorn,ruby-rack,gunicorn,python3,python3-pytest,python3-psutil,python3-systemd,"
+               "python3-sdnotify,procps,curl,util-linux"),
+}
+
+
+def image(suite: str) -> str:
+    """The cached root file system of `suite`, built first if missing (one builder
+    at a time per machine; a half-built image is never used)."""
+    name, packages = IMAGES[suite]
+    rootfs = os.path.join(CACHE, name)
+    os.makedirs(CACHE, exist_ok=True)
+    with open(os.path.join(CACHE, f"{name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(os.path.join(rootfs, "usr", "bin", "unicorn")):
+            building = rootfs + ".build"
+            shutil.rmtree(building, ignore_errors=True)
+            shutil.rmtree(rootfs, ignore_errors=True)
+            r = subprocess.run([os.path.join(HARNESS, "container-build.sh"), building, packages],
+                               capture_output=True, text=True,
+                               env=dict(os.environ, SUITE=suite, CACHE=os.path.join(CACHE, "debs")))
+            assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+            os.rename(building, rootfs)
+    return rootfs
+
+
+class Container:
+    """One booted container of an image; `run` executes a command inside it."""
+
+    def __init__(self, rootfs: str, base_dir: str, binds: Optional[List[str]] = None,
+                 unified_cgroup: bool = False) -> None:
+        self.name = "c" + uuid.uuid4().hex[:8]
+        self.env = dict(os.environ, SDH_BASE=base_dir, SDH_NSPAWN_ARGS=" ".join(
+            ["--private-network"] + [f"--bind-ro={b}" for b in binds or []]))
+        if unified_cgroup:      # what Debian 13's systemd expects; the host may be hybrid
+            self.env["SYSTEMD_NSPAWN_UNIFIED_HIERARCHY"] = "1"
+        r = subprocess.run([os.path.join(HARNESS, "container-boot.sh"), self.name, rootfs], capture_output=True,
+                           text=True, env=self.env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        self.share = os.path.join(base_dir, "ct", "run", self.name, "share")   # /mnt/share inside
+
+    def run(self, *cmd: str, check: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
+        p = subprocess.run([os.path.join(HARNESS, "ct-exec.sh"), self.name, *cmd], capture_output=True,
+                           text=True, env=self.env, timeout=timeout)
+        assert not check or p.returncode == 0, (cmd, p.stdout, p.stderr)
+        return p
+
+    def popen(self, *cmd: str) -> subprocess.Popen:
+        return subprocess.Popen([os.path.join(HARNESS, "ct-exec.sh"), self.name, *cmd], stdout=subprocess.PIPE,
+                                text=True, env=self.env)
+
+    def down(self) -> None:
+        subprocess.run([os.path.join(HARNESS, "container-down.sh"), self.name], env=self.env, capture_output=True)
