@@ -131,6 +131,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    _without_tls()
     import asyncio
     import shutil
     import tempfile
@@ -179,6 +180,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         sockets.release(held)
         if own_runtime:
             shutil.rmtree(own_runtime, ignore_errors=True)
+
+
+def _without_tls() -> None:
+    """asyncio imports ssl (OpenSSL: about 4 MiB of each shim's memory) only for TLS
+    transports, and carries on without it; the shim never makes one (--health-check is
+    plain HTTP). A None entry in sys.modules makes that import fail, as documented."""
+    if "asyncio" not in sys.modules and "ssl" not in sys.modules:
+        sys.modules["ssl"] = None  # type: ignore[assignment]
 
 
 def _reject_daemon_flags(profile: servers.ServerProfile, command: List[str]) -> None:
