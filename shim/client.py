@@ -70,13 +70,13 @@ def parse(argv: List[str]) -> Optional[Invocation]:
     words = iter(argv[1:])
     for word in words:
         name, eq, value = word.partition("=")
-        if name in _VALUED[inv.subcommand]:
-            if not eq:
-                value = next(words, None)
-                if value is None or value.startswith("-"):
-                    return None
-        elif word in _FLAGS[inv.subcommand]:
+        if word in _FLAGS[inv.subcommand]:
             name, value = word, ""
+        elif name in _VALUED[inv.subcommand]:
+            if not eq:
+                value = next(words, "-")
+                if value.startswith("-"):
+                    return None
         elif not word.startswith("-") and inv.app is None:
             inv.app = word
             continue
@@ -90,8 +90,10 @@ def parse(argv: List[str]) -> Optional[Invocation]:
                 inv.timeout = seconds(value)
             except ValueError:
                 return None
+        elif name in _FLAGS[inv.subcommand]:
+            setattr(inv, name[2:], True)
         else:
-            setattr(inv, name[2:], value or True)
+            setattr(inv, name[2:], value)
     if sum(x is not None for x in (inv.app, inv.control, inv.unit)) > 1:
         return None      # argparse says which options exclude each other
     return inv
