@@ -16,8 +16,10 @@ round reloads them in sequence. Reported, per setup:
   wakeups per second; the CPU of one `unicorn-shim reload` and `status` call.
 
 --compare REV runs the same on the shim of git revision REV (its `run` and its
-client, from `git archive`), side by side in the same run, each under its own
-manager. Debian's Python (/usr/bin/python3).
+client, from `git archive`) side by side: both hosts are up at once, each
+under its own manager, and every step runs on one and then the other, in turns,
+so that a shared machine's changing load falls on both. Debian's Python
+(/usr/bin/python3).
 """
 from __future__ import annotations
 
@@ -162,7 +164,7 @@ def idle(host: Host, seconds: float) -> dict:
 
 
 def client_cpu(host: Host, argv_tail: list, calls: int) -> float:
-    """Median CPU (user+sys) of one client process, from its own rusage: the wait
+    """Median CPU (user+sys) of client processes, from their own rusage: the wait
     for the hand-over is not CPU."""
     shim = [sys.executable, os.path.join(host.tree, "bin", "unicorn-shim")]
     cpu = []
@@ -187,53 +189,60 @@ def events(host: Host, event: str) -> dict:
     return out
 
 
-def run_setup(label: str, tree: str, args: argparse.Namespace, base: str) -> dict:
-    host = Host(base, tree, args.apps)
-    res = {"label": label, "rounds": []}
-    try:
-        host.start()
-        time.sleep(2)
-        res["idle"] = idle(host, args.idle)
-        generation = {n: 1 for n in host.names}
-        loads = {n: Load(host.ports[n], clients=1, max_seconds=3600) for n in host.names}
-        for load in loads.values():
+class Setup:
+    """One tree's host and what was measured on it."""
+
+    def __init__(self, label: str, tree: str, args: argparse.Namespace, base: str) -> None:
+        self.host = Host(base, tree, args.apps)
+        self.res: dict = {"label": label, "rounds": []}
+        self.generation = {n: 1 for n in self.host.names}
+        self.took_effect = self.reloads = self.failed_reloads = 0
+
+    def start(self) -> None:
+        self.host.start()
+
+    def start_load(self) -> None:
+        self.loads = {n: Load(self.host.ports[n], clients=1, max_seconds=3600) for n in self.host.names}
+        for load in self.loads.values():
             load.__enter__()
-        cpu0 = {n: cpu_ticks(p) for n, p in host.shims.items()}
-        took_effect = reloads = failed_reloads = 0
-        for kind in ["parallel"] * args.rounds + ["sequence"]:
-            releases = {n: host.apps[n].release() for n in host.names}
-            done: dict = {}
-            if kind == "parallel":
-                threads = [threading.Thread(target=host.reload, args=(n, done)) for n in host.names]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
-            else:
-                for n in host.names:
-                    host.reload(n, done)
+        self.cpu0 = {n: cpu_ticks(p) for n, p in self.host.shims.items()}
+
+    def round(self, kind: str) -> None:
+        host = self.host
+        releases = {n: host.apps[n].release() for n in host.names}
+        done: dict = {}
+        if kind == "parallel":
+            threads = [threading.Thread(target=host.reload, args=(n, done)) for n in host.names]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        else:
             for n in host.names:
-                generation[n] += 1
-                reloads += 1
-                failed_reloads += done[n][2] != 0
-                took_effect += get(host.ports[n]).release == releases[n]
-            res["rounds"].append((kind, {n: (generation[n], *done[n]) for n in host.names}))
+                host.reload(n, done)
+        for n in host.names:
+            self.generation[n] += 1
+            self.reloads += 1
+            self.failed_reloads += done[n][2] != 0
+            self.took_effect += get(host.ports[n]).release == releases[n]
+        self.res["rounds"].append((kind, {n: (self.generation[n], *done[n]) for n in host.names}))
+
+    def stop_load(self, rounds: int) -> None:
+        res = self.res
         res["shim_cpu_per_reload_ms"] = statistics.median(
-            (cpu_ticks(p) - cpu0[n]) * 1000 / TICKS / (args.rounds + 1) for n, p in host.shims.items())
-        for load in loads.values():
+            (cpu_ticks(p) - self.cpu0[n]) * 1000 / TICKS / rounds for n, p in self.host.shims.items())
+        for load in self.loads.values():
             load.stop()
-        res["requests_ok"] = sum(load.ok_count() for load in loads.values())
-        res["requests_failed"] = sum(len(load.failures()) for load in loads.values())
-        res["took_effect"] = f"{took_effect}/{reloads}"
-        res["failed_reloads"] = failed_reloads
-        res["client_reload_cpu_ms"] = client_cpu(host, ["reload"], args.client_calls)
-        res["client_status_cpu_ms"] = client_cpu(host, ["status"], args.client_calls)
-        time.sleep(2)
-        res["idle_after"] = idle(host, args.idle)
-        starts, dones = events(host, "reload-start"), events(host, "reload-done")
+        res["requests_ok"] = sum(load.ok_count() for load in self.loads.values())
+        res["requests_failed"] = sum(len(load.failures()) for load in self.loads.values())
+        res["took_effect"] = f"{self.took_effect}/{self.reloads}"
+        res["failed_reloads"] = self.failed_reloads
+
+    def latencies(self) -> None:
+        starts, dones = events(self.host, "reload-start"), events(self.host, "reload-done")
         for kind in ("parallel", "sequence"):
             to_start, to_done, to_return = [], [], []
-            for k, per_app in res["rounds"]:
+            for k, per_app in self.res["rounds"]:
                 if k != kind:
                     continue
                 for n, (gen, t0, t1, _rc) in per_app.items():
@@ -242,10 +251,33 @@ def run_setup(label: str, tree: str, args: argparse.Namespace, base: str) -> dic
                     if (n, gen) in dones:
                         to_done.append(dones[(n, gen)] - t0)
                         to_return.append(t1 - t0)
-            res[kind] = {"to_start": to_start, "to_done": to_done, "to_return": to_return}
-    finally:
-        host.down()
-    return res
+            self.res[kind] = {"to_start": to_start, "to_done": to_done, "to_return": to_return}
+
+
+def run(setups: list, args: argparse.Namespace) -> None:
+    """Both setups up at once; each step runs on one, then the other (in turns, so
+    that neither always goes first on a machine whose load changes)."""
+    def each(step, i=0):
+        for s in (setups if i % 2 == 0 else setups[::-1]):
+            step(s)
+
+    each(lambda s: s.start())
+    time.sleep(2)
+    each(lambda s: s.res.__setitem__("idle", idle(s.host, args.idle)))
+    each(lambda s: s.start_load())
+    kinds = ["parallel"] * args.rounds + ["sequence"]
+    for i, kind in enumerate(kinds):
+        each(lambda s: s.round(kind), i)
+    each(lambda s: s.stop_load(len(kinds)))
+    for i in range(args.client_calls):
+        each(lambda s: s.res.setdefault("reload_cpu", []).append(client_cpu(s.host, ["reload"], 1)), i)
+        each(lambda s: s.res.setdefault("status_cpu", []).append(client_cpu(s.host, ["status"], 1)), i)
+    for s in setups:
+        s.res["client_reload_cpu_ms"] = statistics.median(s.res["reload_cpu"])
+        s.res["client_status_cpu_ms"] = statistics.median(s.res["status_cpu"])
+    time.sleep(2)
+    each(lambda s: s.res.__setitem__("idle_after", idle(s.host, args.idle)))
+    each(lambda s: s.latencies())
 
 
 def med(values: list) -> str:
@@ -293,16 +325,17 @@ def main() -> None:
     if os.getuid() != 0:
         sys.exit("bench/many_apps.py: run as root: it starts a private systemd")
     base = tempfile.mkdtemp(prefix="unicorn-shim-many.")
-    results = []
+    setups = []
     try:
-        setups = [("this tree", "")] + ([(args.compare, args.compare)] if args.compare else [])
-        for label, rev in setups:
-            results.append(run_setup(label, shim_tree(rev, base), args, base))
-            print(table(results[-1:]), flush=True)
+        for label, rev in [("this tree", "")] + ([(args.compare, args.compare)] if args.compare else []):
+            setups.append(Setup(label, shim_tree(rev, base), args, base))
+        run(setups, args)
     finally:
+        for s in setups:
+            s.host.down()
         shutil.rmtree(base, ignore_errors=True)
-    print(f"\n{args.apps} apps, {args.rounds} parallel rounds + 1 in sequence, one client per app:\n")
-    print(table(results))
+    print(f"\n{args.apps} apps per setup, {args.rounds} parallel rounds + 1 in sequence, one client per app:\n")
+    print(table([s.res for s in setups]))
 
 
 if __name__ == "__main__":
