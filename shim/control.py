@@ -109,9 +109,10 @@ class ControlServer:
             uid, gids = peer_credentials(writer.get_extra_info("socket"))
             if not admitted(uid, gids, self.mode):
                 self.on_refused(uid)
-                await self._reply(writer, {"ok": False, "error": "permission denied: only root, the "
-                                           "service's user" + (" and its group" if self.mode & 0o020 else "")
-                                           + " may control this shim"})
+                who = "root, the service's user and its group" if self.mode & 0o020 else \
+                    "root and the service's user"
+                await self._reply(writer, {"ok": False, "error": f"permission denied: only {who} may "
+                                           "control this shim"})
                 return
             try:
                 line = await asyncio.wait_for(reader.readline(), REQUEST_TIMEOUT)
