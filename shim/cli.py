@@ -1,30 +1,36 @@
 """unicorn-shim's command line. The interface is a contract with users' unit files:
-extend it, never rename it."""
+extend it, never rename it.
+
+`reload` and `status` run from ExecReload=, often for many apps at once: their
+plain forms go to shim.client without loading argparse or any of the modules
+`run` needs (see shim/client.py). Everything else is parsed here.
+"""
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import shutil
 import sys
-import tempfile
-from typing import List, Optional
 
-from shim import __version__, control, servers, sockets, spawn
-from shim.errors import EXIT_PIDFILE, EXIT_RELOAD, EXIT_USAGE, ShimError
+from shim import client
+from shim.errors import EXIT_PIDFILE, EXIT_USAGE, ShimError
+
+TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see shim/client.py)
+if TYPE_CHECKING:
+    import argparse
+    from typing import List, Optional
+
+    from shim import servers
 
 
 def _seconds(text: str) -> float:
+    import argparse
     try:
-        value = float(text)
+        return client.seconds(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0")
-    return value
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds more than 0") from None
 
 
 def _mode(text: str) -> int:
+    import argparse
     try:
         value = int(text, 8)
     except ValueError:
@@ -35,6 +41,9 @@ def _mode(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
+
+    from shim import __version__, servers
     parser = argparse.ArgumentParser(
         prog="unicorn-shim",
         description="Run a Unicorn or Gunicorn master under systemd with zero-downtime reloads.")
@@ -87,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                                            "(the unit's ExecReload=)")
     reload.add_argument("--timeout", type=_seconds, metavar="SEC",
                         help="give up waiting after SEC (the reload itself goes on)")
-    reload.add_argument("--control", metavar="PATH", help="control socket of the shim")
+    _add_target(reload)
 
     check = sub.add_parser("check", help="pre-flight: known mistakes in a setup and the server's config",
                            description="Check an app of the packaged units (APP, unicorn-shim@APP or "
@@ -102,14 +111,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="what the running shim supervises")
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    status.add_argument("--control", metavar="PATH", help="control socket of the shim")
+    _add_target(status)
     return parser
 
 
+def _add_target(parser: argparse.ArgumentParser) -> None:
+    """Which shim: the packaged app, a unit of one's own, or a socket path (else $RUNTIME_DIRECTORY)."""
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("app", nargs="?", metavar="APP",
+                       help="the app of the packaged unit unicorn-shim@APP (/run/unicorn-shim/APP/control.sock); "
+                            "without APP, --unit or --control: $RUNTIME_DIRECTORY/control.sock, as in ExecReload=")
+    which.add_argument("--unit", metavar="NAME",
+                       help="the shim of unit NAME, found through systemd (its RuntimeDirectory=)")
+    which.add_argument("--control", metavar="PATH", help="control socket of the shim")
+    parser.add_argument("--user", action="store_true",
+                        help="with --unit: a unit of the caller's own service manager (systemctl --user)")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    status = client.main(argv)
+    if status is not None:
+        return status
     args = build_parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "reload": cmd_reload, "status": cmd_status,
+        return {"run": cmd_run, "reload": client.run, "status": client.run,
                 "check": cmd_check}[args.subcommand](args)
     except ShimError as e:
         print(f"unicorn-shim: {e}", file=sys.stderr)
@@ -117,9 +143,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    # Imported here: `unicorn-shim reload` (ExecReload=) starts faster without them.
+    _without_tls()
     import asyncio
+    import shutil
+    import tempfile
 
+    from shim import servers, sockets, spawn
     from shim.journal import Log
     from shim.notify import Notifier
     from shim.supervisor import Config, Supervisor
@@ -150,7 +179,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         pid_file=os.path.abspath(args.pid_file) if args.pid_file else None,
         ready_timeout=args.ready_timeout, retire_timeout=args.retire_timeout, settle=args.settle,
         health_check=args.health_check, chdir=args.chdir,
-        control_path=args.control or control.default_path(environ), control_mode=args.control_mode,
+        control_path=args.control or client.default_path(environ), control_mode=args.control_mode,
         runtime_dir=runtime, fallback=not args.no_fallback,
         state_dir=args.state_dir or environ.get("STATE_DIRECTORY", "").split(":")[0] or None)
     log = Log()
@@ -164,6 +193,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         sockets.release(held)
         if own_runtime:
             shutil.rmtree(own_runtime, ignore_errors=True)
+
+
+def _without_tls() -> None:
+    """asyncio imports ssl (OpenSSL: about 4 MiB of each shim's memory) only for TLS
+    transports, and carries on without it; the shim never makes one (--health-check is
+    plain HTTP). A None entry in sys.modules makes that import fail, as documented."""
+    if "asyncio" not in sys.modules and "ssl" not in sys.modules:
+        sys.modules["ssl"] = None  # type: ignore[assignment]
 
 
 def _reject_daemon_flags(profile: servers.ServerProfile, command: List[str]) -> None:
@@ -180,35 +217,6 @@ def _check_pid_dir(pid_file: str) -> None:
     if not os.access(directory, os.W_OK | os.X_OK):
         raise ShimError(f"--pid-file {pid_file}: directory {directory} is not writable "
                         f"by uid {os.getuid()}", EXIT_PIDFILE)
-
-
-def _control_path(args: argparse.Namespace) -> Optional[str]:
-    return args.control or control.default_path(os.environ)
-
-
-def cmd_reload(args: argparse.Namespace) -> int:
-    answer = control.request(_control_path(args), {"command": "reload"}, args.timeout)
-    if answer.get("ok"):
-        print(f"reloaded: generation {answer['generation']}, master {answer['master_pid']} serving "
-              f"{answer.get('release')}, old master {answer['old_master_pid']} retired "
-              f"({answer['duration_ms']} ms)")
-        return 0
-    print(f"unicorn-shim: reload failed: {answer.get('error')}", file=sys.stderr)
-    return EXIT_RELOAD
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    answer = control.request(_control_path(args), {"command": "status"}, 10.0)
-    if args.json:
-        print(json.dumps(answer, indent=2, sort_keys=True))
-    elif answer.get("ok"):
-        print(answer["status_line"])
-        for s in answer["sockets"]:
-            print(f"  socket {s['address']} ({s['origin']})")
-        print(f"  server {answer['server']}, upgrade {answer['upgrade']}, up {answer['uptime_s']} s")
-    else:
-        print(f"unicorn-shim: {answer.get('error')}", file=sys.stderr)
-    return 0 if answer.get("ok") else EXIT_RELOAD
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -1,49 +1,68 @@
-"""The control socket: `unicorn-shim reload` and `status` talk to the running shim.
+"""The control socket, the shim's side: `unicorn-shim reload` and `status`
+(shim/client.py) talk to the running shim through it.
 
-One JSON object per line each way. The server side runs in the shim's event
-loop; a request waits for its own answer (a reload answers when it is over).
-Only root and the shim's own user may connect (SO_PEERCRED).
+One JSON object per line each way. The server runs in the shim's event loop; a
+request waits for its own answer (a reload answers when it is over). Admitted
+(SO_PEERCRED): root, the shim's own user, and, when --control-mode gives the
+group write access (0660), any peer whose group or supplementary groups hold
+the socket's group.
 """
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import socket
 import stat
 import struct
-from typing import Any, Awaitable, Callable, Dict, Optional
+from typing import Any, Awaitable, Callable, Dict, FrozenSet, Optional
 
 from shim.errors import EXIT_CONTROL, ShimError
 
-SOCKET_NAME = "control.sock"
 MAX_REQUEST = 4096
 REQUEST_TIMEOUT = 5.0
 _UCRED = struct.Struct("3i")
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)   # Linux >= 4.13; Python does not name it
+_MAX_GROUPS = 65536
 
 Handler = Callable[[Dict[str, Any]], Awaitable[Dict[str, Any]]]
 
 
-def default_path(environ: "Dict[str, str] | os._Environ[str]") -> Optional[str]:
-    """The socket in the unit's RuntimeDirectory= (ExecReload= sees the same one)."""
-    runtime = environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
-    return os.path.join(runtime, SOCKET_NAME) if runtime else None
+def peer_credentials(sock: socket.socket) -> "tuple[int, FrozenSet[int]]":
+    """(uid, every gid) of the connected peer, as the kernel recorded them at connect()."""
+    _pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    size = 64 * 4
+    while True:
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
+            break
+        except OSError as e:
+            if e.errno == errno.ERANGE and size < _MAX_GROUPS * 4:
+                size *= 16
+                continue
+            raw = b""      # an old kernel: the primary group only
+            break
+    groups = struct.unpack(f"{len(raw) // 4}I", raw[:len(raw) // 4 * 4])
+    return uid, frozenset((gid, *groups))
 
 
-def peer_uid(sock: socket.socket) -> int:
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    return _UCRED.unpack(creds)[1]
+def admitted(uid: int, gids: FrozenSet[int], mode: int) -> bool:
+    """Root and the shim's user; the socket's group too when the mode lets it write (connect)."""
+    return uid in (0, os.getuid()) or bool(mode & 0o020 and os.getgid() in gids)
 
 
 def bind_control_socket(path: str, mode: int) -> socket.socket:
-    """Bind the control socket, replacing a stale file a previous run left."""
+    """Bind the control socket, replacing a stale file a previous run left (never a live one)."""
     try:
         st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
         if not stat.S_ISSOCK(st.st_mode):
             raise ShimError(f"control socket path {path} exists and is not a socket", EXIT_CONTROL)
-        os.unlink(path)   # ours from an earlier run: only one shim per RuntimeDirectory
-    except FileNotFoundError:
-        pass
+        _refuse_live(path)
+        os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)   # never world-accessible, not even for an instant
     try:
@@ -57,10 +76,26 @@ def bind_control_socket(path: str, mode: int) -> socket.socket:
     return sock
 
 
+def _refuse_live(path: str) -> None:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return           # nobody listens: left by an earlier run
+    except OSError as e:
+        raise ShimError(f"control socket {path}: cannot check the existing socket: {e.strerror}",
+                        EXIT_CONTROL) from None
+    finally:
+        probe.close()
+    raise ShimError(f"control socket {path}: another shim is running on it (one shim per "
+                    "RuntimeDirectory=; give this one its own --control)", EXIT_CONTROL)
+
+
 class ControlServer:
     def __init__(self, path: str, mode: int, handler: Handler,
                  on_refused: Callable[[int], None]) -> None:
         self.path = path
+        self.mode = mode
         self.sock = bind_control_socket(path, mode)
         self.handler = handler
         self.on_refused = on_refused
@@ -71,11 +106,13 @@ class ControlServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            uid = peer_uid(writer.get_extra_info("socket"))
-            if uid not in (0, os.getuid()):
+            uid, gids = peer_credentials(writer.get_extra_info("socket"))
+            if not admitted(uid, gids, self.mode):
                 self.on_refused(uid)
-                await self._reply(writer, {"ok": False, "error": "permission denied: only root and the "
-                                           "service's user may control this shim"})
+                who = "root, the service's user and its group" if self.mode & 0o020 else \
+                    "root and the service's user"
+                await self._reply(writer, {"ok": False, "error": f"permission denied: only {who} may "
+                                           "control this shim"})
                 return
             try:
                 line = await asyncio.wait_for(reader.readline(), REQUEST_TIMEOUT)
@@ -104,42 +141,3 @@ class ControlServer:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
-
-
-def request(path: Optional[str], command: Dict[str, Any], timeout: Optional[float]) -> Dict[str, Any]:
-    """Send one command and wait for its answer (client side, blocking)."""
-    if not path:
-        raise ShimError("cannot find the shim's control socket: RUNTIME_DIRECTORY is not set "
-                        "(add RuntimeDirectory= to the unit) and no --control was given", EXIT_CONTROL)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    try:
-        sock.connect(path)
-        try:
-            sock.sendall(json.dumps(command).encode() + b"\n")
-        except (BrokenPipeError, ConnectionResetError):
-            # The shim may answer and close before reading us (a refused peer): its
-            # answer is already queued on our side, so read it rather than report EPIPE.
-            pass
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    except FileNotFoundError:
-        raise ShimError(f"no shim is running: {path} does not exist", EXIT_CONTROL) from None
-    except ConnectionRefusedError:
-        raise ShimError(f"no shim is running: nothing answers on {path} "
-                        "(the shim died; restart the service)", EXIT_CONTROL) from None
-    except socket.timeout:
-        raise ShimError(f"no answer from the shim within {timeout:g} s "
-                        "(the operation goes on in the shim; see journalctl)", EXIT_CONTROL) from None
-    except OSError as e:
-        raise ShimError(f"cannot talk to the shim on {path}: {e.strerror or e}", EXIT_CONTROL) from None
-    finally:
-        sock.close()
-    try:
-        return json.loads(data)
-    except ValueError:
-        raise ShimError("the shim closed the connection without an answer", EXIT_CONTROL) from None

@@ -11,19 +11,17 @@ import select
 import socket
 from typing import Callable, Optional
 
-try:
-    from systemd import daemon as _daemon
-except ImportError:   # pragma: no cover - exercised where python3-systemd is absent
-    _daemon = None
-
 
 def _sender() -> Optional[Callable[[str], object]]:
+    """Loaded only when there is a service manager to tell (NOTIFY_SOCKET)."""
     if not os.environ.get("NOTIFY_SOCKET"):
         return None
-    if _daemon is not None:
-        return _daemon.notify
-    import sdnotify
-    return sdnotify.SystemdNotifier().notify
+    try:
+        from systemd import daemon
+        return daemon.notify
+    except ImportError:   # pragma: no cover - exercised where python3-systemd is absent
+        import sdnotify
+        return sdnotify.SystemdNotifier().notify
 
 
 class Notifier:

@@ -14,8 +14,6 @@ import time
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
-import psutil
-
 
 class UntrustedPid(Exception):
     """A pid the shim refuses to signal, with the reason why."""
@@ -114,8 +112,8 @@ def now_ticks() -> int:
 
 def parent_of(pid: int) -> Optional[int]:
     try:
-        return psutil.Process(pid).ppid()
-    except psutil.Error:
+        return int(_stat(pid)[1])
+    except (IndexError, ValueError):
         return None
 
 
@@ -125,6 +123,8 @@ def children(pid: int) -> List[int]:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
             return [int(p) for p in f.read().split()]
     except FileNotFoundError:
+        # A kernel without CONFIG_PROC_CHILDREN. psutil (1.8 MiB per shim) is loaded only then.
+        import psutil
         try:
             return [c.pid for c in psutil.Process(pid).children()]
         except psutil.Error:

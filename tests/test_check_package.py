@@ -9,7 +9,9 @@ import os
 import shutil
 import time
 
-from test_package import container, deb, rootfs  # noqa: F401  (fixtures: the .deb and a booted Debian 12)
+import pytest
+
+from test_package import container, deb  # noqa: F401  (fixtures: the .deb and a booted Debian)
 
 CONF = """\
 APP_DIR=/srv/myapp/current
@@ -35,6 +37,7 @@ def write(run, path: str, text: str) -> None:
     run("python3", "-c", f"open({path!r}, 'w').write({text!r})", check=True)
 
 
+@pytest.mark.parametrize("container", ["bookworm"], indirect=True)
 def test_check_app_on_the_packaged_units(deb, container):  # noqa: F811
     run, share = container
     shutil.copy(deb, share)

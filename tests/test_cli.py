@@ -3,7 +3,9 @@ nothing is left running. The shim runs for real (no systemd needed here)."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import sys
 import subprocess
 import tempfile
 import uuid
@@ -173,7 +175,7 @@ def test_answer_read_even_when_the_shim_closes_before_reading(tmp_path):
     the request: the client's write then fails with EPIPE, yet the answer is there.
     (Seen in CI: `reload` said "Broken pipe" instead of "permission denied".)"""
     import threading
-    from shim.control import request
+    from shim.client import request
     path = str(tmp_path / "control.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
@@ -191,3 +193,122 @@ def test_answer_read_even_when_the_shim_closes_before_reading(tmp_path):
     server.join()
     listener.close()
     assert answer == {"ok": False, "error": "permission denied"}
+
+
+# -- the reload/status client: light, and the same command line as before ------
+
+HEAVY = ("asyncio", "psutil", "systemd", "argparse", "shim.supervisor", "shim.control", "sdnotify")
+LOADED = """
+import sys
+sys.path.insert(0, {repo!r})
+from shim.cli import main
+status = main(sys.argv[1:])
+print(" ".join(sorted(sys.modules)))
+"""
+
+
+@pytest.mark.parametrize("argv", [["reload", "--control", "/nonexistent/control.sock"],
+                                  ["reload", "--timeout", "5", "no-such-app-here"],
+                                  ["status", "--json", "--control", "/nonexistent/control.sock"],
+                                  ["status", "no-such-app-here"],
+                                  ["status", "--unit", "no-such.service"]])
+def test_client_loads_no_heavy_module(argv):
+    """ExecReload= runs this for every deploy of every app: no asyncio, psutil,
+    systemd-python or argparse in the process (they cost most of its CPU)."""
+    r = subprocess.run([sys.executable, "-c", LOADED.format(repo=REPO), *argv], capture_output=True, text=True,
+                       timeout=30, env={k: v for k, v in os.environ.items() if k != "RUNTIME_DIRECTORY"})
+    assert r.returncode == 0, r.stderr
+    loaded = set(r.stdout.split())
+    assert "shim.client" in loaded
+    assert not [m for m in loaded if m.split(".")[0] in HEAVY or m in HEAVY], r.stdout
+
+
+@pytest.mark.parametrize("argv", [
+    ["reload"], ["reload", "shop"], ["reload", "--timeout", "2.5", "shop"], ["reload", "--timeout=3", "--control", "/x"],
+    ["reload", "--unit", "app.service", "--user"], ["reload", "--unit=app"], ["status"], ["status", "--json"],
+    ["status", "shop", "--json"], ["status", "--control=/x"], ["status", "--user", "--unit", "app"],
+    ["reload", "--user"],
+])
+def test_fast_parse_means_what_argparse_means(argv):
+    from shim.cli import build_parser
+    from shim.client import parse
+    fast, full = parse(argv), build_parser().parse_args(argv)
+    assert fast is not None
+    for name in ("subcommand", "app", "control", "unit", "user", "timeout"):
+        assert getattr(fast, name) == getattr(full, name, None), name
+    assert fast.json == getattr(full, "json", False)
+
+
+@pytest.mark.parametrize("argv", [
+    ["reload", "--help"], ["status", "-h"], ["reload", "--timeout", "0"], ["reload", "--timeout", "nan"],
+    ["reload", "--tim", "3"], ["reload", "shop", "--control", "/x"], ["reload", "--unit", "a", "shop"],
+    ["reload", "a", "b"], ["reload", "--json"], ["status", "--timeout", "3"], ["reload", "--control"],
+    ["reload", "--control", "/x", "--control", "/y"], ["run", "--", "unicorn"], ["--version"], [],
+])
+def test_anything_else_goes_to_argparse(argv):
+    """Help, errors, abbreviations, repeats: argparse parses them as it always did."""
+    from shim.client import parse
+    assert parse(argv) is None
+
+
+def test_reload_app_that_does_not_exist():
+    r = subprocess.run([SHIM, "reload", "no-such-app-" + uuid.uuid4().hex[:6]], capture_output=True, text=True)
+    assert r.returncode == 9 and "no such app" in one_line(r) and "--unit NAME" in one_line(r)
+    r = subprocess.run([SHIM, "status", "../etc"], capture_output=True, text=True)
+    assert r.returncode == 2 and "is not an app name" in one_line(r)
+    r = subprocess.run([SHIM, "reload", "--user"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--user goes with --unit" in one_line(r)
+
+
+def test_permission_denied_says_who_may():
+    runtime = tempfile.mkdtemp()       # root's, 0700: nobody cannot reach the socket in it
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(os.path.join(runtime, "control.sock"))
+    listener.listen(1)
+    r = run_shim("reload", "--control", os.path.join(runtime, "control.sock"), user="65534")
+    listener.close()
+    shutil.rmtree(runtime)
+    line = one_line(r)
+    assert r.returncode == 9 and "Permission denied" in line
+    assert "its user root" in line and "sudo -u root" in line and "sudoers example" in line
+
+
+def test_control_option_read_from_execstart():
+    from shim.client import control_option
+    show = ("{ path=/usr/bin/unicorn-shim ; argv[]=/usr/bin/unicorn-shim run --pid-file /run/a.pid "
+            "--control /srv/a/control.sock -- unicorn -c config/unicorn.rb --control x ; ignore_errors=no ; "
+            "start_time=[n/a] ; stop_time=[n/a] ; pid=0 ; code=(null) ; status=0/0 }")
+    assert control_option(show) == "/srv/a/control.sock"
+    assert control_option(show.replace("--control /srv/a/control.sock", "--control=/c.sock")) == "/c.sock"
+    assert control_option(show.replace("--control /srv/a/control.sock ", "")) is None
+    assert control_option("") is None
+
+
+@pytest.mark.parametrize("groups, mode, admitted", [("--clear-groups", 0o660, False),
+                                                    ("--groups=0", 0o660, True),
+                                                    ("--groups=0", 0o600, False)])
+def test_control_socket_admits_its_group_only_when_the_mode_says_so(groups, mode, admitted):
+    """A real peer (uid 65534, with or without the shim's group among its supplementary
+    groups): the kernel's SO_PEERCRED/SO_PEERGROUPS decide."""
+    from shim import control
+    public = tempfile.mkdtemp()
+    os.chmod(public, 0o755)
+    path = os.path.join(public, "c.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    os.chmod(path, 0o666)
+    listener.listen(1)
+    listener.settimeout(20)
+    peer = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", groups, sys.executable, "-c",
+                             f"import socket; s=socket.socket(socket.AF_UNIX); s.connect({path!r}); s.recv(1)"])
+    try:
+        conn, _ = listener.accept()
+        uid, gids = control.peer_credentials(conn)
+        conn.close()
+    finally:
+        listener.close()
+        peer.wait(10)
+        shutil.rmtree(public)
+    assert uid == 65534 and (0 in gids) == (groups == "--groups=0")
+    assert control.admitted(uid, gids, mode) is admitted
+    assert control.admitted(0, frozenset([0]), 0o600)

@@ -189,6 +189,91 @@ def test_deb_installs_and_runs_an_app_through_the_templates(deb, container):
     assert run("curl", "-s", "--max-time", "2", "127.0.0.1:8080/").returncode != 0
 
 
+@pytest.mark.parametrize("container", ["bookworm"], indirect=True)
+def test_per_app_commands_and_the_deploy_users_sudoers_example(deb, container):
+    """`unicorn-shim reload/status APP` on the packaged units, from root, from the app's
+    user, and from a deploy user through the shipped sudoers example, which lets it
+    reload its own app only."""
+    run, share = container
+    shutil.copy(deb, share)
+    assert run("apt-get", "install", "-y", f"/mnt/share/{os.path.basename(deb)}").returncode == 0
+    for user in ("myapp", "other", "deploy"):
+        run("useradd", "--system", "--create-home", "--home-dir", f"/srv/{user}", user, check=True)
+    for app, port in (("myapp", 8080), ("other", 8081)):
+        write_app_release(run, app, "r1")
+        run("python3", "-c", f"open('/etc/unicorn-shim/{app}.conf','w').write("
+            f"{APP_CONF.replace('myapp', app).replace('8080', str(port))!r})", check=True)
+    run("systemctl", "daemon-reload", check=True)
+    run("systemctl", "enable", "--now", "unicorn-shim@myapp.socket", "unicorn-shim@other.socket", check=True)
+
+    def as_user(user, *cmd):
+        return run("runuser", "-u", user, "--", *cmd)
+
+    def serving(*status):
+        return status[-1].returncode == 0 and json.loads(status[-1].stdout)["state"] == "serving"
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:      # the services start with their sockets
+        status = run("unicorn-shim", "status", "myapp", "--json")
+        if serving(status) and serving(as_user("other", "unicorn-shim", "status", "other", "--json")):
+            break
+        time.sleep(0.3)
+    assert serving(status), status.stdout + status.stderr
+    main_pid = run("systemctl", "show", "-p", "MainPID", "--value", "unicorn-shim@myapp.service").stdout.strip()
+    assert json.loads(status.stdout)["master_pid"] == int(main_pid)
+    r = run("unicorn-shim", "status", "--unit", "unicorn-shim@myapp")
+    assert r.returncode == 0 and f"master {main_pid}" in r.stdout, r.stderr
+
+    write_app_release(run, "myapp", "r2")
+    r = run("unicorn-shim", "reload", "myapp")
+    assert r.returncode == 0 and r.stdout.startswith("reloaded: generation 2"), r.stderr
+    write_app_release(run, "myapp", "r3")
+    r = as_user("myapp", "unicorn-shim", "reload", "myapp")          # the app's own user
+    assert r.returncode == 0, r.stderr
+    assert run("curl", "-s", "127.0.0.1:8080/").stdout.strip() == "release=r3"
+    r = run("unicorn-shim", "reload", "nosuchapp")
+    assert r.returncode == 9 and "no such app 'nosuchapp'" in r.stderr
+
+    # a deploy user with no rights: told who may, and where the example is
+    r = as_user("deploy", "unicorn-shim", "reload", "myapp")
+    assert r.returncode == 9 and "Permission denied" in r.stderr and "its user myapp" in r.stderr
+    assert "/usr/share/doc/unicorn-shim/examples" in r.stderr
+    assert run("test", "-f", "/usr/share/doc/unicorn-shim/examples/sudoers-deploy").returncode == 0
+
+    # the shipped example, both variants, installed as its comments say
+    run("sh", "-c", "sed 's/^#deploy/deploy/' /usr/share/doc/unicorn-shim/examples/sudoers-deploy > /tmp/sd && "
+        "visudo -cf /tmp/sd && install -m 0440 /tmp/sd /etc/sudoers.d/unicorn-shim-myapp", check=True)
+    write_app_release(run, "myapp", "r4")
+    r = as_user("deploy", "sudo", "-n", "-u", "myapp", "unicorn-shim", "reload", "myapp")
+    assert r.returncode == 0 and "generation 4" in r.stdout, r.stderr
+    r = as_user("deploy", "sudo", "-n", "-u", "myapp", "unicorn-shim", "status", "myapp", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["generation"] == 4
+    write_app_release(run, "myapp", "r5", broken=True)
+    r = as_user("deploy", "sudo", "-n", "-u", "myapp", "unicorn-shim", "reload", "myapp")
+    assert r.returncode == 10 and "reload failed" in r.stderr
+    write_app_release(run, "myapp", "r6")
+    assert as_user("deploy", "sudo", "-n", "systemctl", "reload", "unicorn-shim@myapp.service").returncode == 0
+    assert run("curl", "-s", "127.0.0.1:8080/").stdout.strip() == "release=r6"
+    # ... and nothing else: not the other app, not another verb, not another user
+    for cmd in (("-u", "other", "unicorn-shim", "reload", "other"), ("-u", "myapp", "unicorn-shim", "reload", "other"),
+                ("-u", "myapp", "unicorn-shim", "reload", "--control", "/run/unicorn-shim/other/control.sock"),
+                ("systemctl", "reload", "unicorn-shim@other.service"),
+                ("systemctl", "restart", "unicorn-shim@myapp.service"), ("-u", "myapp", "sh")):
+        r = as_user("deploy", "sudo", "-n", *cmd)
+        assert r.returncode == 1 and "password is required" in r.stderr, (cmd, r.stderr)
+    assert run("unicorn-shim", "status", "other", "--json").stdout.count('"generation": 1') == 1
+
+
+def write_app_release(run, app, name, broken=False):
+    d = f"/srv/{app}/releases/{name}"
+    run("mkdir", "-p", f"{d}/config", check=True)
+    config = UNICORN_RB.replace("/myapp/", f"/{app}/")
+    run("python3", "-c", f"open('{d}/config.ru','w').write({(BROKEN_RU if broken else CONFIG_RU) % name!r});"
+        f"open('{d}/config/unicorn.rb','w').write({config!r})", check=True)
+    run("sh", "-c", f"ln -sfn {d} /srv/{app}/current.new && mv -T /srv/{app}/current.new /srv/{app}/current "
+        f"&& chown -R {app}:{app} /srv/{app}", check=True)
+
+
 def test_rpm_builds_with_its_files():
     r = subprocess.run([os.path.join(REPO, "packaging", "build-rpm")], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
