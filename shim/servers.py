@@ -8,9 +8,18 @@ import os
 import re
 import signal
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from shim.errors import EXIT_USAGE, ShimError
+
+
+def _as_is(name: str) -> str:
+    return name
+
+
+def _bind_url(name: str) -> str:
+    """Puma's spelling of a held socket: the URL its socket activation matches."""
+    return f"unix://{name}" if name.startswith("/") else f"tcp://{name}"
 
 
 @dataclass(frozen=True)
@@ -25,6 +34,7 @@ class ServerProfile:
     worker_title: "re.Pattern[str]"  # how a worker's title reads (the readiness heuristic)
     fd_handover: str                 # "UNICORN_FD" (list of fds) or "LISTEN_FDS" (sd_listen_fds)
     listen_flag: Optional[str]       # flag naming a held socket on the command line, if any
+    listen_spelling: Callable[[str], str] = _as_is   # a held socket's name as listen_flag takes it
     daemon_flags: Sequence[str] = field(default=())
     socket_args: Sequence[str] = field(default=())   # arguments that make it serve the held sockets only
     # Why --upgrade usr2 is refused (when usr2_carries_sockets is False)
@@ -45,7 +55,7 @@ class ServerProfile:
         """Arguments naming each held socket, so a config reload (HUP) never
         closes one: Unicorn drops inherited sockets that its config does not name;
         Puma binds what its config names (its default tcp://0.0.0.0:9292 when none)."""
-        flags = [f"{self.listen_flag}{name}" for name in names] if self.listen_flag else []
+        flags = [f"{self.listen_flag}{self.listen_spelling(name)}" for name in names] if self.listen_flag else []
         return flags + list(self.socket_args)
 
 
@@ -93,9 +103,12 @@ PUMA = ServerProfile(
     usr2_carries_sockets=False,
     worker_title=re.compile(r"\bcluster worker \d+:"),   # "puma: cluster worker 0: MASTERPID [tag]"
     fd_handover="LISTEN_FDS",
-    listen_flag=None,
-    # Binds only the sockets of LISTEN_FDS, dropping any bind of its config that names
-    # another address (and its default tcp://0.0.0.0:9292 when the config names none).
+    # A --bind per held socket replaces every bind of the config (and Puma's default
+    # tcp://0.0.0.0:9292), and keeps naming the socket if the master ever re-execs
+    # itself (a USR2 sent by hand: the inherited socket is matched by this URL);
+    # --bind-to-activated-sockets=only drops any bind that would not match one.
+    listen_flag="--bind=",
+    listen_spelling=_bind_url,
     socket_args=("--bind-to-activated-sockets=only",),
     usr2_refusal="puma's USR2 hot restart re-execs the new release in place (same pid): there is no "
                  "new master to verify beside the old one, and a release that fails to boot takes the "

@@ -35,11 +35,12 @@ def test_pumactl_is_not_a_server():
 
 
 def test_puma_serves_the_held_sockets_only():
-    """LISTEN_FDS (LISTEN_PID is set after fork) and a flag that drops every bind
-    the config names that is not a held socket, Puma's default 0.0.0.0:9292 included."""
+    """LISTEN_FDS (LISTEN_PID is set after fork), a --bind per held socket in the URL
+    Puma's socket activation matches, and a flag that drops every other bind."""
     assert servers.PUMA.socket_env([3, 4]) == {"LISTEN_FDS": "2"} and servers.PUMA.sets_listen_pid
-    assert servers.PUMA.listen_args(["127.0.0.1:8080", "unix:/run/app.sock"]) == \
-        ["--bind-to-activated-sockets=only"]
+    assert servers.PUMA.listen_args(["127.0.0.1:8080", "[::1]:8080", "/run/app.sock"]) == [
+        "--bind=tcp://127.0.0.1:8080", "--bind=tcp://[::1]:8080", "--bind=unix:///run/app.sock",
+        "--bind-to-activated-sockets=only"]
     assert servers.PUMA.graceful_stop.name == "SIGTERM" and servers.PUMA.default_upgrade == "spawn"
     assert not servers.PUMA.usr2_carries_sockets and "same pid" in servers.PUMA.usr2_refusal
 

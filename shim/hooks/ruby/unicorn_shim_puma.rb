@@ -13,6 +13,8 @@
 #   yet is closed without an answer (puma/puma#2398): it now gets a moment
 #   (SHUTDOWN_GRACE, shared by all such connections) for its request, which
 #   is then served;
+# - a worker whose master died exits at once (exit!), cutting the requests it
+#   holds: it now finishes them first, as Unicorn's and Gunicorn's workers do;
 # - the pid file is deleted whatever it names, and after a reload it names the
 #   new master: a master now deletes it only when it names that master.
 require_relative "unicorn_shim"   # UnicornShim.say; does nothing else outside Unicorn
@@ -29,6 +31,13 @@ module UnicornShimPuma
     def run
       UnicornShimPuma.worker = "worker=#{index} workers=#{@options[:workers]}"
       super
+    end
+
+    # The worker's parent-watching thread logs this line, then calls exit!: the
+    # only place to step in before it.
+    def log(str)
+      super
+      @server.stop(true) if @server && str.to_s.start_with?("! Detected parent died")
     end
   end
 
