@@ -94,10 +94,6 @@ pidfile "{pid_file}"
 {require_hook}
 {extra}
 """
-# Without the hook, Puma's graceful stop closes a connection it accepted just
-# before whose request had not arrived yet (puma/puma#2398), unless its
-# reactor is off: the README's advice for that setup.
-PUMA_WITHOUT_HOOK = "queue_requests false"
 
 # A master that never gets workers: blocked in the hook that runs just before.
 NEVER_READY = {
@@ -117,8 +113,13 @@ class App:
     """/.../app/{releases/rN, current -> releases/rN}"""
 
     def __init__(self, root: str, pid_file: str, workers: int = 2, preload: bool = True,
-                 seed_hook: bool = False, ready_hook: bool = True, server: str = "unicorn") -> None:
+                 seed_hook: bool = False, ready_hook: bool = True, server: str = "unicorn",
+                 queue_requests: Optional[bool] = None) -> None:
         self.server = server
+        # Puma: without the hook its graceful stop closes a connection it accepted just
+        # before whose request had not arrived yet (puma/puma#2398), unless its reactor
+        # is off: the README's advice for that setup, and the default here.
+        self.queue_requests = ready_hook if queue_requests is None else queue_requests
         self.root = root
         self.pid_file = pid_file
         self.workers, self.preload = workers, preload
@@ -148,8 +149,8 @@ class App:
         elif self.server == "puma":
             self._write(d, "config/puma.rb", PUMA_RB.format(
                 workers=self.workers, preload="preload_app!" if preload else "", pid_file=self.pid_file,
-                require_hook='require "unicorn_shim_puma"' if self.ready_hook else PUMA_WITHOUT_HOOK,
-                extra=extra))
+                require_hook=('require "unicorn_shim_puma"' if self.ready_hook else "") +
+                ("" if self.queue_requests else "\nqueue_requests false"), extra=extra))
         else:
             self._write(d, "app.py", APP_PY.format(
                 name=name, health_status=health_status,
