@@ -1,9 +1,15 @@
 #!/usr/bin/python3
 """Benchmark (not a test): a deploy sequence under load against the shim and
 against a .socket unit + `systemctl restart`, side by side in one run, each
-under its own private real systemd, with real Unicorn and real Gunicorn.
+under its own private real systemd, with real Unicorn, Gunicorn and Puma
+(and Puma's own systemd integration: phased restart on USR1, hot restart on USR2).
 
-    sudo bench/reload.py [--reloads 20] [--clients 4] [--interval 1.0]
+    sudo bench/reload.py [--reloads 20] [--clients 4] [--interval 1.0] [--setups a,b,...]
+    sudo bench/reload.py --setups "puma shim,puma phased (own),puma hot (own)"
+
+After the good deploys, one bad one (the app raises at load): the reload's exit
+status and time, the requests that failed from then until --after-bad seconds
+after it returned, and the unit's state at the end.
 
 Prints a table: failed requests by kind, latency (p50/p99/max) in steady state
 and during reload windows, time from the reload command to the first response
@@ -19,10 +25,12 @@ import gc
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 
 REPO = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
@@ -38,6 +46,12 @@ SETUPS = {
     "gunicorn shim": dict(command="reload", kw={"server": "gunicorn"}),
     "gunicorn socket+restart": dict(command="restart", kw={"server": "gunicorn", "plain": True,
                                                            "ready_hook": False}),
+    "puma shim": dict(command="reload", kw={"server": "puma"}),
+    # Puma's phased restart needs the app loaded in each worker (no preload_app!).
+    "puma phased (own)": dict(command="reload", kw={"server": "puma", "puma_native": "phased", "preload": False,
+                                                    "ready_hook": False, "queue_requests": True}),
+    "puma hot (own)": dict(command="reload", kw={"server": "puma", "puma_native": "hot",
+                                                 "ready_hook": False, "queue_requests": True}),
 }
 
 
@@ -86,16 +100,29 @@ def run_setup(name, spec, args, base):
                         out["retire_after_last_req_s"].append(
                             int(retired[-1]["__REALTIME_TIMESTAMP"]) / 1e6 - slow["end"])
                 time.sleep(args.interval)
+            t_good_end = time.monotonic()
+            if args.bad:
+                bad_deploy(d, manager, spec, args, out)
         results = list(load.results)
+        good = [r for r in results if r.start < t_good_end]
         out["steady_lat"] = [r.latency for r in results if r.start < t_steady_end and not r.error]
         out["target"] = 2 * pct(out["steady_lat"], 99) + 0.05
+        previous = "r1"
         for t0, t1, release in windows:
-            out["window_lat"] += [r.latency for r in results if t0 <= r.start <= t1 and not r.error]
-            new = [r.start + r.latency - t0 for r in results if r.release == release and r.start >= t0]
+            new = [r.start + r.latency for r in good if r.release == release and r.start >= t0]
+            # A signal returns at once while the server switches over afterwards: the
+            # window lasts until the new release answers and the old one stops answering.
+            old_last = max((r.start for r in good if r.release == previous and r.start >= t0), default=t1)
+            end = max(t1, min(new, default=t1), old_last) + 0.2
+            out["window_lat"] += [r.latency for r in good if t0 <= r.start <= end and not r.error]
             if new:
-                out["first_new_s"].append(min(new))
-        out["ok"] = sum(1 for r in results if not r.error)
-        out["failed"] = load.failure_kinds()
+                out["first_new_s"].append(min(new) - t0)
+                previous = release
+        out["ok"] = sum(1 for r in good if not r.error)
+        out["failed"] = Counter(r.error.split(":")[0] for r in good if r.error)
+        if args.bad:
+            bad_end = out["bad_t0"] + out["bad_s"] + args.after_bad
+            out["bad_failed"] = sum(1 for r in results if r.error and out["bad_t0"] <= r.start <= bad_end)
         done = manager.events("reload-done")
         out["overhead_ms"] = [int(e["SHIM_OVERHEAD_MS"]) for e in done if "SHIM_OVERHEAD_MS" in e]
         out["took_effect"] = sum(1 for _t0, _t1, rel in windows
@@ -104,6 +131,24 @@ def run_setup(name, spec, args, base):
         d.stop()
         manager.down()
     return out
+
+
+def bad_deploy(d, manager, spec, args, out):
+    """A release that raises at load: what the reload says, how long it takes, and
+    what serves afterwards."""
+    last_good = f"r{d.app.count}"
+    d.app.release(broken=True)
+    t0 = time.monotonic()
+    try:
+        rc = manager.systemctl(spec["command"], "app.service", timeout=args.bad_timeout).returncode
+    except subprocess.TimeoutExpired:
+        rc = f"none in {args.bad_timeout:g} s"
+    out["bad_t0"], out["bad_s"], out["bad_rc"] = t0, time.monotonic() - t0, rc
+    time.sleep(args.after_bad)
+    st = d.state()
+    out["bad_state"] = f"{st['ActiveState']}/{st['SubState']}"
+    answer = get(d.port, timeout=2).release
+    out["bad_serves"] = "old release" if answer == last_good else (answer or "nothing")
 
 
 def main():
@@ -115,6 +160,10 @@ def main():
     parser.add_argument("--slow-probes", type=int, default=3,
                         help="deploys with a 1 s request in flight (old master's retirement)")
     parser.add_argument("--setups", default=",".join(SETUPS))
+    parser.add_argument("--no-bad", dest="bad", action="store_false", help="skip the bad deploy at the end")
+    parser.add_argument("--after-bad", type=float, default=5.0,
+                        help="seconds of load after the bad deploy's command returned")
+    parser.add_argument("--bad-timeout", type=float, default=120.0)
     args = parser.parse_args()
     # The load generator keeps a million results: the cyclic GC's full passes over
     # them would stall the clients for hundreds of ms and be counted as server latency.
@@ -144,6 +193,12 @@ def main():
         ("old master exits after its last request", lambda r: ms(statistics.median(r["retire_after_last_req_s"]))
          if r["retire_after_last_req_s"] else "-"),
     ]
+    if args.bad:
+        lines += [
+            ("bad deploy: command exit status, time", lambda r: f"{r['bad_rc']}, {ms(r['bad_s'])}"),
+            (f"bad deploy: failed requests (+{args.after_bad:g} s)", lambda r: str(r["bad_failed"])),
+            ("bad deploy: then serving, unit state", lambda r: f"{r['bad_serves']}, {r['bad_state']}"),
+        ]
     width = max(len(c) for c in cols + ["x" * 14]) + 2
     print("| " + " | ".join(["measure".ljust(40)] + [c.ljust(width) for c in cols]) + " |")
     print("|" + "|".join(["-" * 42] + ["-" * (width + 2) for _ in cols]) + "|")

@@ -157,14 +157,25 @@ def activity(pid: int) -> Optional[tuple]:
         return None
 
 
-def wchan(pid: int) -> str:
-    """The kernel function the process sleeps in ("" when running or unreadable)."""
-    try:
-        with open(f"/proc/{pid}/wchan") as f:
-            name = f.read().strip()
-    except OSError:
-        return ""
-    return "" if name == "0" else name
+def wchan(pid: int, threads: bool = False) -> str:
+    """The kernel function the process's main thread sleeps in ("" when running or
+    unreadable); with `threads`, those of all its threads, space-separated."""
+    paths = [f"/proc/{pid}/wchan"]
+    if threads:
+        try:
+            paths = [f"/proc/{pid}/task/{tid}/wchan" for tid in os.listdir(f"/proc/{pid}/task")]
+        except OSError:
+            return ""
+    names = []
+    for path in paths:
+        try:
+            with open(path) as f:
+                name = f.read().strip()
+        except OSError:
+            continue
+        if name and name != "0":
+            names.append(name)
+    return " ".join(names)
 
 
 def is_zombie(pid: int) -> bool:

@@ -203,7 +203,7 @@ class WorkerWatch:
             if pid in self.waited:
                 continue
             state, ticks = now_activity
-            if WAITING.search(procs.wchan(pid)) or (
+            if WAITING.search(procs.wchan(pid, self.profile.serves_from_threads)) or (
                     state == "S" and self.activity.get(pid, ("", -1))[1] == ticks):
                 self.waited.add(pid)
         self.activity = seen

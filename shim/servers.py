@@ -1,4 +1,4 @@
-"""Per-server profiles: everything that differs between Unicorn and Gunicorn.
+"""Per-server profiles: everything that differs between Unicorn, Gunicorn and Puma.
 
 The supervisor never asks which server it runs; it asks the profile.
 """
@@ -8,9 +8,18 @@ import os
 import re
 import signal
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from shim.errors import EXIT_USAGE, ShimError
+
+
+def _as_is(name: str) -> str:
+    return name
+
+
+def _bind_url(name: str) -> str:
+    """Puma's spelling of a held socket: the URL its socket activation matches."""
+    return f"unix://{name}" if name.startswith("/") else f"tcp://{name}"
 
 
 @dataclass(frozen=True)
@@ -25,8 +34,15 @@ class ServerProfile:
     worker_title: "re.Pattern[str]"  # how a worker's title reads (the readiness heuristic)
     fd_handover: str                 # "UNICORN_FD" (list of fds) or "LISTEN_FDS" (sd_listen_fds)
     listen_flag: Optional[str]       # flag naming a held socket on the command line, if any
+    listen_spelling: Callable[[str], str] = _as_is   # a held socket's name as listen_flag takes it
     daemon_flags: Sequence[str] = field(default=())
     config_flags: Sequence[str] = field(default=())   # flags naming the server's config file
+    # Do its workers accept connections in threads other than the main one? (The
+    # readiness heuristic then looks for a waiting thread among all of them.)
+    serves_from_threads: bool = False
+    socket_args: Sequence[str] = field(default=())   # arguments that make it serve the held sockets only
+    # Why --upgrade usr2 is refused (when usr2_carries_sockets is False)
+    usr2_refusal: str = ""
 
     @property
     def sets_listen_pid(self) -> bool:
@@ -41,8 +57,10 @@ class ServerProfile:
 
     def listen_args(self, names: List[str]) -> List[str]:
         """Arguments naming each held socket, so a config reload (HUP) never
-        closes one: Unicorn drops inherited sockets that its config does not name."""
-        return [f"{self.listen_flag}{name}" for name in names] if self.listen_flag else []
+        closes one: Unicorn drops inherited sockets that its config does not name;
+        Puma binds what its config names (its default tcp://0.0.0.0:9292 when none)."""
+        flags = [f"{self.listen_flag}{self.listen_spelling(name)}" for name in names] if self.listen_flag else []
+        return flags + list(self.socket_args)
 
 
 UNICORN = ServerProfile(
@@ -79,14 +97,42 @@ GUNICORN = ServerProfile(
     listen_flag=None,
     daemon_flags=("-D", "--daemon"),
     config_flags=("-c", "--config"),
+    usr2_refusal="gunicorn's own re-exec cannot keep the sockets the shim holds "
+                 "(its new master dies with ENOTSOCK)",
 )
 
-PROFILES = {p.name: p for p in (UNICORN, GUNICORN)}
+PUMA = ServerProfile(
+    name="puma",
+    graceful_stop=signal.SIGTERM,    # INT too; Puma 5 has no QUIT handler (Ruby's default: die at once)
+    reexec=signal.SIGUSR2,
+    stop_workers=None,            # TTOU never goes below one worker
+    respawn_workers=None,
+    default_upgrade="spawn",
+    # Its USR2 hot restart execs the new release in the same process: no second
+    # master exists to verify, and a release that fails to boot takes the only master down.
+    usr2_carries_sockets=False,
+    worker_title=re.compile(r"\bcluster worker \d+:"),   # "puma: cluster worker 0: MASTERPID [tag]"
+    fd_handover="LISTEN_FDS",
+    # A --bind per held socket replaces every bind of the config (and Puma's default
+    # tcp://0.0.0.0:9292), and keeps naming the socket if the master ever re-execs
+    # itself (a USR2 sent by hand: the inherited socket is matched by this URL);
+    # --bind-to-activated-sockets=only drops any bind that would not match one.
+    listen_flag="--bind=",
+    listen_spelling=_bind_url,
+    socket_args=("--bind-to-activated-sockets=only",),
+    usr2_refusal="puma's USR2 hot restart re-execs the new release in place (same pid): there is no "
+                 "new master to verify beside the old one, and a release that fails to boot takes the "
+                 "only master down",
+    config_flags=("-C", "--config"),
+    serves_from_threads=True,
+)
+
+PROFILES = {p.name: p for p in (UNICORN, GUNICORN, PUMA)}
 
 
 def detect(command: Sequence[str], override: Optional[str] = None) -> ServerProfile:
     """The profile for a server command: `unicorn ...`, `bundle exec unicorn ...`,
-    `gunicorn ...`, `python3 -m gunicorn ...`; --server overrides."""
+    `gunicorn ...`, `python3 -m gunicorn ...`, `puma ...`, `bin/puma ...`; --server overrides."""
     if override:
         return PROFILES[override]
     for word in command:
@@ -95,5 +141,7 @@ def detect(command: Sequence[str], override: Optional[str] = None) -> ServerProf
             return UNICORN
         if base in ("gunicorn", "gunicorn3"):
             return GUNICORN
+        if base == "puma":
+            return PUMA
     raise ShimError(f"cannot tell the server from {' '.join(command)!r}: "
-                    "pass --server unicorn or --server gunicorn", EXIT_USAGE)
+                    f"pass --server {'|'.join(PROFILES)}", EXIT_USAGE)

@@ -34,14 +34,14 @@ def _deployments(manager, tmp_path, server):
     return made, make
 
 
-@pytest.fixture(params=["unicorn", "gunicorn"])
+@pytest.fixture(params=["unicorn", "gunicorn", "puma"])
 def server(request):
     return request.param
 
 
 @pytest.fixture
 def deploy(manager, tmp_path, server):
-    """Makes Deployments of the test's server: every test using it runs for both."""
+    """Makes Deployments of the test's server: every test using it runs for each server."""
     made, make = _deployments(manager, tmp_path, server)
     yield make
     for d in made:

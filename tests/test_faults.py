@@ -332,7 +332,8 @@ def test_slow_boot_extends_the_start_timeout(deploy, manager):
     by the shim's own --ready-timeout."""
     d = deploy(service_extra="TimeoutStartSec=2")
     slow = {"unicorn": "before_fork { |s, w| sleep 2 if w.nr == 0 }",
-            "gunicorn": "import time\ndef when_ready(server):\n    time.sleep(4)"}[d.app.server]
+            "gunicorn": "import time\ndef when_ready(server):\n    time.sleep(4)",
+            "puma": "before_fork { sleep 3 }"}[d.app.server]
     d.app.release(extra=slow)
     t = time.monotonic()
     d.start()

@@ -122,14 +122,14 @@ def test_rollback_when_new_master_dies_with_seed_hook(unicorn_deploy, manager):
 
 
 def test_rollback_when_workers_crash_loop(deploy, manager, server):
-    """Unicorn with preload_app false respawns crashing workers forever; Gunicorn's
+    """Unicorn and Puma without preload respawn crashing workers forever; Gunicorn's
     arbiter exits when a worker fails to boot, or, when two fail at once, halts for
     graceful_timeout with one left unreaped. Either way: rejected in seconds."""
     d = deploy(preload=False, shim_args="--ready-timeout 60")
     d.start()
     with Load(d.port) as load:
         t = time.monotonic()
-        rollback(d, manager, load, reason="crash-looping" if server == "unicorn" else ("exited", "unreaped"),
+        rollback(d, manager, load, reason=("exited", "unreaped") if server == "gunicorn" else "crash-looping",
                  release_kw={"broken": True})
         assert time.monotonic() - t < 5      # counted births, not the 60 s timeout
     assert load.failures() == [], load.failure_kinds()

@@ -87,10 +87,19 @@ graceful_timeout = 30
 {extra}
 """
 
+PUMA_RB = """\
+workers {workers}
+{preload}
+pidfile "{pid_file}"
+{require_hook}
+{extra}
+"""
+
 # A master that never gets workers: blocked in the hook that runs just before.
 NEVER_READY = {
     "unicorn": "before_fork { |s, w| sleep 600 }",
     "gunicorn": "import time\ndef when_ready(server):\n    time.sleep(600)",
+    "puma": "before_fork { sleep 600 }",
 }
 
 
@@ -104,8 +113,13 @@ class App:
     """/.../app/{releases/rN, current -> releases/rN}"""
 
     def __init__(self, root: str, pid_file: str, workers: int = 2, preload: bool = True,
-                 seed_hook: bool = False, ready_hook: bool = True, server: str = "unicorn") -> None:
+                 seed_hook: bool = False, ready_hook: bool = True, server: str = "unicorn",
+                 queue_requests: Optional[bool] = None) -> None:
         self.server = server
+        # Puma: without the hook its graceful stop closes a connection it accepted just
+        # before whose request had not arrived yet (puma/puma#2398), unless its reactor
+        # is off: the README's advice for that setup, and the default here.
+        self.queue_requests = ready_hook if queue_requests is None else queue_requests
         self.root = root
         self.pid_file = pid_file
         self.workers, self.preload = workers, preload
@@ -123,14 +137,20 @@ class App:
         d = os.path.join(self.root, "releases", name)
         os.makedirs(os.path.join(d, "config"))
         preload = self.preload if preload is None else preload
-        if self.server == "unicorn":
+        if self.server in ("unicorn", "puma"):
             self._write(d, "config.ru", CONFIG_RU.format(
                 name=name, health_status=health_status,
                 broken='raise "release %s is broken"' % name if broken else ""))
+        if self.server == "unicorn":
             self._write(d, "config/unicorn.rb", UNICORN_RB.format(
                 workers=self.workers, preload=str(preload).lower(), pid_file=self.pid_file,
                 require_hook='require "unicorn_shim"' if self.ready_hook else "",
                 seed_hook=SEED_HOOK if self.seed_hook else "", extra=extra))
+        elif self.server == "puma":
+            self._write(d, "config/puma.rb", PUMA_RB.format(
+                workers=self.workers, preload="preload_app!" if preload else "", pid_file=self.pid_file,
+                require_hook=('require "unicorn_shim_puma"' if self.ready_hook else "") +
+                ("" if self.queue_requests else "\nqueue_requests false"), extra=extra))
         else:
             self._write(d, "app.py", APP_PY.format(
                 name=name, health_status=health_status,
@@ -151,11 +171,13 @@ class App:
     def command(self) -> str:
         if self.server == "gunicorn":
             return "gunicorn -c gunicorn.conf.py app:application"
+        if self.server == "puma":
+            return "puma -C config/puma.rb -e production config.ru"
         return "unicorn -c config/unicorn.rb -E production config.ru"
 
     @property
     def graceful_stop_signal(self) -> str:
-        return "SIGTERM" if self.server == "gunicorn" else "SIGQUIT"
+        return "SIGQUIT" if self.server == "unicorn" else "SIGTERM"
 
     def never_ready(self) -> str:
         return NEVER_READY[self.server]
@@ -163,6 +185,6 @@ class App:
     def slow_boot(self, seconds: float) -> str:
         """Config that makes the master take `seconds` to read it: keeps a hand-over
         in flight long enough for a test to act on it, on a machine of any speed."""
-        if self.server == "unicorn":
+        if self.server in ("unicorn", "puma"):
             return f"sleep {seconds}"
         return f"import time\ntime.sleep({seconds})"

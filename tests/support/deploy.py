@@ -54,6 +54,33 @@ TimeoutStopSec=60
 SyslogIdentifier=app
 """
 
+# Puma's own systemd integration, as its docs describe it: the socket from a
+# .socket unit (bound by URL), Type=notify with the sd_notify gem (ruby-sd-notify),
+# and a deploy by signal: USR1 phased restart or USR2 hot restart.
+PUMA_NATIVE_SERVICE = """\
+[Unit]
+Description=Puma with its own systemd integration
+Requires=app.socket
+After=app.socket
+StartLimitIntervalSec=0
+
+[Service]
+Type=notify
+WatchdogSec=10
+WorkingDirectory={current}
+# Puma restarts into $PWD (the `current` symlink), not the release it resolved at boot
+Environment=PATH=/usr/local/bin:/usr/bin:/bin PWD={current}
+ExecStart={command} --bind=tcp://127.0.0.1:{port}
+ExecReload=/bin/kill -{reload_signal} $MAINPID
+RuntimeDirectory=app
+KillSignal=SIGTERM
+TimeoutStopSec=60
+Restart=always
+RestartSec=200ms
+SyslogIdentifier=app
+"""
+PUMA_RELOAD_SIGNALS = {"phased": "USR1", "hot": "USR2"}
+
 SOCKET = """\
 [Socket]
 ListenStream=127.0.0.1:{port}
@@ -66,9 +93,10 @@ class Deployment:
 
     def __init__(self, manager: UserManager, root: str, socket_unit: bool = True,
                  shim_args: str = "", service_extra: str = "", port: int = 0, plain: bool = False,
-                 pid_file: str = "", **app_kw) -> None:
+                 pid_file: str = "", puma_native: str = "", **app_kw) -> None:
         self.m = manager
         self.plain = plain
+        self.puma_native = puma_native     # "phased" or "hot": Puma's own systemd integration
         self.port = port or free_port()
         self.socket_unit = socket_unit
         self.app = App(os.path.join(root, "app"),
@@ -78,7 +106,10 @@ class Deployment:
 
     def write_units(self) -> None:
         template = PLAIN_SERVICE if self.plain else SERVICE
+        if self.puma_native:
+            template = PUMA_NATIVE_SERVICE
         self.m.write_unit("app.service", template.format(
+            port=self.port, reload_signal=PUMA_RELOAD_SIGNALS.get(self.puma_native, ""),
             socket_deps="Requires=app.socket\nAfter=app.socket" if self.socket_unit else "",
             current=self.app.current, shim=SHIM, shim_args=self.shim_args,
             command=self.app.command(), service_extra=self.service_extra, pid_file=self.app.pid_file,
@@ -113,11 +144,12 @@ class Deployment:
 
     def master_pids(self) -> list:
         """Masters: the unit's processes whose parent is not in the unit (the manager's
-        children), other than the shim. Holds in steady state for both servers."""
+        children), other than the shim. Holds in steady state for every server."""
         pids = self.m.unit_processes()
         return [p for p in pids if proc_parent(p) not in pids and "unicorn-shim" not in proc_cmdline(p)]
 
     def app_workers(self, master: int) -> list:
+        """Unicorn's and Puma's worker titles say "worker"; Gunicorn's (no setproctitle) do not."""
         return [p for p in self.m.unit_processes() if proc_parent(p) == master
                 and ("worker" in proc_cmdline(p) or self.app.server == "gunicorn")]
 
