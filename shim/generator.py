@@ -6,7 +6,7 @@ Some settings a config file must decide cannot come from an EnvironmentFile=
 drop-ins each time systemd loads its units (boot, daemon-reload). Installed as
 /usr/lib/systemd/system-generators/unicorn-shim-generator.
 
-APP.conf, shell-style KEY=VALUE lines:
+APP.conf, shell-style KEY=VALUE lines (an unknown key is an error):
     APP_DIR=/srv/myapp/current          # required: the release directory (a symlink is fine)
     SERVER_COMMAND=bundle exec --keep-file-descriptors unicorn -c config/unicorn.rb -E production
     LISTEN=127.0.0.1:8080               # required: one or more, space-separated (or unix:/path)
@@ -15,9 +15,16 @@ APP.conf, shell-style KEY=VALUE lines:
     PID_FILE=/run/unicorn-shim/myapp/server.pid   # must match the server's config
     SHIM_OPTIONS=--ready-timeout 120    # more `unicorn-shim run` options
     FALLBACK=no                         # never boot the last good release instead (default yes)
+    ENV_SECRET_KEY_BASE=...             # Environment=SECRET_KEY_BASE=... for the server
+    ENVIRONMENT_FILE=/etc/myapp.env     # EnvironmentFile= (a leading - : optional)
+    SOCKET_USER=, SOCKET_GROUP=, SOCKET_MODE=   # unix sockets: default USER, www-data, 0660
+
+Values are escaped for systemd (`%`, `$`, quotes, backslashes): what the conf
+says is what the server gets. Control characters are refused.
 """
 from __future__ import annotations
 
+import grp
 import os
 import re
 import shlex
@@ -43,6 +50,14 @@ class ConfError(Exception):
     pass
 
 
+KEYS = {"APP_DIR", "SERVER_COMMAND", "LISTEN", "USER", "GROUP", "PID_FILE", "SHIM_OPTIONS", "FALLBACK",
+        "SERVER", "ENVIRONMENT_FILE", "SOCKET_USER", "SOCKET_GROUP", "SOCKET_MODE"}
+ENV_PREFIX = "ENV_"
+COMMANDS = ("SERVER_COMMAND", "SHIM_OPTIONS")
+# Debian's nginx and Apache run as www-data: a unix socket they can reach by default.
+WEB_SERVER_GROUP = "www-data"
+
+
 def parse_conf(text: str) -> Dict[str, str]:
     conf = {}
     for number, line in enumerate(text.splitlines(), 1):
@@ -50,16 +65,96 @@ def parse_conf(text: str) -> Dict[str, str]:
         if not line or line.startswith("#"):
             continue
         key, sep, value = line.partition("=")
-        if not sep or not re.match(r"^[A-Z_]+$", key):
+        if not sep or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
             raise ConfError(f"line {number}: expected KEY=VALUE")
+        if key not in KEYS and not (key.startswith(ENV_PREFIX) and len(key) > len(ENV_PREFIX)):
+            raise ConfError(f"line {number}: unknown key {key} (known: {', '.join(sorted(KEYS))}, "
+                            f"{ENV_PREFIX}NAME for an environment variable)")
         words = shlex.split(value, comments=True)
-        conf[key] = " ".join(words) if key not in ("SERVER_COMMAND", "SHIM_OPTIONS") else \
-            " ".join(shlex.quote(w) for w in words)
+        conf[key] = " ".join(words) if key not in COMMANDS else " ".join(shlex.quote(w) for w in words)
+        _reject_control(key, conf[key])
     return conf
 
 
-def _unit_escape(text: str) -> str:
+def _reject_control(key: str, value: str) -> None:
+    if re.search(r"[\x00-\x1f\x7f]", value):
+        raise ConfError(f"{key}= has a control character (a newline, a tab...): not allowed")
+
+
+# What systemd would interpret in a unit file's value, escaped (systemd.syntax(7),
+# systemd.unit(5) "Specifiers", systemd.service(5) "Command lines").
+def _specifiers(text: str) -> str:
     return text.replace("%", "%%")
+
+
+def _plain(key: str, value: str) -> str:
+    """A value systemd takes verbatim but for specifiers: a backslash cannot be
+    written there (a trailing one continues the line and swallows the next directive)."""
+    _reject_control(key, value)
+    if "\\" in value:
+        raise ConfError(f"{key}={value}: a backslash is not allowed here")
+    if value != value.strip():
+        raise ConfError(f"{key}={value!r}: leading or trailing blanks are not allowed")
+    return _specifiers(value)
+
+
+def _path(key: str, value: str) -> str:
+    if not value.startswith("/"):
+        raise ConfError(f"{key}={value}: an absolute path is required")
+    return _plain(key, value)
+
+
+def _name(key: str, value: str) -> str:
+    """A user or group: the names useradd accepts, or a number."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?|[0-9]+", value):
+        raise ConfError(f"{key}={value}: not a user or group name")
+    return value
+
+
+def _quoted(value: str) -> str:
+    """One word in double quotes, C-escaped: what systemd unquotes back to `value`."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _exec_word(word: str) -> str:
+    """One argument of ExecStart=: `$` is doubled (no variable expansion), `%` too
+    (no specifier), and anything else systemd would split or unquote is quoted."""
+    _reject_control("ExecStart", word)
+    word = _specifiers(word).replace("$", "$$")
+    if word and re.fullmatch(r"[A-Za-z0-9_@%+=:,./$-]+", word) and word != ";":
+        return word
+    return _quoted(word)
+
+
+def _environment(name: str, value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise ConfError(f"{ENV_PREFIX}{name}: not a valid environment variable name")
+    return "Environment=" + _quoted(_specifiers(f"{name}={value}"))
+
+
+def _runtime_directory(app: str) -> str:
+    return f"/run/unicorn-shim/{app}/"
+
+
+def _listen_stream(app: str, address: str) -> str:
+    if not address.startswith("unix:"):
+        return _plain("LISTEN", address)
+    path = address[len("unix:"):]
+    if os.path.normpath(path).startswith(_runtime_directory(app)):
+        raise ConfError(f"LISTEN={address}: {_runtime_directory(app)} is the service's RuntimeDirectory=, "
+                        f"removed with the service while its socket unit stays active; "
+                        f"use e.g. unix:/run/unicorn-shim/{app}.sock")
+    return _path("LISTEN", path)
+
+
+def _socket_group(conf: Dict[str, str], group: str) -> str:
+    if "SOCKET_GROUP" in conf:
+        return _name("SOCKET_GROUP", conf["SOCKET_GROUP"])
+    try:
+        grp.getgrnam(WEB_SERVER_GROUP)
+        return WEB_SERVER_GROUP
+    except KeyError:
+        return group
 
 
 def dropins(app: str, conf: Dict[str, str]) -> Dict[str, str]:
@@ -72,28 +167,38 @@ def dropins(app: str, conf: Dict[str, str]) -> Dict[str, str]:
         profile = servers.detect(command, conf.get("SERVER") or None)
     except ShimError as e:
         raise ConfError(str(e)) from None
-    user = conf.get("USER", app)
-    group = conf.get("GROUP", user)
+    user = _name("USER", conf.get("USER", app))
+    group = _name("GROUP", conf.get("GROUP", user))
+    app_dir = _path("APP_DIR", conf["APP_DIR"])
     pid_file = conf.get("PID_FILE", f"/run/unicorn-shim/{app}/server.pid")
-    listen: List[str] = conf["LISTEN"].split()
+    _path("PID_FILE", pid_file)
     fallback = conf.get("FALLBACK", "yes").lower()
     if fallback not in ("yes", "no"):
         raise ConfError(f"FALLBACK={conf['FALLBACK']}: expected yes or no")
-    exec_start = " ".join([SHIM, "run", "--pid-file", shlex.quote(pid_file), "--chdir",
-                           shlex.quote(conf["APP_DIR"]), "--no-fallback" if fallback == "no" else "",
-                           conf.get("SHIM_OPTIONS", ""), "--",
-                           conf["SERVER_COMMAND"]])
+    argv = [SHIM, "run", "--pid-file", pid_file, "--chdir", conf["APP_DIR"],
+            *(["--no-fallback"] if fallback == "no" else []),
+            *shlex.split(conf.get("SHIM_OPTIONS", "")), "--", *command]
+    environment = [_environment(key[len(ENV_PREFIX):], value) for key, value in sorted(conf.items())
+                   if key.startswith(ENV_PREFIX)]
+    if conf.get("ENVIRONMENT_FILE"):
+        optional = conf["ENVIRONMENT_FILE"].startswith("-")
+        environment.append("EnvironmentFile=" + "-" * optional +
+                           _path("ENVIRONMENT_FILE", conf["ENVIRONMENT_FILE"].lstrip("-")))
     service = "\n".join([
         f"# generated from {CONF_DIR}/{app}.conf by unicorn-shim-generator", "[Service]",
-        f"User={user}", f"Group={group}", f"WorkingDirectory={conf['APP_DIR']}",
+        f"User={user}", f"Group={group}", f"WorkingDirectory={app_dir}", *environment,
         f"KillSignal={profile.graceful_stop.name}",
-        "ExecStart=", f"ExecStart={_unit_escape(' '.join(exec_start.split()))}", ""])
-    streams = [a[len("unix:"):] if a.startswith("unix:") else a for a in listen]
+        "ExecStart=", "ExecStart=" + " ".join(_exec_word(w) for w in argv), ""])
+    streams = [_listen_stream(app, a) for a in conf["LISTEN"].split()]
+    mode = conf.get("SOCKET_MODE", "0660")
+    if not re.fullmatch(r"0?[0-7]{3}", mode):
+        raise ConfError(f"SOCKET_MODE={mode}: expected an octal mode such as 0660")
+    owner = [f"SocketUser={_name('SOCKET_USER', conf.get('SOCKET_USER', user))}",
+             f"SocketGroup={_socket_group(conf, group)}", f"SocketMode={mode.zfill(4)}"]
     socket = "\n".join([
         f"# generated from {CONF_DIR}/{app}.conf by unicorn-shim-generator", "[Socket]", "ListenStream=",
-        *[f"ListenStream={_unit_escape(s)}" for s in streams],
-        *([f"SocketUser={user}", f"SocketGroup={group}", "SocketMode=0660"]
-          if any(s.startswith("/") for s in streams) else []), ""])
+        *[f"ListenStream={s}" for s in streams],
+        *(owner if any(s.startswith("/") for s in streams) else []), ""])
     return {f"unicorn-shim@{app}.service.d/{DROPIN}": service,
             f"unicorn-shim@{app}.socket.d/{DROPIN}": socket}
 
