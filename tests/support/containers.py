@@ -20,20 +20,26 @@ CACHE = os.environ.get("UNICORN_SHIM_IMAGE_CACHE", "/var/cache/unicorn-shim-test
 
 # What each image holds besides a booting systemd: the package's dependencies (the
 # containers have no network) and, for Debian 13, what the integration tests need
-# to run inside it. A new list needs a new name: the cache is keyed by it.
+# to run inside it. A new list needs a new name: the cache is keyed by it. A third
+# item names the Debian suite when the key is not one.
 IMAGES: Dict[str, tuple] = {
     "bookworm": ("rootfs-bookworm-v2",
                  "unicorn,ruby-rack,python3-psutil,python3-systemd,python3-sdnotify,procps,curl,python3,sudo"),
     "trixie": ("rootfs-trixie-v1",
                "unicorn,ruby-rack,gunicorn,python3,python3-pytest,python3-psutil,python3-systemd,"
                "python3-sdnotify,procps,curl,util-linux"),
+    # tests/test_migration.py: the supervisors an app is moved away from (runit,
+    # Gunicorn in a venv per release) and the web server in front (nginx).
+    "bookworm-migrate": ("rootfs-bookworm-migrate-v2",
+                         "unicorn,ruby-rack,python3-psutil,python3-systemd,python3-sdnotify,procps,curl,python3,"
+                         "sudo,runit,runit-run,nginx-light,gunicorn,python3-venv", "bookworm"),
 }
 
 
 def image(suite: str) -> str:
     """The cached root file system of `suite`, built first if missing (one builder
     at a time per machine; a half-built image is never used)."""
-    name, packages = IMAGES[suite]
+    name, packages, *release = IMAGES[suite]
     rootfs = os.path.join(CACHE, name)
     os.makedirs(CACHE, exist_ok=True)
     with open(os.path.join(CACHE, f"{name}.lock"), "w") as lock:
@@ -44,7 +50,7 @@ def image(suite: str) -> str:
             shutil.rmtree(rootfs, ignore_errors=True)
             r = subprocess.run([os.path.join(HARNESS, "container-build.sh"), building, packages],
                                capture_output=True, text=True,
-                               env=dict(os.environ, SUITE=suite, CACHE=os.path.join(CACHE, "debs")))
+                               env=dict(os.environ, SUITE=(release or [suite])[0], CACHE=os.path.join(CACHE, "debs")))
             assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
             os.rename(building, rootfs)
     return rootfs

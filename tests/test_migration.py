@@ -1,0 +1,261 @@
+"""Issue 15: docs/migration.md, performed as written. Each starting point's
+blocks are read from the guide itself (so the guide and the test cannot drift)
+and run in a booted Debian 12 with runit, nginx and the package installed,
+while a client polls the app through nginx the whole time: 0 failed requests,
+the old supervisor gone, the environment reaching the master, the first deploy
+afterwards serving the new release, and a restart of the service keeping the
+socket reachable."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+
+import pytest
+
+from support.containers import Container, image
+from support.deploy import REPO
+from test_package import deb  # noqa: F401  (the fixture that builds the .deb)
+
+GUIDE = os.path.join(REPO, "docs", "migration.md")
+SECRET = "0c2b9a7e5d"
+
+POLL = """
+import http.client, json, os, sys, time
+ok = failed = 0; bodies = set(); errors = []
+while not os.path.exists(sys.argv[1]):
+    c = http.client.HTTPConnection("127.0.0.1", 80, timeout=60)
+    try:
+        c.request("GET", "/"); r = c.getresponse(); body = r.read().decode().strip()
+        if r.status == 200: ok += 1; bodies.add(body)
+        else: failed += 1; errors.append(r.status)
+    except Exception as e:
+        failed += 1; errors.append(repr(e))
+    finally:
+        c.close()
+    time.sleep(0.01)
+print(json.dumps({"ok": ok, "failed": failed, "bodies": sorted(bodies), "errors": errors[:5]}))
+"""
+
+# unicornherder's process model (it is not packaged by Debian): Unicorn daemonized
+# with a pid file, followed by polling; HUP and USR2 become USR2 for the master,
+# INT/QUIT/TERM are passed on; the herder exits once no master is left.
+HERDER = """#!/usr/bin/python3
+import os, signal, subprocess, sys, time
+args = sys.argv[1:]
+unicorn, pidfile = args[args.index("-u") + 1], args[args.index("-p") + 1]
+subprocess.run([unicorn, "-D", *args[args.index("--") + 1:]], check=True)
+def master():
+    try:
+        pid = int(open(pidfile).read()); os.kill(pid, 0); return pid
+    except (OSError, ValueError):
+        return None
+def forward(number, frame):
+    pid = master()
+    if pid:
+        os.kill(pid, signal.SIGUSR2 if number == signal.SIGHUP else number)
+    if number in (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM):
+        sys.exit(0)
+for s in (signal.SIGHUP, signal.SIGUSR2, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM):
+    signal.signal(s, forward)
+missing = 0
+while missing < 3:
+    time.sleep(2)
+    missing = 0 if master() else missing + 1
+"""
+CONFIG_RU = 'run lambda { |env| [200, {"content-type" => "text/plain"}, ["release=%s secret=#{ENV["SECRET_KEY_BASE"]}\\n"]] }\n'
+WSGI = """import os
+def application(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [("release=%s secret=" + os.environ.get("SECRET_KEY_BASE", "")).encode() + b"\\n"]
+"""
+GUNICORN_CONF = "workers = 2\n"
+VENV_GUNICORN = "#!{venv}/bin/python3\nimport sys\nfrom gunicorn.app.wsgiapp import run\nsys.exit(run())\n"
+
+
+def guide() -> dict:
+    """{name: (kind, text)} of the guide's marked blocks, in order."""
+    blocks = re.findall(r"^<!-- (sh|file): (\S+) -->\n```\w*\n(.*?)^```", open(GUIDE).read(), re.M | re.S)
+    return {name: (kind, text) for kind, name, text in blocks}
+
+
+def test_guide_blocks_are_found():
+    blocks = guide()
+    for name in ("install", "herder-switch", "herder-remove", "herder-deploy", "gunicorn-switch",
+                 "/etc/unicorn-shim/app.conf", "/etc/unicorn-shim/pyapp.conf", "RELEASE/config/unicorn.rb"):
+        assert name in blocks
+
+
+class Host:
+    """A booted Debian 12 with the package's .deb at hand."""
+
+    def __init__(self, ct: Container, deb_path: str) -> None:
+        self.ct = ct
+        self.blocks = guide()
+        shutil.copy(deb_path, ct.share)
+
+    def run(self, *cmd: str, check: bool = True):
+        return self.ct.run(*cmd, check=check)
+
+    def sh(self, script: str, check: bool = True):
+        return self.run("sh", "-ec", script, check=check)
+
+    def write(self, path: str, text: str, mode: str = "644") -> None:
+        with open(os.path.join(self.ct.share, "file"), "w") as f:
+            f.write(text)
+        self.sh(f"mkdir -p '{os.path.dirname(path)}' && install -m {mode} /mnt/share/file '{path}'")
+
+    def step(self, name: str, release: str = "", mode: str = "644"):
+        """One block of the guide: a file written where it says, or a script run as root."""
+        kind, text = self.blocks[name]
+        if kind == "file":
+            self.write(name.replace("RELEASE", release), text, mode)
+            return None
+        r = self.sh("cd /mnt/share\n" + text, check=False)
+        assert r.returncode == 0, (name, r.stdout[-3000:], r.stderr[-3000:], self.journal())
+        return r
+
+    def journal(self) -> str:
+        return self.run("journalctl", "-b", "--no-pager", "-n", "60", check=False).stdout
+
+    def get(self) -> str:
+        return self.run("curl", "-sS", "--max-time", "30", "http://127.0.0.1/", check=False).stdout.strip()
+
+    def wait_for(self, body: str) -> None:
+        deadline = time.monotonic() + 60
+        while self.get() != body and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert self.get() == body, self.journal()
+
+    def poll(self):
+        """The client; returns a function that stops it and gives its result."""
+        with open(os.path.join(self.ct.share, "poll.py"), "w") as f:
+            f.write(POLL)
+        proc = self.ct.popen("python3", "/mnt/share/poll.py", "/mnt/share/stop-polling")
+        time.sleep(1)
+
+        def stop() -> dict:
+            open(os.path.join(self.ct.share, "stop-polling"), "w").close()
+            result = json.loads(proc.communicate(timeout=120)[0])
+            if result["failed"]:
+                result["nginx"] = self.run("tail", "-n", "5", "/var/log/nginx/error.log").stdout
+            return result
+        return stop
+
+    def master_env(self, unit: str) -> str:
+        pid = self.run("systemctl", "show", "-p", "MainPID", "--value", unit).stdout.strip()
+        return self.run("cat", f"/proc/{pid}/environ").stdout
+
+
+@pytest.fixture
+def host(deb, base_dir):      # noqa: F811
+    ct = Container(image("bookworm-migrate"), base_dir)
+    try:
+        h = Host(ct, deb)
+        h.run("rm", "-f", "/etc/nginx/sites-enabled/default")
+        yield h
+    finally:
+        ct.down()
+
+
+def unicorn_release(host: Host, name: str) -> None:
+    d = f"/srv/app/releases/{name}"
+    host.write(f"{d}/config.ru", CONFIG_RU % name)
+    host.step("RELEASE/config/unicorn.rb", release=d)
+    host.sh(f"ln -sfn /srv/app/shared/tmp {d}/tmp && chown -R app:app {d} && ln -sfn {d} /srv/app/current.new "
+            "&& mv -T /srv/app/current.new /srv/app/current")
+
+
+def test_from_runit_and_unicornherder(host):
+    host.sh("useradd --system --no-create-home --home-dir /srv/app app && "
+            "mkdir -p /srv/app/releases /srv/app/shared/tmp/sockets /srv/app/shared/tmp/pids && "
+            "chown -R app:app /srv/app")
+    host.write("/usr/local/bin/unicornherder", HERDER, mode="755")
+    unicorn_release(host, "r1")
+    # What you have: runit runs unicornherder, nginx in front.
+    host.step("/etc/sv/app/run", mode="755")
+    host.step("/etc/nginx/sites-enabled/app")
+    host.sh("ln -s /etc/sv/app /etc/service/app && systemctl reload nginx")
+    host.wait_for(f"release=r1 secret={SECRET}")
+    old_master = host.run("cat", "/srv/app/shared/tmp/pids/unicorn.pid").stdout.strip()
+
+    host.step("install")
+    host.step("/etc/unicorn-shim/app.conf")
+    host.step("herder-pid")
+    check = host.step("herder-check")
+    assert "0 errors" in check.stdout, check.stdout
+
+    stop = host.poll()
+    host.step("herder-switch")
+    host.step("herder-remove")
+    unicorn_release(host, "r2")
+    host.step("herder-pid")          # the config's change, made in the app's repository, is in r2 too
+    host.step("herder-deploy")
+    time.sleep(1)
+    result = stop()
+    assert result["failed"] == 0 and result["ok"] > 0, json.dumps(result, indent=1)
+    assert result["bodies"] == [f"release=r1 secret={SECRET}", f"release=r2 secret={SECRET}"], result
+    assert host.get() == f"release=r2 secret={SECRET}"
+
+    # runit is gone, and nothing of it starts at boot
+    assert host.run("pgrep", "-a", "runsv", check=False).stdout == ""
+    assert host.run("pgrep", "-af", "unicornherder", check=False).stdout == ""
+    assert host.run("kill", "-0", old_master, check=False).returncode != 0
+    assert host.run("systemctl", "is-enabled", "runit.service", check=False).stdout.strip() == "disabled"
+    assert host.run("test", "-e", "/etc/service/app", check=False).returncode != 0
+    assert host.run("systemctl", "is-enabled", "unicorn-shim@app.socket").stdout.strip() == "enabled"
+    assert f"SECRET_KEY_BASE={SECRET}" in host.master_env("unicorn-shim@app.service")
+
+    # the socket survives a restart of the service (it belongs to the socket unit)
+    host.run("systemctl", "restart", "unicorn-shim@app.service")
+    assert host.get() == f"release=r2 secret={SECRET}"
+
+
+def gunicorn_release(host: Host, name: str) -> None:
+    d = f"/srv/pyapp/releases/{name}"
+    host.write(f"{d}/app.py", WSGI % name)
+    host.write(f"{d}/gunicorn.conf.py", GUNICORN_CONF)
+    host.sh(f"python3 -m venv --system-site-packages --without-pip {d}/venv")
+    host.write(f"{d}/venv/bin/gunicorn", VENV_GUNICORN.format(venv=f"{d}/venv"), mode="755")
+    host.sh(f"chown -R pyapp:pyapp {d} && ln -sfn {d} /srv/pyapp/current.new && "
+            "mv -T /srv/pyapp/current.new /srv/pyapp/current")
+
+
+def test_from_gunicorns_documented_unit(host):
+    host.sh("useradd --system --no-create-home --home-dir /srv/pyapp pyapp && mkdir -p /srv/pyapp/releases")
+    gunicorn_release(host, "r1")
+    # What you have: Gunicorn's documented units, nginx in front.
+    host.step("/etc/systemd/system/gunicorn.socket")
+    host.step("/etc/systemd/system/gunicorn.service")
+    host.step("/etc/nginx/sites-enabled/pyapp")
+    host.sh("systemctl daemon-reload && systemctl enable --now gunicorn.socket gunicorn.service && "
+            "systemctl reload nginx")
+    host.wait_for(f"release=r1 secret={SECRET}")
+
+    host.step("install")
+    host.step("/etc/unicorn-shim/pyapp.conf")
+    check = host.step("gunicorn-check")
+    assert "0 errors" in check.stdout, check.stdout
+
+    stop = host.poll()
+    host.step("gunicorn-switch")
+    gunicorn_release(host, "r2")
+    host.step("gunicorn-deploy")
+    time.sleep(1)
+    result = stop()
+    assert result["failed"] == 0 and result["ok"] > 0, json.dumps(result, indent=1)
+    assert result["bodies"] == [f"release=r1 secret={SECRET}", f"release=r2 secret={SECRET}"], result
+    assert host.get() == f"release=r2 secret={SECRET}"
+
+    # Gunicorn's units are gone; the master runs the new release's virtualenv
+    units = host.run("systemctl", "list-units", "--all", "--plain", "--no-legend", "gunicorn*").stdout
+    assert units.strip() == "", units
+    assert host.run("test", "-e", "/run/gunicorn.sock", check=False).returncode != 0
+    pid = host.run("systemctl", "show", "-p", "MainPID", "--value", "unicorn-shim@pyapp.service").stdout.strip()
+    assert "/srv/pyapp/releases/r2/venv/bin/python3" in host.run("cat", f"/proc/{pid}/cmdline").stdout
+    assert f"SECRET_KEY_BASE={SECRET}" in host.master_env("unicorn-shim@pyapp.service")
+
+    host.run("systemctl", "restart", "unicorn-shim@pyapp.service")
+    assert host.get() == f"release=r2 secret={SECRET}"
