@@ -160,6 +160,23 @@ def host(deb, base_dir):      # noqa: F811
         ct.down()
 
 
+def served_throughout(host: Host, stop, unit: str) -> None:
+    """The client saw no failure from before the switch-over to after the first
+    deploy, the old release then the new one; the master has the app's environment."""
+    time.sleep(1)
+    result = stop()
+    assert result["failed"] == 0 and result["ok"] > 0, json.dumps(result, indent=1)
+    assert result["bodies"] == [f"release=r1 secret={SECRET}", f"release=r2 secret={SECRET}"], result
+    assert host.get() == f"release=r2 secret={SECRET}"
+    assert f"SECRET_KEY_BASE={SECRET}" in host.master_env(unit)
+
+
+def restart_keeps_serving(host: Host, unit: str) -> None:
+    """The socket belongs to the socket unit: a restart of the service leaves it in place."""
+    host.run("systemctl", "restart", unit)
+    assert host.get() == f"release=r2 secret={SECRET}"
+
+
 def unicorn_release(host: Host, name: str) -> None:
     d = f"/srv/app/releases/{name}"
     host.write(f"{d}/config.ru", CONFIG_RU % name)
@@ -193,11 +210,7 @@ def test_from_runit_and_unicornherder(host):
     unicorn_release(host, "r2")
     host.step("herder-pid")          # the config's change, made in the app's repository, is in r2 too
     host.step("herder-deploy")
-    time.sleep(1)
-    result = stop()
-    assert result["failed"] == 0 and result["ok"] > 0, json.dumps(result, indent=1)
-    assert result["bodies"] == [f"release=r1 secret={SECRET}", f"release=r2 secret={SECRET}"], result
-    assert host.get() == f"release=r2 secret={SECRET}"
+    served_throughout(host, stop, "unicorn-shim@app.service")
 
     # runit is gone, and nothing of it starts at boot
     assert host.run("pgrep", "-a", "runsv", check=False).stdout == ""
@@ -206,11 +219,7 @@ def test_from_runit_and_unicornherder(host):
     assert host.run("systemctl", "is-enabled", "runit.service", check=False).stdout.strip() == "disabled"
     assert host.run("test", "-e", "/etc/service/app", check=False).returncode != 0
     assert host.run("systemctl", "is-enabled", "unicorn-shim@app.socket").stdout.strip() == "enabled"
-    assert f"SECRET_KEY_BASE={SECRET}" in host.master_env("unicorn-shim@app.service")
-
-    # the socket survives a restart of the service (it belongs to the socket unit)
-    host.run("systemctl", "restart", "unicorn-shim@app.service")
-    assert host.get() == f"release=r2 secret={SECRET}"
+    restart_keeps_serving(host, "unicorn-shim@app.service")
 
 
 def gunicorn_release(host: Host, name: str) -> None:
@@ -243,11 +252,7 @@ def test_from_gunicorns_documented_unit(host):
     host.step("gunicorn-switch")
     gunicorn_release(host, "r2")
     host.step("gunicorn-deploy")
-    time.sleep(1)
-    result = stop()
-    assert result["failed"] == 0 and result["ok"] > 0, json.dumps(result, indent=1)
-    assert result["bodies"] == [f"release=r1 secret={SECRET}", f"release=r2 secret={SECRET}"], result
-    assert host.get() == f"release=r2 secret={SECRET}"
+    served_throughout(host, stop, "unicorn-shim@pyapp.service")
 
     # Gunicorn's units are gone; the master runs the new release's virtualenv
     units = host.run("systemctl", "list-units", "--all", "--plain", "--no-legend", "gunicorn*").stdout
@@ -255,7 +260,4 @@ def test_from_gunicorns_documented_unit(host):
     assert host.run("test", "-e", "/run/gunicorn.sock", check=False).returncode != 0
     pid = host.run("systemctl", "show", "-p", "MainPID", "--value", "unicorn-shim@pyapp.service").stdout.strip()
     assert "/srv/pyapp/releases/r2/venv/bin/python3" in host.run("cat", f"/proc/{pid}/cmdline").stdout
-    assert f"SECRET_KEY_BASE={SECRET}" in host.master_env("unicorn-shim@pyapp.service")
-
-    host.run("systemctl", "restart", "unicorn-shim@pyapp.service")
-    assert host.get() == f"release=r2 secret={SECRET}"
+    restart_keeps_serving(host, "unicorn-shim@pyapp.service")
