@@ -77,13 +77,15 @@ VENV_GUNICORN = "#!{venv}/bin/python3\nimport sys\nfrom gunicorn.app.wsgiapp imp
 
 def guide() -> dict:
     """{name: (kind, text)} of the guide's marked blocks, in order."""
-    blocks = re.findall(r"^<!-- (sh|file): (\S+) -->\n```\w*\n(.*?)^```", open(GUIDE).read(), re.M | re.S)
-    return {name: (kind, text) for kind, name, text in blocks}
+    blocks = re.findall(r"^<!-- (sh|file): (\S+)(?: (#\w+))? -->\n```\w*\n(.*?)^```", open(GUIDE).read(),
+                        re.M | re.S)
+    return {name + version: (kind, text) for kind, name, version, text in blocks}
 
 
 def test_guide_blocks_are_found():
     blocks = guide()
-    for name in ("install", "herder-switch", "herder-remove", "herder-deploy", "gunicorn-switch",
+    for name in ("install", "herder-switch", "runit-remove", "deploy-app", "gunicorn-switch", "plain-switch",
+                 "/etc/sv/app/run#plain", "RELEASE/config/unicorn.rb#plain",
                  "/etc/unicorn-shim/app.conf", "/etc/unicorn-shim/pyapp.conf", "RELEASE/config/unicorn.rb"):
         assert name in blocks
 
@@ -111,7 +113,7 @@ class Host:
         """One block of the guide: a file written where it says, or a script run as root."""
         kind, text = self.blocks[name]
         if kind == "file":
-            self.write(name.replace("RELEASE", release), text, mode)
+            self.write(name.split("#")[0].replace("RELEASE", release), text, mode)
             return None
         r = self.sh("cd /mnt/share\n" + text, check=False)
         assert r.returncode == 0, (name, r.stdout[-3000:], r.stderr[-3000:], self.journal())
@@ -177,26 +179,51 @@ def restart_keeps_serving(host: Host, unit: str) -> None:
     assert host.get() == f"release=r2 secret={SECRET}"
 
 
-def unicorn_release(host: Host, name: str) -> None:
+def unicorn_release(host: Host, name: str, version: str = "") -> None:
     d = f"/srv/app/releases/{name}"
     host.write(f"{d}/config.ru", CONFIG_RU % name)
-    host.step("RELEASE/config/unicorn.rb", release=d)
+    host.step("RELEASE/config/unicorn.rb" + version, release=d)
     host.sh(f"ln -sfn /srv/app/shared/tmp {d}/tmp && chown -R app:app {d} && ln -sfn {d} /srv/app/current.new "
             "&& mv -T /srv/app/current.new /srv/app/current")
 
 
-def test_from_runit_and_unicornherder(host):
+def runit_app(host: Host, version: str = "") -> str:
+    """What you have: a Capistrano layout, runit running Unicorn, nginx in front;
+    returns the old master's pid."""
     host.sh("useradd --system --no-create-home --home-dir /srv/app app && "
             "mkdir -p /srv/app/releases /srv/app/shared/tmp/sockets /srv/app/shared/tmp/pids && "
             "chown -R app:app /srv/app")
-    host.write("/usr/local/bin/unicornherder", HERDER, mode="755")
-    unicorn_release(host, "r1")
-    # What you have: runit runs unicornherder, nginx in front.
-    host.step("/etc/sv/app/run", mode="755")
-    host.step("/etc/nginx/sites-enabled/app")
+    unicorn_release(host, "r1", version)
+    host.step("/etc/sv/app/run" + version, mode="755")
+    host.step("/etc/nginx/sites-enabled/app" + version)
     host.sh("ln -s /etc/sv/app /etc/service/app && systemctl reload nginx")
     host.wait_for(f"release=r1 secret={SECRET}")
-    old_master = host.run("cat", "/srv/app/shared/tmp/pids/unicorn.pid").stdout.strip()
+    return host.run("cat", "/srv/app/shared/tmp/pids/unicorn.pid").stdout.strip()
+
+
+def runit_gone(host: Host, old_master: str) -> None:
+    """runit is gone, and nothing of it starts at boot."""
+    assert host.run("pgrep", "-a", "runsv", check=False).stdout == ""
+    assert host.run("kill", "-0", old_master, check=False).returncode != 0
+    assert host.run("systemctl", "is-enabled", "runit.service", check=False).stdout.strip() == "disabled"
+    assert host.run("test", "-e", "/etc/service/app", check=False).returncode != 0
+    assert host.run("systemctl", "is-enabled", "unicorn-shim@app.socket").stdout.strip() == "enabled"
+
+
+def runit_switch_and_deploy(host: Host, switch: str, config: str, version: str = "") -> None:
+    """Under the client's eye: the switch-over, runit's service removed, the first deploy."""
+    stop = host.poll()
+    host.step(switch)
+    host.step("runit-remove")
+    unicorn_release(host, "r2", version)
+    host.step(config)                # the config's change, made in the app's repository, is in r2 too
+    host.step("deploy-app")
+    served_throughout(host, stop, "unicorn-shim@app.service")
+
+
+def test_from_runit_and_unicornherder(host):
+    host.write("/usr/local/bin/unicornherder", HERDER, mode="755")
+    old_master = runit_app(host)
 
     host.step("install")
     host.step("/etc/unicorn-shim/app.conf")
@@ -204,21 +231,22 @@ def test_from_runit_and_unicornherder(host):
     check = host.step("herder-check")
     assert "0 errors" in check.stdout, check.stdout
 
-    stop = host.poll()
-    host.step("herder-switch")
-    host.step("herder-remove")
-    unicorn_release(host, "r2")
-    host.step("herder-pid")          # the config's change, made in the app's repository, is in r2 too
-    host.step("herder-deploy")
-    served_throughout(host, stop, "unicorn-shim@app.service")
-
-    # runit is gone, and nothing of it starts at boot
-    assert host.run("pgrep", "-a", "runsv", check=False).stdout == ""
+    runit_switch_and_deploy(host, "herder-switch", "herder-pid")
+    runit_gone(host, old_master)
     assert host.run("pgrep", "-af", "unicornherder", check=False).stdout == ""
-    assert host.run("kill", "-0", old_master, check=False).returncode != 0
-    assert host.run("systemctl", "is-enabled", "runit.service", check=False).stdout.strip() == "disabled"
-    assert host.run("test", "-e", "/etc/service/app", check=False).returncode != 0
-    assert host.run("systemctl", "is-enabled", "unicorn-shim@app.socket").stdout.strip() == "enabled"
+    restart_keeps_serving(host, "unicorn-shim@app.service")
+
+
+def test_from_runit_and_plain_unicorn_on_tcp(host):
+    old_master = runit_app(host, "#plain")
+    host.step("install")
+    host.step("/etc/unicorn-shim/app.conf#plain")
+    host.step("plain-config")
+    check = host.step("plain-check")
+    assert "0 errors" in check.stdout, check.stdout
+
+    runit_switch_and_deploy(host, "plain-switch", "plain-config", "#plain")
+    runit_gone(host, old_master)
     restart_keeps_serving(host, "unicorn-shim@app.service")
 
 
