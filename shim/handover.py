@@ -29,6 +29,9 @@ async def hand_over(sup: "Supervisor") -> Dict[str, Any]:
     deadline = t0 + sup.config.ready_timeout
     sup.state = "reloading"
     sup.notifier.reloading(os.getpid(), f"reloading: starting generation {gen} beside master {old.pid}")
+    # The reload job is bounded by the unit's TimeoutStartSec=; a hand-over may take
+    # the new master's boot plus the old one's drain: never let systemd give up first.
+    sup.notifier.extend_timeout(sup.config.ready_timeout + sup.config.retire_timeout + 10)
     # A master of the fallback release was started there, not through --chdir:
     # Unicorn's own re-exec would come back to it. The shim starts the next one.
     strategy = sup.strategies["spawn"] if sup.degraded else sup.strategy
@@ -43,6 +46,7 @@ async def hand_over(sup: "Supervisor") -> Dict[str, Any]:
         new.generation = gen
         if new.pid not in sup.masters:
             sup.watch(new)
+        sup.checkpoint()
         sup.notifier.status(f"reloading: new master {new.pid} booting, old master {old.pid} serving")
         found_ms = int((time.monotonic() - t0) * 1000)
         ready = await sup.wait_ready(new, deadline, "new master")
@@ -50,13 +54,16 @@ async def hand_over(sup: "Supervisor") -> Dict[str, Any]:
         wrong_release = intended and release.mismatch(new.pid, intended)
         if wrong_release:
             raise WrongRelease(wrong_release)
+        sup.checkpoint()
         if sup.config.health_check:
             reason, workers_stopped = await _health_check(sup, old, new)
             if reason:
                 raise ReloadFailed(reason)
+            sup.checkpoint()
         retire_start = time.monotonic()
-        await sup.retire(old, keep=new.pid)
+        await sup.retire(old, keep=new.pid, stoppable=True)
         retire_end = time.monotonic()
+        sup.checkpoint()
     except WrongRelease as e:
         sup.remember("failed", intended, str(e))
         if not old.alive() and new is not None and new.alive():
@@ -68,7 +75,7 @@ async def hand_over(sup: "Supervisor") -> Dict[str, Any]:
         sup.remember("failed", intended, str(e))
         return await _roll_back(sup, old, new, workers_stopped, str(e), t0, gen, strategy)
     except Stopping:
-        return {"ok": False, "error": "reload aborted: the service is stopping"}
+        return _stopped(sup, old, new, gen, workers_stopped)
     except Exception as e:   # a bug must not leave MAINPID on the shim and the state "reloading"
         sup.log.error("internal-error", f"reload: {type(e).__name__}: {e}")
         return await _roll_back(sup, old, new, workers_stopped,
@@ -142,6 +149,8 @@ async def _roll_back(sup: "Supervisor", old: procs.Pinned, new: Optional[procs.P
             await sup.wait_ready(old, time.monotonic() + sup.config.ready_timeout, "old master")
         except ReloadFailed as e:
             sup.log.error("rollback-error", f"old master did not get its workers back: {e}")
+        except Stopping:
+            pass              # the stop that follows retires every master anyway
     if new is not None and new.alive():
         await sup.retire(new, grace=min(FAILED_MASTER_GRACE, sup.config.retire_timeout))
     strategy.restore(old)
@@ -180,3 +189,17 @@ def _keep_unchanged(sup: "Supervisor", old: procs.Pinned, new: procs.Pinned, rea
                   REASON=reason, DURATION_MS=int(duration * 1000))
     sup.wake()
     return {"ok": False, "error": f"{reason}; {kept}"}
+
+
+def _stopped(sup: "Supervisor", old: procs.Pinned, new: Optional[procs.Pinned], gen: int,
+             workers_stopped: bool) -> Dict[str, Any]:
+    """A stop arrived mid hand-over: no READY=1, no new MAINPID; the run loop's stop
+    retires every master that is left, old and new alike."""
+    if workers_stopped and old.alive():
+        old.signal(sup.profile.respawn_workers)    # serve on while the stop drains it
+    sup.state = "stopping"
+    sup.log.event("reload-failed", f"reload to generation {gen} aborted: the service is stopping",
+                  ERR, RESULT="stopped", OLD_MASTER_PID=old.pid, MASTER_PID=new.pid if new else None,
+                  GENERATION=gen, REASON="the service is stopping")
+    sup.wake()
+    return {"ok": False, "error": "reload aborted: the service is stopping"}

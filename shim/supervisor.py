@@ -29,6 +29,13 @@ from shim.upgrade import FAILED_MASTER_GRACE, STRATEGIES, ReloadFailed, Stopping
 SAMPLE = 0.05         # how often workers are looked at while a master boots
 WORKERLESS_GRACE = 2.0  # how long a master with no live worker gets to stop gracefully
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+# Signals whose default action would end or freeze the shim. `systemctl kill -s SIG`
+# signals every process of the unit: the master and its workers get them from
+# systemd directly (USR1: reopen logs; TTIN/TTOU: one worker more or less), so the
+# shim passes nothing on (that would deliver them twice) and only says so.
+NOTED_SIGNALS = tuple(getattr(signal, name) for name in (
+    "SIGUSR1", "SIGTTIN", "SIGTTOU", "SIGTSTP", "SIGWINCH", "SIGALRM", "SIGVTALRM", "SIGPROF",
+    "SIGPOLL", "SIGPWR", "SIGXCPU") if hasattr(signal, name))
 
 
 
@@ -84,7 +91,10 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
-        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal, signal.SIGHUP)
+        loop.add_signal_handler(signal.SIGUSR2, self._on_reload_signal, signal.SIGUSR2)
+        for sig in NOTED_SIGNALS:
+            loop.add_signal_handler(sig, self._on_other_signal, sig)
         self.hook_socket = HookSocket(os.path.join(self.config.runtime_dir, "ready.sock"))
         loop.add_reader(self.hook_socket.fileno(), self._on_hook_message)
         if self.config.control_path:
@@ -121,8 +131,17 @@ class Supervisor:
         self.stop_requested = True
         self.wake()
 
-    def _on_hup(self) -> None:
+    def _on_reload_signal(self, sig: int) -> None:
+        self.log.event("signal", f"{signal.Signals(sig).name}: reload requested", SIGNAL=signal.Signals(sig).name)
         asyncio.get_running_loop().create_task(self.reload())
+
+    def _on_other_signal(self, sig: int) -> None:
+        name = signal.Signals(sig).name
+        master = self.master.pid if self.master else None
+        self.log.event("signal", f"{name} ignored by the shim: it is the server's signal; "
+                       f"`systemctl kill --kill-whom=main -s {name[3:]}` sends it to the master "
+                       f"({master}), `systemctl kill -s {name[3:]}` to every process of the unit",
+                       WARNING, SIGNAL=name)
 
     def _on_hook_message(self) -> None:
         self.hook_socket.drain(self.reports)
@@ -158,10 +177,11 @@ class Supervisor:
         self._hook.clear()
 
     async def _watchdog(self) -> None:
+        """WATCHDOG=1 while any master serves: during a hand-over the old master may
+        be gone already (the common before_fork hook QUITs it) while the new one boots."""
         interval = self.notifier.watchdog_usec / 2e6
         while True:
-            master = self.master
-            if master is not None and master.alive() and not _is_stopped(master.pid):
+            if any(m.alive() and not _is_stopped(m.pid) for m in list(self.masters.values())):
                 self.notifier.watchdog()
             await asyncio.sleep(interval)
 
@@ -230,18 +250,26 @@ class Supervisor:
         error = self.reports.error_of(pid)
         return f": {error}" if error else " (the server's own log in the journal says why)"
 
-    async def wait_exit(self, proc: procs.Pinned, timeout: float) -> bool:
+    async def wait_exit(self, proc: procs.Pinned, timeout: float, stoppable: bool = False) -> bool:
         deadline = time.monotonic() + timeout
         while proc.alive():
+            if stoppable and self.stop_requested:
+                raise Stopping()
             if time.monotonic() > deadline:
                 return False
             await self.tick(min(SAMPLE, timeout))
         return True
 
+    def checkpoint(self) -> None:
+        """Between two steps of a hand-over: a stop requested meanwhile ends it here."""
+        if self.stop_requested:
+            raise Stopping()
+
     async def retire(self, master: procs.Pinned, keep: Optional[int] = None,
-                     grace: Optional[float] = None) -> None:
+                     grace: Optional[float] = None, stoppable: bool = False) -> None:
         """Graceful stop of `master`; KILL it and its workers after `grace`
-        (default --retire-timeout)."""
+        (default --retire-timeout). `stoppable`: a stop requested meanwhile raises
+        Stopping at once (the drain goes on; the stop retires every master)."""
         grace = self.config.retire_timeout if grace is None else grace
         if not master.alive():
             return
@@ -257,7 +285,7 @@ class Supervisor:
             # graceful stop (Gunicorn halting on a boot error) is not waited for.
             grace = min(grace, WORKERLESS_GRACE)
         master.signal(self.profile.graceful_stop)
-        if not await self.wait_exit(master, grace):
+        if not await self.wait_exit(master, grace, stoppable):
             self.log.event("retire-timeout", f"master {master.pid} still running after "
                            f"{grace:g} s; killing it", WARNING, MASTER_PID=master.pid)
             master.signal(signal.SIGKILL)

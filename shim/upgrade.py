@@ -131,6 +131,7 @@ class Usr2(Strategy):
                 orphan_deadline = orphan_deadline or time.monotonic() + 0.5
                 if time.monotonic() > orphan_deadline:
                     raise ReloadFailed(f"old master {old.pid} exited before a new master appeared")
+            self.sup.checkpoint()
             if time.monotonic() > deadline:
                 raise ReloadFailed(f"no new master appeared within {self.sup.config.ready_timeout:g} s "
                                    f"of {self.sup.profile.reexec.name} to {old.pid} (see the server's log)")
