@@ -96,6 +96,6 @@ def _barrier(timeout: float = 5.0) -> bool:
 def _watchdog_usec() -> Optional[int]:
     """WatchdogSec= of the unit, if it is meant for this process."""
     usec, pid = os.environ.get("WATCHDOG_USEC"), os.environ.get("WATCHDOG_PID")
-    if not usec or not usec.isdigit() or (pid and pid != str(os.getpid())):
+    if not usec or not (usec.isascii() and usec.isdigit()) or (pid and pid != str(os.getpid())):
         return None
     return int(usec)

@@ -10,6 +10,8 @@ import functools
 import os
 import select
 import signal
+import stat
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
@@ -236,7 +238,9 @@ class Pinned:
         """False once it has exited: a pidfd polls readable then, even before reaping."""
         if self.pidfd < 0:
             return False
-        return not select.select([self.pidfd], [], [], 0)[0]
+        poller = select.poll()        # not select(): fds above 1024 are fine
+        poller.register(self.pidfd, select.POLLIN)
+        return not poller.poll(0)
 
     def close(self) -> None:
         if self.pidfd >= 0:
@@ -269,21 +273,33 @@ def pin(pid: int, cgroup: Optional[str], *, parent: Optional[int] = None,
 
 
 def read_pid_file(path: str) -> Optional[int]:
-    """The pid in a pid file, or None if missing, empty or not a number."""
+    """The pid in a pid file, or None if missing, empty, not a regular file (a FIFO
+    would block) or not a plain ASCII number ("²".isdigit() is True)."""
     try:
-        with open(path) as f:
-            text = f.read(64).strip()
-    except (OSError, UnicodeDecodeError):
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
         return None
-    return int(text) if text.isdigit() else None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        text = os.read(fd, 64).decode("ascii", errors="replace").strip()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return int(text) if text.isascii() and text.isdigit() else None
 
 
 def write_pid_file(path: str, pid: int) -> None:
-    """Atomically, as the servers do: a reader never sees a half-written file."""
-    tmp = f"{path}.shim-{os.getpid()}"
+    """Atomically, as the servers do: a reader never sees a half-written file. The
+    temporary name is random and created exclusively (O_EXCL never follows a
+    symlink), so a link planted in a pid directory the app can write is never
+    written through."""
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", dir=os.path.dirname(path) or ".")
     try:
-        with open(tmp, "w") as f:
+        with os.fdopen(fd, "w") as f:
             f.write(f"{pid}\n")
+        os.chmod(tmp, 0o644)
         os.rename(tmp, path)
     except OSError:
         try:

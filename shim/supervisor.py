@@ -144,8 +144,11 @@ class Supervisor:
                        WARNING, SIGNAL=name)
 
     def _on_hook_message(self) -> None:
-        self.hook_socket.drain(self.reports)
+        self.hook_socket.drain(self.reports, self._of_the_unit)
         self._hook.set()
+
+    def _of_the_unit(self, pid: int) -> bool:
+        return procs.in_cgroup(pid, self.cgroup)
 
     def _on_refused(self, uid: int) -> None:
         self.log.event("control-refused", f"control request from uid {uid} refused", WARNING, UID=uid)
@@ -246,7 +249,7 @@ class Supervisor:
         reporter sent it (read now: it may still sit in the socket), or a
         pointer to the server's log."""
         if self.hook_socket:
-            self.hook_socket.drain(self.reports)
+            self.hook_socket.drain(self.reports, self._of_the_unit)
         error = self.reports.error_of(pid)
         return f": {error}" if error else " (the server's own log in the journal says why)"
 
