@@ -142,6 +142,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         return e.exit_status
 
 
+def _require_pidfd() -> None:
+    """Masters are watched through pidfds (Linux >= 5.3, Python >= 3.9): say so plainly."""
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError) as e:
+        raise ShimError(f"this system cannot watch processes through pidfds ({e}): unicorn-shim needs "
+                        "Linux 5.3 or newer and Python 3.9 or newer", EXIT_USAGE) from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     _without_tls()
     import asyncio
@@ -153,6 +162,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from shim.notify import Notifier
     from shim.supervisor import Config, Supervisor
 
+    _require_pidfd()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         raise ShimError("no server command after `--` (e.g. -- unicorn -c config/unicorn.rb)", EXIT_USAGE)

@@ -1,6 +1,6 @@
 """One reload: start the next generation, wait until it serves, retire the old.
 
-The order matters to systemd (DESIGN.md, point 3 and 5): MAINPID points at
+The order matters to systemd: MAINPID points at
 the shim itself for the whole hand-over, so the old master may exit at any
 moment (the common `before_fork` hook QUITs it) without systemd seeing its
 main process die; MAINPID moves to the new master only once the old one is
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 from shim import health, procs, release
 from shim.journal import ERR
-from shim.upgrade import FAILED_MASTER_GRACE, ReloadFailed, Stopping, WrongRelease
+from shim.errors import ReloadFailed, Stopping, WrongRelease
 
 if TYPE_CHECKING:
     from shim.supervisor import Supervisor
@@ -152,7 +152,7 @@ async def _roll_back(sup: "Supervisor", old: procs.Pinned, new: Optional[procs.P
         except Stopping:
             pass              # the stop that follows retires every master anyway
     if new is not None and new.alive():
-        await sup.retire(new, grace=min(FAILED_MASTER_GRACE, sup.config.retire_timeout))
+        await sup.retire(new, grace=min(sup.failed_master_grace, sup.config.retire_timeout))
     strategy.restore(old)
     duration = time.monotonic() - t0
     sup.last_reload = f"failed after {duration:.1f}s: {reason}"

@@ -29,9 +29,6 @@ class Notifier:
         self._send = _sender()
         self.watchdog_usec = _watchdog_usec()
 
-    @property
-    def enabled(self) -> bool:
-        return self._send is not None
 
     def send(self, **fields: object) -> None:
         """send(MAINPID=12, READY=1, STATUS="...") -> one datagram, in that order."""

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from shim import procs, release, spawn
 from shim.control import ControlServer
-from shim.errors import EXIT_MASTER_EXIT, EXIT_START, ShimError
+from shim.errors import EXIT_MASTER_EXIT, EXIT_START, ReloadFailed, ShimError, Stopping
 from shim.journal import WARNING, Log
 from shim.notify import Notifier
 from shim.release import config_through
@@ -24,10 +24,13 @@ from shim.servers import ServerProfile
 from shim.sockets import HeldSocket
 from shim.state import State
 from shim.handover import hand_over
-from shim.upgrade import FAILED_MASTER_GRACE, STRATEGIES, ReloadFailed, Stopping
+from shim.upgrade import STRATEGIES
 
 SAMPLE = 0.05         # how often workers are looked at while a master boots
 WORKERLESS_GRACE = 2.0  # how long a master with no live worker gets to stop gracefully
+# A master that failed to become ready serves little or nothing: it gets this
+# long to finish what it may have accepted, not the full --retire-timeout.
+FAILED_MASTER_GRACE = 10.0
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 # Signals whose default action would end or freeze the shim. `systemctl kill -s SIG`
 # signals every process of the unit: the master and its workers get them from
@@ -83,6 +86,7 @@ class Supervisor:
         self._hook = asyncio.Event()      # for whoever waits on a booting master
         self._reload_lock = asyncio.Lock()
         self.hook_socket: Optional[HookSocket] = None
+        self.failed_master_grace = FAILED_MASTER_GRACE
         self.control: Optional[ControlServer] = None
 
     # -- the loop -----------------------------------------------------------
@@ -403,6 +407,8 @@ class Supervisor:
             if self.stop_requested or self.state in ("stopping", "failed"):
                 return {"ok": False, "error": "the service is stopping"}
             if self.state == "booting":
+                self.log.event("reload-refused", "reload asked for while the service is still starting: "
+                               "refused; the master starting now reads the release current names", WARNING)
                 return {"ok": False, "error": "the service is still starting"}
             return await hand_over(self)
 

@@ -1,4 +1,4 @@
-"""The two ways to start the next generation of masters (DESIGN.md).
+"""The two ways to start the next generation of masters.
 
 usr2:  the server re-execs itself; the new master is the old one's child
        until the old one exits. What Unicorn configs and hooks expect.
@@ -15,31 +15,12 @@ import time
 from typing import TYPE_CHECKING, Optional, Set
 
 from shim import procs, release
-from shim.errors import ShimError
+from shim.errors import ReloadFailed, ShimError
 
 if TYPE_CHECKING:
     from shim.supervisor import Supervisor
 
 OLDBIN = ".oldbin"
-# A master that failed to become ready serves little or nothing: it gets this
-# long to finish what it may have accepted, not the full --retire-timeout.
-FAILED_MASTER_GRACE = 10.0
-
-
-class ReloadFailed(Exception):
-    """The reload cannot go on; the message is the one line the operator sees."""
-
-    master: Optional[int] = None     # the master that failed, once known
-
-
-class WrongRelease(ReloadFailed):
-    """The new master is ready but serves another release than the one deployed."""
-
-
-class Stopping(Exception):
-    """A stop was requested while a master was booting."""
-
-
 def _remove(path: str) -> None:
     try:
         os.unlink(path)
@@ -147,9 +128,15 @@ class Usr2(Strategy):
             # (not the shim, nor a `unicorn-shim reload` waiting in ExecReload=)
             candidates += [p for p in procs.cgroup_members(self.sup.cgroup)
                            if p not in self.sup.masters and "unicorn-shim" not in procs.title(p)]
+        parent_title = procs.title(old.pid)
         for pid in candidates:
             if pid in known or self.sup.profile.worker_title.search(procs.title(pid)):
                 known.add(pid)
+                continue
+            if not orphaned and procs.title(pid) == parent_title:
+                # A fork that has not exec'd or renamed itself yet: a respawned
+                # worker looks like this for a moment, and so does the re-exec'd
+                # master before its exec. Look again next time.
                 continue
             try:
                 return procs.pin(pid, self.sup.cgroup, parent=None if orphaned else old.pid,

@@ -95,6 +95,9 @@ class FakeOS:
             p.exit()
             for child in self.children(pid):      # the new master is reparented to the manager
                 self.procs[child].parent = self.manager
+        elif sig == signal.SIGUSR2 and not p.title.endswith("(old)"):
+            p.title += " (old)"                 # as Unicorn's master renames itself on USR2
+            return self.signal(pid, sig)
         elif sig == signal.SIGUSR2 and self.next_behaviour == "slow-fork":   # found only later
             asyncio.get_running_loop().call_later(0.5, self.start_master, pid)
         elif sig == signal.SIGUSR2:
