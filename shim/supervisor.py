@@ -16,14 +16,14 @@ from typing import Any, Dict, List, Optional, Tuple
 from shim import procs, release, spawn
 from shim.control import ControlServer
 from shim.errors import EXIT_MASTER_EXIT, EXIT_START, ReloadFailed, ShimError, Stopping
-from shim.journal import WARNING, Log
+from shim.journal import ERR, WARNING, Log
 from shim.notify import Notifier
 from shim.release import config_through
 from shim.readiness import HOOK_ENV, HookReports, HookSocket, Verdict, WorkerWatch, hook_environment
 from shim.servers import ServerProfile
 from shim.sockets import HeldSocket
 from shim.state import State
-from shim.handover import hand_over
+from shim.handover import Outcome, hand_over
 from shim.upgrade import STRATEGIES
 
 SAMPLE = 0.05         # how often workers are looked at while a master boots
@@ -410,7 +410,66 @@ class Supervisor:
                 self.log.event("reload-refused", "reload asked for while the service is still starting: "
                                "refused; the master starting now reads the release current names", WARNING)
                 return {"ok": False, "error": "the service is still starting"}
-            return await hand_over(self)
+            old, gen = self.master, self.generation + 1
+            # A master of the fallback release was started there, not through --chdir:
+            # Unicorn's own re-exec would come back to it. The shim starts the next one.
+            strategy = self.strategies["spawn"] if self.degraded else self.strategy
+            self.state = "reloading"
+            self.notifier.reloading(os.getpid(), f"reloading: starting generation {gen} beside master {old.pid}")
+            # The reload job is bounded by the unit's TimeoutStartSec=; a hand-over may take the
+            # new master's boot plus the old one's drain: never let systemd give up first.
+            self.notifier.extend_timeout(self.config.ready_timeout + self.config.retire_timeout + 10)
+            self.log.event("reload-start", f"reload to generation {gen} ({strategy.name}) from master {old.pid}",
+                           OLD_MASTER_PID=old.pid, GENERATION=gen)
+            return self._apply(await hand_over(self, old, gen, strategy))
+
+    def _apply(self, out: Outcome) -> Dict[str, Any]:
+        """The hand-over's outcome becomes the supervisor's state, systemd's view,
+        the journal's event and the reload client's answer."""
+        old, new, gen, took = out.old, out.new, out.generation, f"{out.duration:.1f}s"
+        self.wake()
+        if out.result == "stopped":
+            self.state = "stopping"
+            self.log.event("reload-failed", f"reload to generation {gen} aborted: the service is stopping",
+                           ERR, RESULT="stopped", OLD_MASTER_PID=old.pid, MASTER_PID=new.pid if new else None,
+                           GENERATION=gen, REASON=out.reason)
+            return {"ok": False, "error": "reload aborted: the service is stopping"}
+        if out.result == "done":
+            self.master, self.generation, self.state, self.degraded = new, gen, "serving", ""
+            serving = self.release(new)
+            self.remember("served", out.intended or serving)
+            self.last_reload = f"ok in {took}"
+            self.notifier.ready(new.pid, self.status_line(out.workers))
+            self.log.event("reload-done", f"generation {gen}: master {new.pid} serving {serving}; "
+                           f"old master {old.pid} retired; {out.duration:.2f} s",
+                           MASTER_PID=new.pid, OLD_MASTER_PID=old.pid, GENERATION=gen, RELEASE=serving,
+                           DURATION_MS=int(out.duration * 1000), RESULT="done",
+                           **{k.upper(): v for k, v in out.timings.items()})
+            return {"ok": True, "master_pid": new.pid, "old_master_pid": old.pid, "generation": gen,
+                    "release": serving, "duration_ms": int(out.duration * 1000), "timings": out.timings}
+        self.remember("failed", out.intended, out.reason)
+        self.last_reload = f"failed after {took}: {out.reason}"
+        fields = dict(OLD_MASTER_PID=old.pid, GENERATION=gen, REASON=out.reason,
+                      DURATION_MS=int(out.duration * 1000), MASTER_PID=new.pid if new else None,
+                      SERVER_ERROR=self.reports.error_of(new.pid if new else old.pid), RESULT=out.result)
+        if out.result == "not-deployed":
+            self.master, self.generation, self.state = new, gen, "serving"
+            kept = (f"the config's own hook had already retired the old master {old.pid}, so master "
+                    f"{new.pid} serves on as it is: fix the config, then reload or restart")
+            self.notifier.ready(new.pid, self.status_line())
+            self.log.event("reload-failed", f"reload to generation {gen} failed: {out.reason}; {kept}", ERR,
+                           **fields)
+            return {"ok": False, "error": f"{out.reason}; {kept}"}
+        if out.result == "rolled-back":
+            old.role, self.state = "master", "serving"
+            self.notifier.ready(old.pid, self.status_line())
+            self.log.event("reload-failed", f"reload to generation {gen} failed: {out.reason}; "
+                           f"master {old.pid} keeps serving the old release", ERR, **fields)
+            return {"ok": False, "error": f"{out.reason}; the old release keeps serving (master {old.pid})"}
+        self.state = "failed"          # nothing-serving: the run loop exits, systemd restarts
+        self.log.event("reload-failed", f"reload to generation {gen} failed: {out.reason}; the old master is "
+                       "gone too, nothing serves: exiting so that systemd restarts the service", ERR, **fields)
+        return {"ok": False, "error": f"{out.reason}; the old master is gone too: the service will restart"}
 
     async def stop(self) -> None:
         self.state = "stopping"
