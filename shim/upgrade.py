@@ -17,6 +17,9 @@ from typing import Any, Dict, Optional, Protocol, Set
 from shim import procs, release
 from shim.errors import ReloadFailed, ShimError
 
+OLDBIN = ".oldbin"
+
+
 class Host(Protocol):
     """What a strategy and a hand-over may use of the supervisor: acting on
     processes and waiting. Its state (which master serves, the generation, what

@@ -17,7 +17,8 @@ from shim.journal import Log
 from shim.notify import Notifier
 from shim.servers import UNICORN
 from shim.readiness import UNREAPED_LIMIT
-from shim.supervisor import WORKERLESS_GRACE, Config, Supervisor
+from shim.masters import WORKERLESS_GRACE
+from shim.supervisor import Config, Supervisor
 
 
 class FakeProcess:
