@@ -138,7 +138,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return {"run": cmd_run, "reload": client.run, "status": client.run,
                 "check": cmd_check}[args.subcommand](args)
     except ShimError as e:
-        print(f"unicorn-shim: {e}", file=sys.stderr)
+        client.complain(f"unicorn-shim: {e}")
         return e.exit_status
 
 

@@ -31,6 +31,12 @@ def assert_reason_everywhere(d, manager, event, text):
     assert text in event["SERVER_ERROR"], event
     assert text in event["REASON"] and text in event["MESSAGE"]
     assert event["PRIORITY"] == "3" and event["SYSLOG_IDENTIFIER"] == "unicorn-shim"
+    # the ExecReload= process's own line too, not under the app's SyslogIdentifier=
+    client_lines = [e for e in manager.journal("SYSLOG_IDENTIFIER=unicorn-shim")
+                    if str(e.get("MESSAGE", "")).startswith("unicorn-shim: reload failed")]
+    assert client_lines and client_lines[-1]["PRIORITY"] == "3" and text in client_lines[-1]["MESSAGE"]
+    assert not [e for e in manager.journal("SYSLOG_IDENTIFIER=app")
+                if "reload failed" in str(e.get("MESSAGE", ""))]
     assert text in d.state()["StatusText"]
     status = subprocess.run([SHIM, "status", "--json", "--control",
                              os.path.join(manager.runtime_dir, "app", "control.sock")],
