@@ -9,6 +9,7 @@ old one is gone and the new one has been reparented to the manager).
 """
 from __future__ import annotations
 
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -126,12 +127,28 @@ async def _health_check(host: "Host", old: procs.Pinned,
                 continue
             worker.signal(signal.SIGSTOP)
             paused.append(worker)
+        # SIGSTOP takes effect thread by thread, when each next runs: a Puma worker's
+        # accept thread was seen taking the check's connection after it was sent.
+        deadline = time.monotonic() + 1.0
+        while not all(_all_threads_stopped(w.pid) for w in paused) and time.monotonic() < deadline:
+            await host.tick(0.002)
     try:
         return (await health.check(host.config.health_check) or None), stopped
     finally:
         for worker in paused:
             worker.signal(signal.SIGCONT)
             worker.close()
+
+
+def _all_threads_stopped(pid: int) -> bool:
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] not in ("T", "t", "Z", "X"):   # stopped or gone
+                    return False
+    except (OSError, IndexError):
+        pass      # gone: nothing of it runs
+    return True
 
 
 async def _roll_back(host: "Host", old: procs.Pinned, new: Optional[procs.Pinned],

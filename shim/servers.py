@@ -59,8 +59,9 @@ class ServerProfile:
         """Arguments naming each held socket, so a config reload (HUP) never
         closes one: Unicorn drops inherited sockets that its config does not name;
         Puma binds what its config names (its default tcp://0.0.0.0:9292 when none)."""
-        flags = [f"{self.listen_flag}{self.listen_spelling(name)}" for name in names] if self.listen_flag else []
-        return flags + list(self.socket_args)
+        if not self.listen_flag:
+            return list(self.socket_args)
+        return [f"{self.listen_flag}{self.listen_spelling(name)}" for name in names] + list(self.socket_args)
 
 
 UNICORN = ServerProfile(

@@ -53,10 +53,12 @@ def wait_new_master(d, old, timeout=10):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for pid in d.m.unit_processes():
+            # (the server's name: not a child of the manager that has not exec'd yet, as
+            # ExecReload='s process for a moment, which a test that stops "new" would hang)
             cmdline = proc_cmdline(pid)
-            if pid != old and "unicorn" in cmdline and "unicorn-shim" not in cmdline \
-                    and proc_parent(pid) in (old, d.m.pid) \
-                    and "worker" not in cmdline and pid not in d.app_workers(old):
+            if pid != old and d.app.server in cmdline and "unicorn-shim" not in cmdline \
+                    and proc_parent(pid) in (old, d.m.pid) and "worker" not in cmdline \
+                    and pid not in d.app_workers(old):
                 return pid
         time.sleep(0.01)
     raise AssertionError("no new master appeared")
