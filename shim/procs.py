@@ -159,25 +159,31 @@ def activity(pid: int) -> Optional[tuple]:
         return None
 
 
-def wchan(pid: int, threads: bool = False) -> str:
+def wchan(pid: int, thread: Optional[str] = None) -> str:
     """The kernel function the process's main thread sleeps in ("" when running or
-    unreadable); with `threads`, those of all its threads, space-separated."""
-    paths = [f"/proc/{pid}/wchan"]
-    if threads:
+    unreadable); with `thread`, that of its thread of that name (/proc's comm)."""
+    path = f"/proc/{pid}/wchan"
+    if thread:
         try:
-            paths = [f"/proc/{pid}/task/{tid}/wchan" for tid in os.listdir(f"/proc/{pid}/task")]
+            tids = os.listdir(f"/proc/{pid}/task")
         except OSError:
             return ""
-    names = []
-    for path in paths:
-        try:
-            with open(path) as f:
-                name = f.read().strip()
-        except OSError:
-            continue
-        if name and name != "0":
-            names.append(name)
-    return " ".join(names)
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                    if f.read().strip() == thread:
+                        path = f"/proc/{pid}/task/{tid}/wchan"
+                        break
+            except OSError:
+                continue
+        else:
+            return ""       # that thread does not exist yet: still booting
+    try:
+        with open(path) as f:
+            name = f.read().strip()
+    except OSError:
+        return ""
+    return "" if name == "0" else name
 
 
 def is_zombie(pid: int) -> bool:

@@ -223,7 +223,7 @@ class WorkerWatch:
             if pid in self.waited:
                 continue
             state, ticks = now_activity
-            if WAITING.search(procs.wchan(pid, self.profile.serves_from_threads)) or (
+            if WAITING.search(procs.wchan(pid, self.profile.accept_thread)) or (
                     state == "S" and self.activity.get(pid, ("", -1))[1] == ticks):
                 self.waited.add(pid)
         self.activity = seen

@@ -140,7 +140,7 @@ def fake(monkeypatch, tmp_path):
     monkeypatch.setattr(procs, "title",
                         lambda pid: fos.procs[pid].title if pid in fos.procs and fos.procs[pid].alive else "")
     monkeypatch.setattr(procs, "activity", lambda pid: ("S", 0))
-    monkeypatch.setattr(procs, "wchan", lambda pid, threads=False: "poll_schedule_timeout")
+    monkeypatch.setattr(procs, "wchan", lambda pid, thread=None: "poll_schedule_timeout")
     monkeypatch.setattr(procs, "is_zombie", lambda pid: pid in fos.procs and fos.procs[pid].zombie)
     monkeypatch.setattr(procs, "parent_of", lambda pid: fos.procs[pid].parent if pid in fos.procs else None)
     monkeypatch.setattr(procs, "cwd", lambda pid: "/srv/app/releases/r1")
