@@ -236,7 +236,10 @@ class WorkerWatch:
 
     def verdict(self, now: float) -> Verdict:
         n = len(self.alive)
-        if self.deaths >= CRASH_LOOP_DEATHS:
+        booted = self.waited | self.reports.ready_pids(self.master)
+        # Deaths with not one worker ever booted: the release cannot serve. Once one
+        # has (a worker waited for connections), later deaths are recycles or luck.
+        if self.deaths >= CRASH_LOOP_DEATHS and not booted:
             return Verdict("failed", n, f"workers crash-looping: {self.deaths} workers died during boot "
                                         f"({self.births} started)")
         if self.unreaped_since is not None and now - self.unreaped_since >= UNREAPED_LIMIT:

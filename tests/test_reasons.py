@@ -56,7 +56,7 @@ def test_exception_in_the_app_is_the_reason(deploy, manager, server, preload):
     assert load.failures() == [], load.failure_kinds()
     name = f"r{d.app.count}"
     assert f"release {name} is broken" in event["SERVER_ERROR"], event
-    if server == "unicorn":       # where it was raised, as Ruby says it
+    if server in ("unicorn", "puma"):     # where it was raised, as Ruby says it
         assert "config.ru:" in event["SERVER_ERROR"], event
     elif not preload:             # the worker's traceback; with --preload Gunicorn prints "Error: ..."
         assert "app.py:4" in event["SERVER_ERROR"], event
