@@ -22,8 +22,9 @@ CACHE = os.environ.get("UNICORN_SHIM_IMAGE_CACHE", "/var/cache/unicorn-shim-test
 # containers have no network) and, for Debian 13, what the integration tests need
 # to run inside it. A new list needs a new name: the cache is keyed by it.
 IMAGES: Dict[str, tuple] = {
-    "bookworm": ("rootfs-bookworm-v2",
-                 "unicorn,ruby-rack,python3-psutil,python3-systemd,python3-sdnotify,procps,curl,python3,sudo"),
+    "bookworm": ("rootfs-bookworm-v3-sshd",
+                 "unicorn,ruby-rack,python3-psutil,python3-systemd,python3-sdnotify,procps,curl,python3,sudo,"
+                 "openssh-server"),
     "trixie": ("rootfs-trixie-v1",
                "unicorn,ruby-rack,gunicorn,python3,python3-pytest,python3-psutil,python3-systemd,"
                "python3-sdnotify,procps,curl,util-linux"),
