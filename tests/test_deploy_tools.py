@@ -16,32 +16,22 @@ import subprocess
 import tempfile
 import threading
 import time
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 import pytest
 
 from support.containers import HARNESS, Container, image
 from support.deploy import REPO
 from test_package import APP_CONF, BROKEN_RU, CONFIG_RU, UNICORN_RB, deb  # noqa: F401 (deb: the fixture)
+from test_package import LOAD as LOAD_FOR_SECONDS
 
 EXAMPLES = os.path.join(REPO, "packaging", "examples")
 APP_DIR = "/srv/myapp"
-# Requests until /mnt/share/stop appears, then one line of JSON.
-LOAD = """
-import http.client, json, os, time
-ok = failed = 0; releases = set(); errors = []
-while not os.path.exists("/mnt/share/stop"):
-    c = http.client.HTTPConnection("127.0.0.1", 8080, timeout=10)
-    try:
-        c.request("GET", "/"); r = c.getresponse(); body = r.read().decode()
-        if r.status == 200: ok += 1; releases.add(body.strip())
-        else: failed += 1; errors.append(r.status)
-    except Exception as e:
-        failed += 1; errors.append(type(e).__name__)
-    finally:
-        c.close()
-print(json.dumps({"ok": ok, "failed": failed, "releases": sorted(releases), "errors": errors[:5]}))
-"""
+# The package test's client, until /mnt/share/stop appears (or 10 minutes pass).
+LOAD = LOAD_FOR_SECONDS.replace("while time.monotonic() < end:",
+                                "while time.monotonic() < end and not os.path.exists('/mnt/share/stop'):"
+                                ).replace("import http.client,", "import os, http.client,")
+assert "/mnt/share/stop" in LOAD and "import os," in LOAD
 
 
 class Host:
@@ -140,7 +130,7 @@ class LoadOnAll:
             with open(os.path.join(h.ct.share, "load.py"), "w") as f:
                 f.write(LOAD)
             h.run("rm", "-f", "/mnt/share/stop", check=True)
-        self.procs = [h.ct.popen("python3", "/mnt/share/load.py") for h in self.hosts]
+        self.procs = [h.ct.popen("python3", "/mnt/share/load.py", "600") for h in self.hosts]
         time.sleep(1)
         return self
 
@@ -151,7 +141,13 @@ class LoadOnAll:
             self.results[h.name] = json.loads(p.communicate(timeout=60)[0])
 
 
-def assert_rolled_through(hs: List[Host], load: LoadOnAll, old: str, new: str, generations: List[int]) -> None:
+def roll_out_under_load(hs: List[Host], deploy: Callable[[], subprocess.CompletedProcess], new: str) -> None:
+    """`deploy` rolls release `new` out; it reaches every host with no failed request."""
+    old = hs[0].serves().split("=")[1]
+    generations = [h.status()["generation"] for h in hs]
+    with LoadOnAll(hs) as load:
+        r = deploy()
+        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
     for h, generation in zip(hs, generations):
         result = load.results[h.name]
         assert result["failed"] == 0 and result["ok"] > 0, (h.name, result)
@@ -165,6 +161,7 @@ def assert_stopped_at_the_first(hs: List[Host], out: str, serving: str, bad_rele
                                 before: List[dict], currents: List[str]) -> None:
     """`before`: each host's status before the rollout; `currents`: where its current pointed."""
     # the shim's own reason, with the server's error, in the tool's output
+    print(out)                      # for the record (pytest -rP)
     assert "reload failed" in out and "broken release (RuntimeError)" in out, out
     first, rest = hs[0], hs[1:]
     assert first.serves() == f"release={serving}"
@@ -198,12 +195,7 @@ def test_ansible_rolls_a_good_release_through_and_stops_a_bad_one_at_the_first_h
                                "-e", "app=myapp", "-e", f"release={release}", "-e", f"release_src={src}"],
                               capture_output=True, text=True, env=env, timeout=600)
 
-    old = hs[0].serves().split("=")[1]
-    generations = [h.status()["generation"] for h in hs]
-    with LoadOnAll(hs) as load:
-        r = playbook("a2")
-        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert_rolled_through(hs, load, old, "a2", generations)
+    roll_out_under_load(hs, lambda: playbook("a2"), "a2")
 
     before = [h.status() for h in hs]
     currents = [h.current() for h in hs]
@@ -270,12 +262,7 @@ def test_capistrano_rolls_a_good_release_through_and_stops_a_bad_one_at_the_firs
         return subprocess.run(["cap", "test", "deploy"], cwd=project, capture_output=True, text=True,
                               env=dict(env, SOURCE=src), timeout=600)
 
-    old = hs[0].serves().split("=")[1]
-    generations = [h.status()["generation"] for h in hs]
-    with LoadOnAll(hs) as load:
-        r = cap("c4")
-        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
-    assert_rolled_through(hs, load, old, "c4", generations)
+    roll_out_under_load(hs, lambda: cap("c4"), "c4")
     assert "/releases/2" in hs[0].current()          # Capistrano's own timestamped release
 
     before = [h.status() for h in hs]
