@@ -85,27 +85,31 @@ def hosts(deb, base_dir):  # noqa: F811 (deb: the fixture imported above)
     try:
         for _ in range(3):
             cts.append(Container(rootfs, base_dir))
-        errors: List[BaseException] = []
-
-        def set_up_or_record(ct):
-            try:
-                set_up(ct, deb, pubkey)
-            except BaseException as e:      # noqa: B902 (re-raised below, in the test's thread)
-                errors.append(e)
-        threads = [threading.Thread(target=set_up_or_record, args=(ct,)) for ct in cts]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
+        in_parallel(lambda ct: set_up(ct, deb, pubkey), cts)
         hs = [Host(ct, f"host{i + 1}") for i, ct in enumerate(cts)]
         for h in hs:
             assert h.serves() == "release=r1" and h.status()["state"] == "serving", h.name
         yield hs, key, keys
     finally:
-        for ct in cts:
-            ct.down()
+        in_parallel(lambda ct: ct.down(), cts)
+
+
+def in_parallel(action: Callable[[Container], None], cts: List[Container]) -> None:
+    """`action` on every container at once; the first error is raised here."""
+    errors: List[BaseException] = []
+
+    def act(ct: Container) -> None:
+        try:
+            action(ct)
+        except BaseException as e:      # noqa: B902 (raised below, in the test's thread)
+            errors.append(e)
+    threads = [threading.Thread(target=act, args=(ct,)) for ct in cts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
 
 
 def release_dir(parent: str, tool: str, name: str, broken: bool = False) -> str:
@@ -187,7 +191,8 @@ def test_ansible_rolls_a_good_release_through_and_stops_a_bad_one_at_the_first_h
         f.write(f"[app:vars]\nansible_user=root\nansible_ssh_private_key_file={key}\n"
                 "ansible_python_interpreter=/usr/bin/python3\n")
     env = dict(hs[0].ct.env, ANSIBLE_HOME=os.path.join(work, "ansible"), ANSIBLE_NOCOLOR="1",
-               ANSIBLE_SSH_CONTROL_PATH_DIR=os.path.join(work, "cp"), ANSIBLE_RETRY_FILES_ENABLED="0")
+               ANSIBLE_SSH_CONTROL_PATH_DIR=os.path.join(work, "cp"), ANSIBLE_RETRY_FILES_ENABLED="0",
+               ANSIBLE_PIPELINING="1")
 
     def playbook(release, broken=False):
         src = release_dir(work, "ansible", release, broken)
