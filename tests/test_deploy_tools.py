@@ -22,7 +22,7 @@ import pytest
 
 from support.containers import HARNESS, Container, image
 from support.deploy import REPO
-from test_package import APP_CONF, BROKEN_RU, CONFIG_RU, UNICORN_RB, deb  # noqa: F401 (deb: the fixture)
+from test_package import APP_CONF, BROKEN_RU, CONFIG_RU, UNICORN_RB
 from test_package import LOAD as LOAD_FOR_SECONDS
 
 EXAMPLES = os.path.join(REPO, "packaging", "examples")

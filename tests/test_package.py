@@ -48,18 +48,6 @@ print(json.dumps({"ok": ok, "failed": failed, "releases": sorted(releases), "err
 """
 
 
-@pytest.fixture(scope="session")
-def deb():
-    r = subprocess.run([os.path.join(REPO, "packaging", "build-deb")], capture_output=True, text=True, cwd=REPO)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    debs = sorted(f for f in os.listdir(os.path.join(REPO, "dist")) if f.endswith(".deb"))
-    lint = subprocess.run(["lintian", os.path.join(REPO, "dist", debs[-1])], capture_output=True, text=True,
-                          env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
-    assert lint.returncode == 0 and not [ln for ln in lint.stdout.splitlines() if ln[:2] in ("E:", "W:")], \
-        lint.stdout
-    return os.path.join(REPO, "dist", debs[-1])
-
-
 @pytest.fixture(params=["bookworm", "trixie"])
 def container(request, base_dir):
     ct = Container(image(request.param), base_dir, unified_cgroup=request.param != "bookworm")
