@@ -344,7 +344,8 @@ class Supervisor(Masters):
         if workers is None:
             workers = sum(1 for p in procs.children(m.pid) if self.profile.worker_title.search(procs.title(p)))
         expected = self.reports.expected(m.pid)
-        counted = f"{workers}/{expected} workers ready" if expected else f"{workers} workers"
+        counted = (f"{workers}/{expected} workers ready" if expected
+                   else f"{workers} worker" + ("" if workers == 1 else "s"))
         line = (f"{self.state}: master {m.pid}, {counted}, release {self.release(m)}, "
                 f"generation {self.generation}")
         line += f"; last reload {self.last_reload}" if self.last_reload else ""
