@@ -41,6 +41,9 @@ MAX_WORKERS = 1024   # worker reports per master
 # With the hook loaded, how long workers may all wait for connections without
 # their reports arriving before the heuristic is trusted instead.
 HOOK_SILENCE = 2.0
+# Without the hook, the same workers alive this long count as booted even when
+# none was seen waiting (each one busy serving whenever it was looked at).
+STEADY = 1.2
 _CRED = struct.Struct("3i")   # struct ucred: pid, uid, gid
 
 
@@ -179,6 +182,7 @@ class WorkerWatch:
         self.waited: Set[int] = set()               # workers ever seen waiting for connections
         self.peak = 0                               # most workers alive at once so far
         self.changed = now                          # when that peak last grew
+        self.set_changed = now                      # last birth or death of any worker
         self.all_waiting_since: Optional[float] = None
 
     def sample(self, now: float) -> None:
@@ -195,6 +199,8 @@ class WorkerWatch:
         # exits was recycled (max_requests, a memory limit): not a failure.
         booted = self.waited | self.reports.ready_pids(self.master)
         self.deaths += len(died - booted)
+        if born or died:
+            self.set_changed = now
         if len(current) > self.peak:
             # Forking its workers (a respawn after a recycled one keeps the count)
             self.peak, self.changed = len(current), now
@@ -261,4 +267,8 @@ class WorkerWatch:
         if heuristic_ready:
             return Verdict("ready", n, f"heuristic: {n} workers waiting for connections",
                            max(self.changed, self.all_waiting_since))
+        if n and now - self.set_changed >= STEADY:
+            # Workers too busy to be seen waiting (a saturated host, every worker
+            # serving): the same workers alive for STEADY seconds have booted.
+            return Verdict("ready", n, f"heuristic: {n} workers unchanged for {STEADY:g} s", self.set_changed)
         return Verdict("booting", n)
