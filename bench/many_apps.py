@@ -239,6 +239,8 @@ class Setup:
         res["failed_reloads"] = self.failed_reloads
 
     def latencies(self) -> None:
+        self.res["failures"] = [f"{e.get('_SYSTEMD_USER_UNIT')}: {e.get('REASON')}"
+                                for e in self.host.m.journal("SHIM_EVENT=reload-failed")]
         starts, dones = events(self.host, "reload-start"), events(self.host, "reload-done")
         for kind in ("parallel", "sequence"):
             to_start, to_done, to_return = [], [], []
@@ -336,6 +338,9 @@ def main() -> None:
         shutil.rmtree(base, ignore_errors=True)
     print(f"\n{args.apps} apps per setup, {args.rounds} parallel rounds + 1 in sequence, one client per app:\n")
     print(table([s.res for s in setups]))
+    for s in setups:
+        for failure in s.res.get("failures", []):
+            print(f"{s.res['label']}: reload failed: {failure}")
 
 
 if __name__ == "__main__":
