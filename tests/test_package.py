@@ -211,6 +211,10 @@ def test_per_app_commands_and_the_deploy_users_sudoers_example(deb, container):
     assert json.loads(status.stdout)["master_pid"] == int(main_pid)
     r = run("unicorn-shim", "status", "--unit", "unicorn-shim@myapp")
     assert r.returncode == 0 and f"master {main_pid}" in r.stdout, r.stderr
+    # the installed entry point (ExecReload=) loads none of what only `run` needs
+    r = run("python3", "-X", "importtime", "/usr/bin/unicorn-shim", "status", "myapp")
+    loaded = {line.split("|")[-1].strip().split(".")[0] for line in r.stderr.splitlines() if "|" in line}
+    assert r.returncode == 0 and "shim" in loaded and not loaded & {"asyncio", "psutil", "systemd", "argparse"}
 
     write_app_release(run, "myapp", "r2")
     r = run("unicorn-shim", "reload", "myapp")
