@@ -21,6 +21,8 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 PYTHON = "/usr/bin/python3"
 NO_TLS = "import sys; sys.modules['ssl'] = None; "
+RUN = ("import argparse; from systemd import _journal, daemon; "
+       "from shim import cli, client, errors, journal, notify, procs, readiness, servers, sockets, spawn")
 
 CASES = [
     ("bare interpreter (`python3 -c pass`)", "pass"),
@@ -35,11 +37,10 @@ CASES = [
     ("argparse", "import argparse"),
     ("dataclasses", "import dataclasses"),
     ("json + socket (the client's needs)", "import json, socket"),
-    ("selectors + signal + socket + json + dataclasses (a loop without asyncio)",
-     "import selectors, signal, socket, json, dataclasses"),
     ("`unicorn-shim reload`'s imports", "from shim import cli, client"),
-    ("`unicorn-shim run`'s imports", NO_TLS + "import asyncio, argparse; from shim import cli, supervisor; "
-                                     "from systemd import _journal, daemon"),
+    ("`unicorn-shim run`'s imports", NO_TLS + RUN + ", supervisor"),
+    ("`run`'s imports but asyncio and the modules built on it (a loop on selectors)",
+     NO_TLS + "import selectors; " + RUN),
 ]
 
 

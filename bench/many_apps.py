@@ -181,12 +181,18 @@ def client_cpu(host: Host, argv_tail: list, calls: int) -> float:
 
 
 def events(host: Host, event: str) -> dict:
-    """{(app, generation): wall time} of one SHIM_EVENT."""
-    out = {}
+    """{app: [wall times]} of one SHIM_EVENT."""
+    out: dict = {}
     for e in host.m.journal(f"SHIM_EVENT={event}"):
         name = e.get("_SYSTEMD_USER_UNIT", "").partition("@")[2].rpartition(".")[0]
-        out[(name, int(e["GENERATION"]))] = int(e["__REALTIME_TIMESTAMP"]) / 1e6
+        out.setdefault(name, []).append(int(e["__REALTIME_TIMESTAMP"]) / 1e6)
     return out
+
+
+def first_within(times: list, start: float, end: float) -> "float | None":
+    """One app's reloads never overlap (systemd runs one reload job per unit), so the
+    event of a reload is the one between its command's start and return."""
+    return next((t for t in sorted(times) if start <= t <= end), None)
 
 
 class Setup:
@@ -239,17 +245,21 @@ class Setup:
         res["failed_reloads"] = self.failed_reloads
 
     def latencies(self) -> None:
+        self.res["failures"] = [f"{e.get('_SYSTEMD_USER_UNIT')}: {e.get('REASON')}"
+                                for e in self.host.m.journal("SHIM_EVENT=reload-failed")]
         starts, dones = events(self.host, "reload-start"), events(self.host, "reload-done")
         for kind in ("parallel", "sequence"):
             to_start, to_done, to_return = [], [], []
             for k, per_app in self.res["rounds"]:
                 if k != kind:
                     continue
-                for n, (gen, t0, t1, _rc) in per_app.items():
-                    if (n, gen) in starts:
-                        to_start.append(starts[(n, gen)] - t0)
-                    if (n, gen) in dones:
-                        to_done.append(dones[(n, gen)] - t0)
+                for n, (_gen, t0, t1, rc) in per_app.items():
+                    started = first_within(starts.get(n, []), t0, t1 + 1)
+                    if started is not None:
+                        to_start.append(started - t0)
+                    done = first_within(dones.get(n, []), t0, t1 + 1)
+                    if done is not None and rc == 0:
+                        to_done.append(done - t0)
                         to_return.append(t1 - t0)
             self.res[kind] = {"to_start": to_start, "to_done": to_done, "to_return": to_return}
 
@@ -295,7 +305,7 @@ def table(results: list) -> str:
     for kind in ("parallel", "sequence"):
         for key, what in (("to_start", "reload-start"), ("to_done", "reload-done"),
                           ("to_return", "command returns")):
-            rows.append((f"{kind}: `systemctl reload` -> {what}, median / p90 ms",
+            rows.append((f"{kind}: `systemctl reload` -> {what}, median / p90 ms" + (" (ok ones)" if key != "to_start" else ""),
                          lambda r, k=kind, key=key: f"{med(r[k][key])} / {p90(r[k][key])}"))
     rows += [("shim CPU per reload, ms (median over apps)", lambda r: f"{r['shim_cpu_per_reload_ms']:.0f}"),
              ("`unicorn-shim reload` client CPU, ms (median)", lambda r: f"{r['client_reload_cpu_ms']:.1f}"),
@@ -336,6 +346,9 @@ def main() -> None:
         shutil.rmtree(base, ignore_errors=True)
     print(f"\n{args.apps} apps per setup, {args.rounds} parallel rounds + 1 in sequence, one client per app:\n")
     print(table([s.res for s in setups]))
+    for s in setups:
+        for failure in s.res.get("failures", []):
+            print(f"{s.res['label']}: reload failed: {failure}")
 
 
 if __name__ == "__main__":

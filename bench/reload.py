@@ -48,8 +48,9 @@ SETUPS = {
                                                            "ready_hook": False}),
     "puma shim": dict(command="reload", kw={"server": "puma"}),
     # Puma's phased restart needs the app loaded in each worker (no preload_app!).
-    "puma phased (own)": dict(command="reload", kw={"server": "puma", "puma_native": "phased", "preload": False,
-                                                    "ready_hook": False, "queue_requests": True}),
+    "puma phased (own)": dict(command="reload", kw={"server": "puma", "puma_native": "phased",
+                                                    "preload": False, "ready_hook": False,
+                                                    "queue_requests": True}),
     "puma hot (own)": dict(command="reload", kw={"server": "puma", "puma_native": "hot",
                                                  "ready_hook": False, "queue_requests": True}),
 }

@@ -241,7 +241,7 @@ def _directories(ctx: Context, run_as: Optional[config_eval.RunAs]) -> None:
     raw = last(ctx.service, "WorkingDirectory") or ""
     if workdir and workdir != "~" and not raw.startswith("-") and not os.path.isdir(workdir):
         ctx.add(ERROR, f"WorkingDirectory={workdir} does not exist: systemd fails the start with status=200/CHDIR",
-                f"create it, or correct WorkingDirectory= (a `-` prefix makes it optional)")
+                "create it, or correct WorkingDirectory= (a `-` prefix makes it optional)")
     chdir = ctx.chdir
     if chdir is None:
         if workdir and os.path.islink(workdir):

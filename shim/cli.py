@@ -70,9 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "before the old one is retired")
     run.add_argument("--server", choices=sorted(servers.PROFILES),
                      help="the server, when it cannot be told from the command")
-    run.add_argument("--upgrade", choices=["usr2", "spawn"],
-                     help="usr2: the server re-execs itself (Unicorn's default); spawn: the shim "
-                          "starts the next master itself (Gunicorn's default)")
+    run.add_argument("--upgrade", choices=["spawn", "usr2"],
+                     help="spawn (the default): the shim starts each next master itself, in the "
+                          "release `current` names; usr2: Unicorn re-execs itself (Unicorn only)")
     run.add_argument("--settle", type=_seconds, default=0.1, metavar="SEC",
                      help="without the readiness hook: how long the master and its workers must stay "
                           "unchanged and idle (asleep, using no CPU) to count as ready (default 0.1)")
@@ -138,8 +138,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         return {"run": cmd_run, "reload": client.run, "status": client.run,
                 "check": cmd_check}[args.subcommand](args)
     except ShimError as e:
-        print(f"unicorn-shim: {e}", file=sys.stderr)
+        client.complain(f"unicorn-shim: {e}")
         return e.exit_status
+
+
+def _require_pidfd() -> None:
+    """Masters are watched through pidfds (Linux >= 5.3, Python >= 3.9): say so plainly."""
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError) as e:
+        raise ShimError(f"this system cannot watch processes through pidfds ({e}): unicorn-shim needs "
+                        "Linux 5.3 or newer and Python 3.9 or newer", EXIT_USAGE) from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -153,6 +162,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from shim.notify import Notifier
     from shim.supervisor import Config, Supervisor
 
+    _require_pidfd()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         raise ShimError("no server command after `--` (e.g. -- unicorn -c config/unicorn.rb)", EXIT_USAGE)
@@ -160,8 +170,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     spawn.resolve_command(command, args.chdir)
     _reject_daemon_flags(profile, command)
     if args.upgrade == "usr2" and not profile.usr2_carries_sockets:
-        raise ShimError(f"--upgrade usr2: {profile.name}'s own re-exec cannot keep the sockets the shim "
-                        "holds (its new master dies with ENOTSOCK); use --upgrade spawn", EXIT_USAGE)
+        raise ShimError(f"--upgrade usr2: {profile.usr2_refusal}; use --upgrade spawn", EXIT_USAGE)
     if args.pid_file:
         _check_pid_dir(args.pid_file)
     if args.chdir and not os.path.isdir(args.chdir):

@@ -109,7 +109,7 @@ def run(args: Any) -> int:
                   f"{answer.get('release')}, old master {answer['old_master_pid']} retired "
                   f"({answer['duration_ms']} ms)")
             return 0
-        print(f"unicorn-shim: reload failed: {answer.get('error')}", file=sys.stderr)
+        complain(f"unicorn-shim: reload failed: {answer.get('error')}")
         return EXIT_RELOAD
     answer = where.request({"command": "status"}, STATUS_TIMEOUT)
     if args.json:
@@ -120,7 +120,7 @@ def run(args: Any) -> int:
             print(f"  socket {s['address']} ({s['origin']})")
         print(f"  server {answer['server']}, upgrade {answer['upgrade']}, up {answer['uptime_s']} s")
     else:
-        print(f"unicorn-shim: {answer.get('error')}", file=sys.stderr)
+        complain(f"unicorn-shim: {answer.get('error')}")
     return 0 if answer.get("ok") else EXIT_RELOAD
 
 
@@ -132,8 +132,37 @@ def main(argv: List[str]) -> Optional[int]:
     try:
         return run(args)
     except ShimError as e:
-        print(f"unicorn-shim: {e}", file=sys.stderr)
+        complain(f"unicorn-shim: {e}")
         return e.exit_status
+
+
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+
+
+def complain(line: str) -> None:
+    """An error line on stderr; as the unit's ExecReload=/ExecStart= (stderr is the
+    journal), straight to journald instead, tagged unicorn-shim and at priority err
+    rather than with the app's SyslogIdentifier= (journald's native protocol: one
+    datagram of KEY=value lines; no systemd-python needed)."""
+    if stderr_is_journal():
+        entry = f"SYSLOG_IDENTIFIER=unicorn-shim\nPRIORITY=3\nMESSAGE={line.replace(chr(10), ' ')}\n"
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                sock.sendto(entry.encode(errors="replace"), JOURNAL_SOCKET)
+            return
+        except OSError:
+            pass
+    print(line, file=sys.stderr)
+
+
+def stderr_is_journal() -> bool:
+    """Is stderr the journal stream systemd connected (JOURNAL_STREAM=dev:inode)?"""
+    dev, _, ino = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(2)
+    except OSError:
+        return False
+    return dev.isdigit() and ino.isdigit() and (st.st_dev, st.st_ino) == (int(dev), int(ino))
 
 
 # -- where the shim is ---------------------------------------------------------

@@ -18,3 +18,17 @@ class ShimError(Exception):
     def __init__(self, message: str, exit_status: int) -> None:
         super().__init__(message)
         self.exit_status = exit_status
+
+
+class ReloadFailed(Exception):
+    """A new master cannot serve; the message is the one line the operator sees."""
+
+    master: "int | None" = None     # the master that failed, once known
+
+
+class WrongRelease(ReloadFailed):
+    """The new master is ready but serves another release than the one deployed."""
+
+
+class Stopping(Exception):
+    """A stop was requested while a master was booting or a hand-over ran."""

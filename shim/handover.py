@@ -1,105 +1,107 @@
 """One reload: start the next generation, wait until it serves, retire the old.
 
-The order matters to systemd (DESIGN.md, point 3 and 5): MAINPID points at
-the shim itself for the whole hand-over, so the old master may exit at any
-moment (the common `before_fork` hook QUITs it) without systemd seeing its
-main process die; MAINPID moves to the new master only once the old one is
-gone and the new one has been reparented to the manager.
+The hand-over acts on processes only; it returns an Outcome, and the
+supervisor alone changes its state and tells systemd and the journal
+(MAINPID stays on the shim for the whole hand-over, so the old master may
+exit at any moment, the common `before_fork` hook QUITs it, without systemd
+seeing its main process die; MAINPID moves to the new master only once the
+old one is gone and the new one has been reparented to the manager).
 """
 from __future__ import annotations
 
 import os
 import signal
 import time
-from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 from shim import health, procs, release
-from shim.journal import ERR
-from shim.upgrade import FAILED_MASTER_GRACE, ReloadFailed, Stopping, WrongRelease
+from shim.errors import ReloadFailed, Stopping, WrongRelease
 
 if TYPE_CHECKING:
-    from shim.supervisor import Supervisor
-    from shim.upgrade import Strategy
+    from shim.upgrade import Host, Strategy
 
 
-async def hand_over(sup: "Supervisor") -> Dict[str, Any]:
-    old = sup.master
+@dataclass
+class Outcome:
+    """What a hand-over did. result: done (the new master serves, the old one is
+    gone), rolled-back (the old one serves on), not-deployed (the new master serves
+    the old release: the old one was gone already), nothing-serving, stopped."""
+
+    result: str
+    old: procs.Pinned
+    new: Optional[procs.Pinned]
+    generation: int
+    intended: Optional[str]
+    duration: float
+    reason: str = ""
+    workers: Optional[int] = None
+    timings: Dict[str, int] = field(default_factory=dict)
+
+
+async def hand_over(host: "Host", old: procs.Pinned, gen: int, strategy: "Strategy") -> Outcome:
     t0, started = time.monotonic(), procs.now_ticks()
-    gen = sup.generation + 1
-    deadline = t0 + sup.config.ready_timeout
-    sup.state = "reloading"
-    sup.notifier.reloading(os.getpid(), f"reloading: starting generation {gen} beside master {old.pid}")
-    # A master of the fallback release was started there, not through --chdir:
-    # Unicorn's own re-exec would come back to it. The shim starts the next one.
-    strategy = sup.strategies["spawn"] if sup.degraded else sup.strategy
-    sup.log.event("reload-start", f"reload to generation {gen} ({strategy.name}) from master {old.pid}",
-                  OLD_MASTER_PID=old.pid, GENERATION=gen)
+    deadline = t0 + host.config.ready_timeout
     new: Optional[procs.Pinned] = None
     workers_stopped = False      # the old master's, for a health check; undone on rollback
     old.role = "old"
-    intended = release.resolve(sup.config.chdir)
+    intended = release.resolve(host.config.chdir)
+
+    def outcome(result: str, reason: str = "", **kw: object) -> Outcome:
+        return Outcome(result, old, new, gen, intended, time.monotonic() - t0, reason, **kw)
     try:
         new = await strategy.start_next(old, started, deadline, intended)
         new.generation = gen
-        if new.pid not in sup.masters:
-            sup.watch(new)
-        sup.notifier.status(f"reloading: new master {new.pid} booting, old master {old.pid} serving")
+        if new.pid not in host.masters:
+            host.watch(new)
+        host.checkpoint()
+        host.notifier.status(f"reloading: new master {new.pid} booting, old master {old.pid} serving")
         found_ms = int((time.monotonic() - t0) * 1000)
-        ready = await sup.wait_ready(new, deadline, "new master")
+        ready = await host.wait_ready(new, deadline, "new master")
         ready_ms = int((time.monotonic() - t0) * 1000)
         wrong_release = intended and release.mismatch(new.pid, intended)
         if wrong_release:
             raise WrongRelease(wrong_release)
-        if sup.config.health_check:
-            reason, workers_stopped = await _health_check(sup, old, new)
+        host.checkpoint()
+        if host.config.health_check:
+            reason, workers_stopped = await _health_check(host, old, new)
             if reason:
                 raise ReloadFailed(reason)
+            host.checkpoint()
         retire_start = time.monotonic()
-        await sup.retire(old, keep=new.pid)
+        await host.retire(old, keep=new.pid, stoppable=True)
         retire_end = time.monotonic()
+        host.checkpoint()
     except WrongRelease as e:
-        sup.remember("failed", intended, str(e))
         if not old.alive() and new is not None and new.alive():
             # The config's own hook already retired the old master; the new one
             # serves the old release as well as it did: keep it, fail the deploy.
-            return _keep_unchanged(sup, old, new, str(e), t0, gen, strategy)
-        return await _roll_back(sup, old, new, workers_stopped, str(e), t0, gen, strategy)
+            strategy.finish(new)
+            return outcome("not-deployed", str(e))
+        return outcome(await _roll_back(host, old, new, workers_stopped, strategy), str(e))
     except ReloadFailed as e:
-        sup.remember("failed", intended, str(e))
-        return await _roll_back(sup, old, new, workers_stopped, str(e), t0, gen, strategy)
+        return outcome(await _roll_back(host, old, new, workers_stopped, strategy), str(e))
     except Stopping:
-        return {"ok": False, "error": "reload aborted: the service is stopping"}
+        if workers_stopped and old.alive():
+            old.signal(host.profile.respawn_workers)    # serve on while the stop drains it
+        return outcome("stopped", "the service is stopping")
     except Exception as e:   # a bug must not leave MAINPID on the shim and the state "reloading"
-        sup.log.error("internal-error", f"reload: {type(e).__name__}: {e}")
-        return await _roll_back(sup, old, new, workers_stopped,
-                                f"internal error: {type(e).__name__}: {e}", t0, gen, strategy)
+        host.log.error("internal-error", f"reload: {type(e).__name__}: {e}")
+        return outcome(await _roll_back(host, old, new, workers_stopped, strategy),
+                       f"internal error: {type(e).__name__}: {e}")
 
     strategy.finish(new)
-    sup.master, sup.generation, sup.state = new, gen, "serving"
-    sup.degraded = ""
-    sup.remember("served", intended or sup.release(new))
     duration = time.monotonic() - t0
     server_boot, retire = ready.since - t0, retire_end - retire_start
+    # where the time went: the server's own boot and the old master's drain are
+    # the server's; the rest is the shim's
     timings = {"new_master_found_ms": found_ms, "server_boot_ms": int(server_boot * 1000),
                "ready_seen_ms": ready_ms, "retire_ms": int(retire * 1000),
                "shim_overhead_ms": int((duration - server_boot - retire) * 1000)}
-    sup.last_reload = f"ok in {duration:.1f}s"
-    serving = sup.release(new)
-    sup.notifier.ready(new.pid, sup.status_line(ready.workers))
-    sup.log.event("reload-done", f"generation {gen}: master {new.pid} serving {serving}; "
-                  f"old master {old.pid} retired; {duration:.2f} s",
-                  MASTER_PID=new.pid, OLD_MASTER_PID=old.pid, GENERATION=gen, RELEASE=serving,
-                  DURATION_MS=int(duration * 1000), RESULT="done",
-                  # where the time went: the server's own boot and the old master's drain
-                  # are the server's; the rest is the shim's
-                  **{k.upper(): v for k, v in timings.items()})
-    sup.wake()
-    return {"ok": True, "master_pid": new.pid, "old_master_pid": old.pid, "generation": gen,
-            "release": serving, "duration_ms": int(duration * 1000),
-            "timings": timings}
+    return outcome("done", workers=ready.workers, timings=timings)
 
 
-async def _health_check(sup: "Supervisor", old: procs.Pinned,
+async def _health_check(host: "Host", old: procs.Pinned,
                         new: procs.Pinned) -> Tuple[Optional[str], bool]:
     """Check the new release alone: the old master's workers must not answer.
 
@@ -111,72 +113,57 @@ async def _health_check(sup: "Supervisor", old: procs.Pinned,
     workers were stopped (to be brought back on a rollback).
     """
     paused, stopped = [], False
-    if old.alive() and sup.profile.stop_workers is not None:
-        old.signal(sup.profile.stop_workers)
+    if old.alive() and host.profile.stop_workers is not None:
+        old.signal(host.profile.stop_workers)
         stopped = True
-        deadline = time.monotonic() + sup.config.retire_timeout
+        deadline = time.monotonic() + host.config.retire_timeout
         while [p for p in procs.children(old.pid) if p != new.pid] and time.monotonic() < deadline:
-            await sup.tick()
+            await host.tick()
     elif old.alive():
         for pid in procs.children(old.pid):
             try:
-                worker = procs.pin(pid, sup.cgroup, parent=old.pid, role="worker")
+                worker = procs.pin(pid, host.cgroup, parent=old.pid, role="worker")
             except procs.UntrustedPid:
                 continue
             worker.signal(signal.SIGSTOP)
             paused.append(worker)
+        # SIGSTOP takes effect thread by thread, when each next runs: a Puma worker's
+        # accept thread was seen taking the check's connection after it was sent.
+        deadline = time.monotonic() + 1.0
+        while not all(_all_threads_stopped(w.pid) for w in paused) and time.monotonic() < deadline:
+            await host.tick(0.002)
     try:
-        return (await health.check(sup.config.health_check) or None), stopped
+        return (await health.check(host.config.health_check) or None), stopped
     finally:
         for worker in paused:
             worker.signal(signal.SIGCONT)
             worker.close()
 
 
-async def _roll_back(sup: "Supervisor", old: procs.Pinned, new: Optional[procs.Pinned],
-                     workers_stopped: bool, reason: str, t0: float, gen: int,
-                     strategy: "Strategy") -> Dict[str, Any]:
+def _all_threads_stopped(pid: int) -> bool:
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] not in ("T", "t", "Z", "X"):   # stopped or gone
+                    return False
+    except (OSError, IndexError):
+        pass      # gone: nothing of it runs
+    return True
+
+
+async def _roll_back(host: "Host", old: procs.Pinned, new: Optional[procs.Pinned],
+                     workers_stopped: bool, strategy: "Strategy") -> str:
+    """Put the old master back in charge; "rolled-back", or "nothing-serving"
+    when it is gone too."""
     if workers_stopped and old.alive():
-        old.signal(sup.profile.respawn_workers)
+        old.signal(host.profile.respawn_workers)
         try:
-            await sup.wait_ready(old, time.monotonic() + sup.config.ready_timeout, "old master")
+            await host.wait_ready(old, time.monotonic() + host.config.ready_timeout, "old master")
         except ReloadFailed as e:
-            sup.log.error("rollback-error", f"old master did not get its workers back: {e}")
+            host.log.error("rollback-error", f"old master did not get its workers back: {e}")
+        except Stopping:
+            pass              # the stop that follows retires every master anyway
     if new is not None and new.alive():
-        await sup.retire(new, grace=min(FAILED_MASTER_GRACE, sup.config.retire_timeout))
+        await host.retire(new, grace=min(host.failed_master_grace, host.config.retire_timeout))
     strategy.restore(old)
-    duration = time.monotonic() - t0
-    sup.last_reload = f"failed after {duration:.1f}s: {reason}"
-    fields = dict(OLD_MASTER_PID=old.pid, GENERATION=gen, REASON=reason,
-                  DURATION_MS=int(duration * 1000),
-                  MASTER_PID=new.pid if new else None,
-                  SERVER_ERROR=sup.reports.error_of(new.pid) if new else sup.reports.error_of(old.pid))
-    if old.alive():
-        old.role = "master"
-        sup.state = "serving"
-        sup.notifier.ready(old.pid, sup.status_line())
-        sup.log.event("reload-failed", f"reload to generation {gen} failed: {reason}; "
-                      f"master {old.pid} keeps serving the old release", ERR, RESULT="rolled-back", **fields)
-        return {"ok": False, "error": f"{reason}; the old release keeps serving (master {old.pid})"}
-    sup.state = "failed"
-    sup.log.event("reload-failed", f"reload to generation {gen} failed: {reason}; the old master is gone "
-                  "too, nothing serves: exiting so that systemd restarts the service", ERR,
-                  RESULT="nothing-serving", **fields)
-    sup.wake()
-    return {"ok": False, "error": f"{reason}; the old master is gone too: the service will restart"}
-
-
-def _keep_unchanged(sup: "Supervisor", old: procs.Pinned, new: procs.Pinned, reason: str,
-                    t0: float, gen: int, strategy: "Strategy") -> Dict[str, Any]:
-    strategy.finish(new)
-    sup.master, sup.generation, sup.state = new, gen, "serving"
-    duration = time.monotonic() - t0
-    sup.last_reload = f"failed after {duration:.1f}s: {reason}"
-    sup.notifier.ready(new.pid, sup.status_line())
-    kept = (f"the config's own hook had already retired the old master {old.pid}, so master {new.pid} "
-            "serves on as it is: fix the config, then reload or restart")
-    sup.log.event("reload-failed", f"reload to generation {gen} failed: {reason}; {kept}", ERR,
-                  RESULT="not-deployed", OLD_MASTER_PID=old.pid, MASTER_PID=new.pid, GENERATION=gen,
-                  REASON=reason, DURATION_MS=int(duration * 1000))
-    sup.wake()
-    return {"ok": False, "error": f"{reason}; {kept}"}
+    return "rolled-back" if old.alive() else "nothing-serving"

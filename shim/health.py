@@ -28,7 +28,7 @@ async def check(url: str, timeout: float = TIMEOUT) -> str:
     finally:
         writer.close()
     words = status_line.decode(errors="replace").split()
-    if len(words) < 2 or not words[1].isdigit():
+    if len(words) < 2 or not (words[1].isascii() and words[1].isdigit()):
         return f"health check {url}: not an HTTP answer: {status_line[:80]!r}"
     if not 200 <= int(words[1]) < 400:
         return f"health check {url}: HTTP {words[1]}"

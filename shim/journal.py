@@ -7,21 +7,12 @@ systemd.journal.send(); otherwise to stderr as `event: message key=value`.
 """
 from __future__ import annotations
 
-import os
 import sys
 from typing import Callable, Optional
 
+from shim.client import stderr_is_journal
+
 EMERG, ALERT, CRIT, ERR, WARNING, NOTICE, INFO, DEBUG = range(8)
-
-
-def _stderr_is_journal() -> bool:
-    stream = os.environ.get("JOURNAL_STREAM", "")
-    dev, _, ino = stream.partition(":")
-    try:
-        st = os.fstat(sys.stderr.fileno())
-    except (OSError, ValueError):
-        return False
-    return dev.isdigit() and ino.isdigit() and (st.st_dev, st.st_ino) == (int(dev), int(ino))
 
 
 def _journal_sendv() -> Optional[Callable[..., object]]:
@@ -38,7 +29,7 @@ def _journal_sendv() -> Optional[Callable[..., object]]:
 class Log:
     def __init__(self, use_journal: Optional[bool] = None) -> None:
         if use_journal is None:
-            use_journal = _stderr_is_journal()
+            use_journal = stderr_is_journal()
         self._sendv = _journal_sendv() if use_journal else None
         self.use_journal = self._sendv is not None
 

@@ -29,9 +29,6 @@ class Notifier:
         self._send = _sender()
         self.watchdog_usec = _watchdog_usec()
 
-    @property
-    def enabled(self) -> bool:
-        return self._send is not None
 
     def send(self, **fields: object) -> None:
         """send(MAINPID=12, READY=1, STATUS="...") -> one datagram, in that order."""
@@ -96,6 +93,6 @@ def _barrier(timeout: float = 5.0) -> bool:
 def _watchdog_usec() -> Optional[int]:
     """WatchdogSec= of the unit, if it is meant for this process."""
     usec, pid = os.environ.get("WATCHDOG_USEC"), os.environ.get("WATCHDOG_PID")
-    if not usec or not usec.isdigit() or (pid and pid != str(os.getpid())):
+    if not usec or not (usec.isascii() and usec.isdigit()) or (pid and pid != str(os.getpid())):
         return None
     return int(usec)

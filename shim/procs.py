@@ -10,6 +10,8 @@ import functools
 import os
 import select
 import signal
+import stat
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
@@ -157,25 +159,31 @@ def activity(pid: int) -> Optional[tuple]:
         return None
 
 
-def wchan(pid: int, threads: bool = False) -> str:
+def wchan(pid: int, thread: Optional[str] = None) -> str:
     """The kernel function the process's main thread sleeps in ("" when running or
-    unreadable); with `threads`, those of all its threads, space-separated."""
-    paths = [f"/proc/{pid}/wchan"]
-    if threads:
+    unreadable); with `thread`, that of its thread of that name (/proc's comm)."""
+    path = f"/proc/{pid}/wchan"
+    if thread:
         try:
-            paths = [f"/proc/{pid}/task/{tid}/wchan" for tid in os.listdir(f"/proc/{pid}/task")]
+            tids = os.listdir(f"/proc/{pid}/task")
         except OSError:
             return ""
-    names = []
-    for path in paths:
-        try:
-            with open(path) as f:
-                name = f.read().strip()
-        except OSError:
-            continue
-        if name and name != "0":
-            names.append(name)
-    return " ".join(names)
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                    if f.read().strip() == thread:
+                        path = f"/proc/{pid}/task/{tid}/wchan"
+                        break
+            except OSError:
+                continue
+        else:
+            return ""       # that thread does not exist yet: still booting
+    try:
+        with open(path) as f:
+            name = f.read().strip()
+    except OSError:
+        return ""
+    return "" if name == "0" else name
 
 
 def is_zombie(pid: int) -> bool:
@@ -236,7 +244,9 @@ class Pinned:
         """False once it has exited: a pidfd polls readable then, even before reaping."""
         if self.pidfd < 0:
             return False
-        return not select.select([self.pidfd], [], [], 0)[0]
+        poller = select.poll()        # not select(): fds above 1024 are fine
+        poller.register(self.pidfd, select.POLLIN)
+        return not poller.poll(0)
 
     def close(self) -> None:
         if self.pidfd >= 0:
@@ -269,21 +279,33 @@ def pin(pid: int, cgroup: Optional[str], *, parent: Optional[int] = None,
 
 
 def read_pid_file(path: str) -> Optional[int]:
-    """The pid in a pid file, or None if missing, empty or not a number."""
+    """The pid in a pid file, or None if missing, empty, not a regular file (a FIFO
+    would block) or not a plain ASCII number ("²".isdigit() is True)."""
     try:
-        with open(path) as f:
-            text = f.read(64).strip()
-    except (OSError, UnicodeDecodeError):
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
         return None
-    return int(text) if text.isdigit() else None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        text = os.read(fd, 64).decode("ascii", errors="replace").strip()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return int(text) if text.isascii() and text.isdigit() else None
 
 
 def write_pid_file(path: str, pid: int) -> None:
-    """Atomically, as the servers do: a reader never sees a half-written file."""
-    tmp = f"{path}.shim-{os.getpid()}"
+    """Atomically, as the servers do: a reader never sees a half-written file. The
+    temporary name is random and created exclusively (O_EXCL never follows a
+    symlink), so a link planted in a pid directory the app can write is never
+    written through."""
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", dir=os.path.dirname(path) or ".")
     try:
-        with open(tmp, "w") as f:
+        with os.fdopen(fd, "w") as f:
             f.write(f"{pid}\n")
+        os.chmod(tmp, 0o644)
         os.rename(tmp, path)
     except OSError:
         try:

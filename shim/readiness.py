@@ -21,7 +21,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Set, Tuple
+from typing import Callable, Dict, Optional, Set, Tuple
 
 from shim import procs
 from shim.servers import ServerProfile
@@ -36,6 +36,14 @@ UNREAPED_LIMIT = 1.5
 # Where a worker that has loaded the app sleeps: in its accept loop.
 WAITING = re.compile(r"poll|select|accept|wait_for_connect")
 MAX_ERRORS = 64      # remembered error lines; the oldest goes first
+MAX_MASTERS = 64     # masters with remembered hook reports (two live at most; the rest are forged)
+MAX_WORKERS = 1024   # worker reports per master
+# With the hook loaded, how long workers may all wait for connections without
+# their reports arriving before the heuristic is trusted instead.
+HOOK_SILENCE = 2.0
+# Without the hook, the same workers alive this long count as booted even when
+# none was seen waiting (each one busy serving whenever it was looked at).
+STEADY = 1.2
 _CRED = struct.Struct("3i")   # struct ucred: pid, uid, gid
 
 
@@ -69,7 +77,8 @@ class HookReports:
             return
         args = dict(w.split("=", 1) for w in words[1:] if "=" in w)
         if words[0] == "hello":
-            self.hello.add(sender)
+            if len(self.hello) < MAX_MASTERS:
+                self.hello.add(sender)
         elif words[0] == "error":
             line = text.split(None, 1)[1].strip() if len(words) > 1 else ""
             if len(self.errors) >= MAX_ERRORS:
@@ -84,8 +93,14 @@ class HookReports:
             except (KeyError, ValueError):
                 return
             master = procs.parent_of(sender)   # the kernel's word, not the message's
-            if master is not None:
-                self.ready.setdefault(master, {})[key] = (sender, of, time.monotonic())
+            if master is None or (master not in self.ready and len(self.ready) >= MAX_MASTERS):
+                return
+            workers = self.ready.setdefault(master, {})
+            if key in workers or len(workers) < MAX_WORKERS:
+                workers[key] = (sender, of, time.monotonic())
+
+    def ready_pids(self, master: int) -> Set[int]:
+        return {pid for pid, _of, _t in self.ready.get(master, {}).values()}
 
     def expected(self, master: int) -> Optional[int]:
         """How many workers the master's hook said to expect, if it said."""
@@ -119,7 +134,9 @@ class HookSocket:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def drain(self, reports: HookReports) -> None:
+    def drain(self, reports: HookReports, trusted: Callable[[int], bool] = lambda pid: True) -> None:
+        """Record what arrived; only from senders `trusted` says are the unit's own
+        (the socket itself must be writable by workers that switched users)."""
         while True:
             try:
                 data, ancdata, _flags, _addr = self.sock.recvmsg(512, socket.CMSG_SPACE(_CRED.size))
@@ -128,7 +145,8 @@ class HookSocket:
             for level, kind, payload in ancdata:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
                     sender = _CRED.unpack(payload[:_CRED.size])[0]
-                    reports.record(sender, data.decode(errors="replace"))
+                    if trusted(sender):
+                        reports.record(sender, data.decode(errors="replace"))
 
     def close(self) -> None:
         self.sock.close()
@@ -161,8 +179,10 @@ class WorkerWatch:
         self.unreaped = 0
         self.unreaped_since: Optional[float] = None
         self.activity: Dict[int, Tuple[str, int]] = {}
-        self.waited: Set[int] = set()               # workers seen waiting for connections
-        self.changed = now                          # last birth or death
+        self.waited: Set[int] = set()               # workers ever seen waiting for connections
+        self.peak = 0                               # most workers alive at once so far
+        self.changed = now                          # when that peak last grew
+        self.set_changed = now                      # last birth or death of any worker
         self.all_waiting_since: Optional[float] = None
 
     def sample(self, now: float) -> None:
@@ -175,9 +195,15 @@ class WorkerWatch:
                 current.add(pid)
         born, died = current - self.alive, self.alive - current
         self.births += len(born)
-        self.deaths += len(died)
+        # A worker that had booted (seen waiting, or reported by the hook) and then
+        # exits was recycled (max_requests, a memory limit): not a failure.
+        booted = self.waited | self.reports.ready_pids(self.master)
+        self.deaths += len(died - booted)
         if born or died:
-            self.changed = now
+            self.set_changed = now
+        if len(current) > self.peak:
+            # Forking its workers (a respawn after a recycled one keeps the count)
+            self.peak, self.changed = len(current), now
         self.alive = current
         self._look_for_waiting(current, now)
         self.unreaped = unreaped
@@ -203,31 +229,46 @@ class WorkerWatch:
             if pid in self.waited:
                 continue
             state, ticks = now_activity
-            if WAITING.search(procs.wchan(pid, self.profile.serves_from_threads)) or (
+            if WAITING.search(procs.wchan(pid, self.profile.accept_thread)) or (
                     state == "S" and self.activity.get(pid, ("", -1))[1] == ticks):
                 self.waited.add(pid)
         self.activity = seen
-        self.waited &= workers
-        if not (workers and workers <= self.waited):
+        # As many workers as the master runs have reached their accept loop (under
+        # churn, a respawned one may still be booting beside them).
+        if not (workers and len(self.waited) >= self.peak):
             self.all_waiting_since = None
         elif self.all_waiting_since is None:
             self.all_waiting_since = now
 
     def verdict(self, now: float) -> Verdict:
         n = len(self.alive)
-        if self.deaths >= CRASH_LOOP_DEATHS:
+        booted = self.waited | self.reports.ready_pids(self.master)
+        # Deaths with not one worker ever booted: the release cannot serve. Once one
+        # has (a worker waited for connections), later deaths are recycles or luck.
+        if self.deaths >= CRASH_LOOP_DEATHS and not booted:
             return Verdict("failed", n, f"workers crash-looping: {self.deaths} workers died during boot "
                                         f"({self.births} started)")
         if self.unreaped_since is not None and now - self.unreaped_since >= UNREAPED_LIMIT:
             return Verdict("failed", 0, f"its workers died during boot and it left {self.unreaped} unreaped "
                                         f"for {UNREAPED_LIMIT:g} s: it is shutting down, not booting")
+        heuristic_ready = bool(n and self.all_waiting_since is not None and now - self.changed >= self.settle)
         if self.master in self.reports.hello:
             live = [t for pid, _of, t in self.reports.ready.get(self.master, {}).values() if pid in self.alive]
             expected = self.reports.expected(self.master)
             if expected and len(live) >= expected:
                 return Verdict("ready", expected, "the readiness hook", max(live))
+            # Every worker waits for connections, yet their reports do not come: they
+            # cannot reach the readiness socket (workers that switched to another user).
+            if heuristic_ready and now - self.all_waiting_since >= HOOK_SILENCE:
+                return Verdict("ready", n, f"heuristic: {n} workers waiting for connections; the hook's "
+                                           f"worker reports never arrived ({len(live)} of {n})",
+                               self.all_waiting_since)
             return Verdict("booting", n)
-        if n and self.all_waiting_since is not None and now - self.changed >= self.settle:
+        if heuristic_ready:
             return Verdict("ready", n, f"heuristic: {n} workers waiting for connections",
                            max(self.changed, self.all_waiting_since))
+        if n and now - self.set_changed >= STEADY:
+            # Workers too busy to be seen waiting (a saturated host, every worker
+            # serving): the same workers alive for STEADY seconds have booted.
+            return Verdict("ready", n, f"heuristic: {n} workers unchanged for {STEADY:g} s", self.set_changed)
         return Verdict("booting", n)

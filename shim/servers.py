@@ -37,9 +37,9 @@ class ServerProfile:
     listen_spelling: Callable[[str], str] = _as_is   # a held socket's name as listen_flag takes it
     daemon_flags: Sequence[str] = field(default=())
     config_flags: Sequence[str] = field(default=())   # flags naming the server's config file
-    # Do its workers accept connections in threads other than the main one? (The
-    # readiness heuristic then looks for a waiting thread among all of them.)
-    serves_from_threads: bool = False
+    # The worker thread that accepts connections, when it is not the main one (by its
+    # /proc comm name): the readiness heuristic looks for that thread waiting.
+    accept_thread: Optional[str] = None
     socket_args: Sequence[str] = field(default=())   # arguments that make it serve the held sockets only
     # Why --upgrade usr2 is refused (when usr2_carries_sockets is False)
     usr2_refusal: str = ""
@@ -59,8 +59,9 @@ class ServerProfile:
         """Arguments naming each held socket, so a config reload (HUP) never
         closes one: Unicorn drops inherited sockets that its config does not name;
         Puma binds what its config names (its default tcp://0.0.0.0:9292 when none)."""
-        flags = [f"{self.listen_flag}{self.listen_spelling(name)}" for name in names] if self.listen_flag else []
-        return flags + list(self.socket_args)
+        if not self.listen_flag:
+            return list(self.socket_args)
+        return [f"{self.listen_flag}{self.listen_spelling(name)}" for name in names] + list(self.socket_args)
 
 
 UNICORN = ServerProfile(
@@ -124,7 +125,9 @@ PUMA = ServerProfile(
                  "new master to verify beside the old one, and a release that fails to boot takes the "
                  "only master down",
     config_flags=("-C", "--config"),
-    serves_from_threads=True,
+    # Puma names its threads; "puma srv" exists once the worker serves and waits in
+    # select for connections (the main thread and "puma wrkr check" sleep from the start).
+    accept_thread="puma srv",
 )
 
 PROFILES = {p.name: p for p in (UNICORN, GUNICORN, PUMA)}

@@ -81,7 +81,7 @@ def parse_address(text: str) -> Address:
 
 
 def _parse_port(text: str, port: str) -> int:
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ShimError(f"--listen {text!r}: {port!r} is not a port number (1-65535)", EXIT_LISTEN)
     return int(port)
 
@@ -153,7 +153,7 @@ def from_systemd(environ: "os._Environ[str] | dict[str, str]") -> List[HeldSocke
     if pid_text != str(os.getpid()):
         raise ShimError(f"LISTEN_PID={pid_text!r} is not this process ({os.getpid()}): "
                         "the sockets were meant for another process", EXIT_ACTIVATION)
-    if not fds_text.isdigit() or not 0 < int(fds_text) <= MAX_LISTEN_FDS:
+    if not (fds_text.isascii() and fds_text.isdigit()) or not 0 < int(fds_text) <= MAX_LISTEN_FDS:
         raise ShimError(f"LISTEN_FDS={fds_text!r} is not a count between 1 and {MAX_LISTEN_FDS}", EXIT_ACTIVATION)
     count = int(fds_text)
     names = environ.get("LISTEN_FDNAMES", "").split(":") if environ.get("LISTEN_FDNAMES") else []

@@ -62,7 +62,12 @@ def spawn(argv: Sequence[str], env: Dict[str, str], fds: List[int], *,
     executable = resolve_command(argv, chdir)
     pid_r, pid_w = os.pipe()
     err_r, err_w = os.pipe()        # O_CLOEXEC: EOF on a successful exec
-    child = os.fork()
+    try:
+        child = os.fork()
+    except OSError as e:
+        for fd in (pid_r, pid_w, err_r, err_w):
+            os.close(fd)
+        raise ShimError(f"cannot fork the master: {e.strerror}", EXIT_SERVER) from None
     if child == 0:                  # intermediate: new session, fork, leave
         try:
             os.close(pid_r)

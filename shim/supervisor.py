@@ -13,22 +13,27 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
-from shim import procs, release, spawn
+from shim import procs, release
 from shim.control import ControlServer
-from shim.errors import EXIT_MASTER_EXIT, EXIT_START, ShimError
-from shim.journal import WARNING, Log
+from shim.errors import EXIT_MASTER_EXIT, EXIT_START, ReloadFailed, ShimError, Stopping
+from shim.journal import ERR, WARNING, Log
 from shim.notify import Notifier
-from shim.release import config_through
-from shim.readiness import HOOK_ENV, HookReports, HookSocket, Verdict, WorkerWatch, hook_environment
+from shim.masters import FAILED_MASTER_GRACE, Masters
+from shim.readiness import HookSocket, Verdict
 from shim.servers import ServerProfile
 from shim.sockets import HeldSocket
 from shim.state import State
-from shim.handover import hand_over
-from shim.upgrade import FAILED_MASTER_GRACE, STRATEGIES, ReloadFailed, Stopping
+from shim.handover import Outcome, hand_over
+from shim.upgrade import STRATEGIES
 
-SAMPLE = 0.05         # how often workers are looked at while a master boots
-WORKERLESS_GRACE = 2.0  # how long a master with no live worker gets to stop gracefully
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+# Signals whose default action would end or freeze the shim. `systemctl kill -s SIG`
+# signals every process of the unit: the master and its workers get them from
+# systemd directly (USR1: reopen logs; TTIN/TTOU: one worker more or less), so the
+# shim passes nothing on (that would deliver them twice) and only says so.
+NOTED_SIGNALS = tuple(getattr(signal, name) for name in (
+    "SIGUSR1", "SIGTTIN", "SIGTTOU", "SIGTSTP", "SIGWINCH", "SIGALRM", "SIGVTALRM", "SIGPROF",
+    "SIGPOLL", "SIGPWR", "SIGXCPU") if hasattr(signal, name))
 
 
 
@@ -50,32 +55,24 @@ class Config:
     fallback: bool = True
 
 
-class Supervisor:
+class Supervisor(Masters):
+    """The loop and the lifecycle state: which master serves, the generation, what
+    systemd and the journal are told. Process operations come from Masters."""
+
     def __init__(self, config: Config, sockets: List[HeldSocket], notifier: Notifier, log: Log,
                  environ: Dict[str, str]) -> None:
-        self.config = config
-        self.profile = config.profile
-        self.sockets = sockets
+        super().__init__(config, sockets, log, environ)
         self.notifier = notifier
-        self.log = log
-        self.environ = environ                   # the shim's own, for every master: never a stale one
         self.strategies = {name: kind(self) for name, kind in STRATEGIES.items()}
         self.strategy = self.strategies[config.upgrade]
-        self.cgroup = procs.cgroup_of(os.getpid())
-        self.reports = HookReports()
         self.state = "booting"
         self.master: Optional[procs.Pinned] = None       # the one serving, MAINPID in steady state
-        self.masters: Dict[int, procs.Pinned] = {}       # every master alive and pinned
         self.generation = 0
-        self.stop_requested = False
         self.last_reload = ""
         self.remembered = State(config.state_dir)
         self.degraded = ""        # why the last good release serves instead of the deployed one
         self.started = time.time()
-        self._wake = asyncio.Event()      # for the run loop
-        self._hook = asyncio.Event()      # for whoever waits on a booting master
         self._reload_lock = asyncio.Lock()
-        self.hook_socket: Optional[HookSocket] = None
         self.control: Optional[ControlServer] = None
 
     # -- the loop -----------------------------------------------------------
@@ -84,7 +81,10 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
-        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal, signal.SIGHUP)
+        loop.add_signal_handler(signal.SIGUSR2, self._on_reload_signal, signal.SIGUSR2)
+        for sig in NOTED_SIGNALS:
+            loop.add_signal_handler(sig, self._on_other_signal, sig)
         self.hook_socket = HookSocket(os.path.join(self.config.runtime_dir, "ready.sock"))
         loop.add_reader(self.hook_socket.fileno(), self._on_hook_message)
         if self.config.control_path:
@@ -121,151 +121,29 @@ class Supervisor:
         self.stop_requested = True
         self.wake()
 
-    def _on_hup(self) -> None:
+    def _on_reload_signal(self, sig: int) -> None:
+        self.log.event("signal", f"{signal.Signals(sig).name}: reload requested", SIGNAL=signal.Signals(sig).name)
         asyncio.get_running_loop().create_task(self.reload())
 
-    def _on_hook_message(self) -> None:
-        self.hook_socket.drain(self.reports)
-        self._hook.set()
+    def _on_other_signal(self, sig: int) -> None:
+        name = signal.Signals(sig).name
+        master = self.master.pid if self.master else None
+        self.log.event("signal", f"{name} ignored by the shim: it is the server's signal; "
+                       f"`systemctl kill --kill-whom=main -s {name[3:]}` sends it to the master "
+                       f"({master}), `systemctl kill -s {name[3:]}` to every process of the unit",
+                       WARNING, SIGNAL=name)
 
     def _on_refused(self, uid: int) -> None:
         self.log.event("control-refused", f"control request from uid {uid} refused", WARNING, UID=uid)
 
-    def _on_master_exit(self, master: procs.Pinned) -> None:
-        asyncio.get_running_loop().remove_reader(master.pidfd)
-        master.exit_text = procs.exit_description(master.pid)
-        if master.role == "old":
-            # Logged the moment it happens: the old master may go on its own
-            # (the common before_fork hook QUITs it) long before the hand-over ends.
-            self.log.event("retired", f"old master {master.pid} {master.exit_text}",
-                           OLD_MASTER_PID=master.pid, GENERATION=master.generation)
-        self.masters.pop(master.pid, None)
-        self.reports.forget(master.pid)
-        master.close()     # one pidfd per generation: a long-lived shim must not collect them
-        self.wake()
-
-    def wake(self) -> None:
-        """Something changed: the run loop and any waiting hand-over look again."""
-        self._wake.set()
-        self._hook.set()
-
-    async def tick(self, seconds: float = SAMPLE) -> None:
-        """Sleep until the next look, or sooner when a hook or a master has news."""
-        try:
-            await asyncio.wait_for(self._hook.wait(), seconds)
-        except asyncio.TimeoutError:
-            pass
-        self._hook.clear()
-
     async def _watchdog(self) -> None:
+        """WATCHDOG=1 while any master serves: during a hand-over the old master may
+        be gone already (the common before_fork hook QUITs it) while the new one boots."""
         interval = self.notifier.watchdog_usec / 2e6
         while True:
-            master = self.master
-            if master is not None and master.alive() and not _is_stopped(master.pid):
+            if any(m.alive() and not _is_stopped(m.pid) for m in list(self.masters.values())):
                 self.notifier.watchdog()
             await asyncio.sleep(interval)
-
-    # -- masters ------------------------------------------------------------
-
-    def start_master(self, not_before: int, release: Optional[str] = None,
-                     link: Optional[str] = None) -> procs.Pinned:
-        """Spawn a master from the held sockets and pin it.
-
-        With `release` (the real directory behind --chdir) the master starts there
-        with PWD naming it, so code it loads later (Gunicorn puts PWD on sys.path)
-        comes from that release, never from the one `current` names later.
-        Without, PWD names --chdir itself, which Unicorn's own re-exec follows.
-        A relative config path is named through `link` (default --chdir)."""
-        fds = [s.fileno() for s in self.sockets]
-        fd_numbers = list(range(spawn.FD_START, spawn.FD_START + len(fds)))
-        env = spawn.server_environment(self.environ, {**self.profile.socket_env(fd_numbers),
-                                                      **hook_environment(self.environ),
-                                                      HOOK_ENV: self.hook_socket.path})
-        argv = config_through(self.config.command, self.profile.config_flags, link or self.config.chdir)
-        argv += self.profile.listen_args([s.name for s in self.sockets])
-        pid = spawn.spawn(argv, env, fds, chdir=release or self.config.chdir,
-                          set_listen_pid=self.profile.sets_listen_pid)
-        try:
-            master = procs.pin(pid, self.cgroup, not_before=not_before)
-        except procs.UntrustedPid as e:
-            try:
-                os.kill(pid, signal.SIGKILL)   # our own grandchild, a moment old: no reuse possible
-            except ProcessLookupError:
-                pass
-            raise ReloadFailed(f"master {pid} cannot be watched: {e} (see the server's log)") from None
-        self.watch(master)
-        return master
-
-    def watch(self, master: procs.Pinned) -> None:
-        self.masters[master.pid] = master
-        asyncio.get_running_loop().add_reader(master.pidfd, self._on_master_exit, master)
-
-    async def wait_ready(self, master: procs.Pinned, deadline: float, what: str) -> Verdict:
-        """Wait until `master`'s workers are ready, or raise ReloadFailed."""
-        watch = WorkerWatch(master.pid, self.profile, self.reports, self.config.settle, time.monotonic())
-        while True:
-            if self.stop_requested:
-                raise Stopping()
-            if not master.alive():
-                raise ReloadFailed(f"{what} {master.pid} {master.exit_text or 'exited'} before it was ready"
-                                   + self.server_error(master.pid))
-            now = time.monotonic()
-            watch.sample(now)
-            verdict = watch.verdict(now)
-            if verdict.state == "ready":
-                return verdict
-            if verdict.state == "failed":
-                raise ReloadFailed(f"{what} {master.pid}: {verdict.detail}" + self.server_error(master.pid))
-            if now > deadline:
-                raise ReloadFailed(f"{what} {master.pid} not ready within {self.config.ready_timeout:g} s "
-                                   f"({verdict.workers} workers up)" + self.server_error(master.pid))
-            await self.tick()
-
-    def server_error(self, pid: int) -> str:
-        """': <the server's own error line>' for `pid` or its workers, as its
-        reporter sent it (read now: it may still sit in the socket), or a
-        pointer to the server's log."""
-        if self.hook_socket:
-            self.hook_socket.drain(self.reports)
-        error = self.reports.error_of(pid)
-        return f": {error}" if error else " (the server's own log in the journal says why)"
-
-    async def wait_exit(self, proc: procs.Pinned, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while proc.alive():
-            if time.monotonic() > deadline:
-                return False
-            await self.tick(min(SAMPLE, timeout))
-        return True
-
-    async def retire(self, master: procs.Pinned, keep: Optional[int] = None,
-                     grace: Optional[float] = None) -> None:
-        """Graceful stop of `master`; KILL it and its workers after `grace`
-        (default --retire-timeout)."""
-        grace = self.config.retire_timeout if grace is None else grace
-        if not master.alive():
-            return
-        workers = []
-        for pid in procs.children(master.pid):
-            if pid != keep:
-                try:
-                    workers.append(procs.pin(pid, self.cgroup, parent=master.pid, role="worker"))
-                except procs.UntrustedPid:
-                    pass
-        if not any(worker.alive() for worker in workers):
-            # Without a live worker nothing is in flight, so a master that ignores its
-            # graceful stop (Gunicorn halting on a boot error) is not waited for.
-            grace = min(grace, WORKERLESS_GRACE)
-        master.signal(self.profile.graceful_stop)
-        if not await self.wait_exit(master, grace):
-            self.log.event("retire-timeout", f"master {master.pid} still running after "
-                           f"{grace:g} s; killing it", WARNING, MASTER_PID=master.pid)
-            master.signal(signal.SIGKILL)
-            await self.wait_exit(master, 5)
-        for worker in workers:
-            if worker.alive():
-                worker.signal(signal.SIGKILL)
-            worker.close()
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -372,8 +250,69 @@ class Supervisor:
             if self.stop_requested or self.state in ("stopping", "failed"):
                 return {"ok": False, "error": "the service is stopping"}
             if self.state == "booting":
+                self.log.event("reload-refused", "reload asked for while the service is still starting: "
+                               "refused; the master starting now reads the release current names", WARNING)
                 return {"ok": False, "error": "the service is still starting"}
-            return await hand_over(self)
+            old, gen = self.master, self.generation + 1
+            # A master of the fallback release was started there, not through --chdir:
+            # Unicorn's own re-exec would come back to it. The shim starts the next one.
+            strategy = self.strategies["spawn"] if self.degraded else self.strategy
+            self.state = "reloading"
+            self.notifier.reloading(os.getpid(), f"reloading: starting generation {gen} beside master {old.pid}")
+            # The reload job is bounded by the unit's TimeoutStartSec=; a hand-over may take the
+            # new master's boot plus the old one's drain: never let systemd give up first.
+            self.notifier.extend_timeout(self.config.ready_timeout + self.config.retire_timeout + 10)
+            self.log.event("reload-start", f"reload to generation {gen} ({strategy.name}) from master {old.pid}",
+                           OLD_MASTER_PID=old.pid, GENERATION=gen)
+            return self._apply(await hand_over(self, old, gen, strategy))
+
+    def _apply(self, out: Outcome) -> Dict[str, Any]:
+        """The hand-over's outcome becomes the supervisor's state, systemd's view,
+        the journal's event and the reload client's answer."""
+        old, new, gen, took = out.old, out.new, out.generation, f"{out.duration:.1f}s"
+        self.wake()
+        if out.result == "stopped":
+            self.state = "stopping"
+            self.log.event("reload-failed", f"reload to generation {gen} aborted: the service is stopping",
+                           ERR, RESULT="stopped", OLD_MASTER_PID=old.pid, MASTER_PID=new.pid if new else None,
+                           GENERATION=gen, REASON=out.reason)
+            return {"ok": False, "error": "reload aborted: the service is stopping"}
+        if out.result == "done":
+            self.master, self.generation, self.state, self.degraded = new, gen, "serving", ""
+            serving = self.release(new)
+            self.remember("served", out.intended or serving)
+            self.last_reload = f"ok in {took}"
+            self.notifier.ready(new.pid, self.status_line(out.workers))
+            self.log.event("reload-done", f"generation {gen}: master {new.pid} serving {serving}; "
+                           f"old master {old.pid} retired; {out.duration:.2f} s",
+                           MASTER_PID=new.pid, OLD_MASTER_PID=old.pid, GENERATION=gen, RELEASE=serving,
+                           DURATION_MS=int(out.duration * 1000), RESULT="done",
+                           **{k.upper(): v for k, v in out.timings.items()})
+            return {"ok": True, "master_pid": new.pid, "old_master_pid": old.pid, "generation": gen,
+                    "release": serving, "duration_ms": int(out.duration * 1000), "timings": out.timings}
+        self.remember("failed", out.intended, out.reason)
+        self.last_reload = f"failed after {took}: {out.reason}"
+        fields = dict(OLD_MASTER_PID=old.pid, GENERATION=gen, REASON=out.reason,
+                      DURATION_MS=int(out.duration * 1000), MASTER_PID=new.pid if new else None,
+                      SERVER_ERROR=self.reports.error_of(new.pid if new else old.pid), RESULT=out.result)
+        if out.result == "not-deployed":
+            self.master, self.generation, self.state = new, gen, "serving"
+            kept = (f"the config's own hook had already retired the old master {old.pid}, so master "
+                    f"{new.pid} serves on as it is: fix the config, then reload or restart")
+            self.notifier.ready(new.pid, self.status_line())
+            self.log.event("reload-failed", f"reload to generation {gen} failed: {out.reason}; {kept}", ERR,
+                           **fields)
+            return {"ok": False, "error": f"{out.reason}; {kept}"}
+        if out.result == "rolled-back":
+            old.role, self.state = "master", "serving"
+            self.notifier.ready(old.pid, self.status_line())
+            self.log.event("reload-failed", f"reload to generation {gen} failed: {out.reason}; "
+                           f"master {old.pid} keeps serving the old release", ERR, **fields)
+            return {"ok": False, "error": f"{out.reason}; the old release keeps serving (master {old.pid})"}
+        self.state = "failed"          # nothing-serving: the run loop exits, systemd restarts
+        self.log.event("reload-failed", f"reload to generation {gen} failed: {out.reason}; the old master is "
+                       "gone too, nothing serves: exiting so that systemd restarts the service", ERR, **fields)
+        return {"ok": False, "error": f"{out.reason}; the old master is gone too: the service will restart"}
 
     async def stop(self) -> None:
         self.state = "stopping"
@@ -405,7 +344,8 @@ class Supervisor:
         if workers is None:
             workers = sum(1 for p in procs.children(m.pid) if self.profile.worker_title.search(procs.title(p)))
         expected = self.reports.expected(m.pid)
-        counted = f"{workers}/{expected} workers ready" if expected else f"{workers} workers"
+        counted = (f"{workers}/{expected} workers ready" if expected
+                   else f"{workers} worker" + ("" if workers == 1 else "s"))
         line = (f"{self.state}: master {m.pid}, {counted}, release {self.release(m)}, "
                 f"generation {self.generation}")
         line += f"; last reload {self.last_reload}" if self.last_reload else ""

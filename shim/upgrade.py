@@ -1,4 +1,4 @@
-"""The two ways to start the next generation of masters (DESIGN.md).
+"""The two ways to start the next generation of masters.
 
 usr2:  the server re-execs itself; the new master is the old one's child
        until the old one exits. What Unicorn configs and hooks expect.
@@ -12,32 +12,36 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Optional, Set
+from typing import Any, Dict, Optional, Protocol, Set
 
 from shim import procs, release
-from shim.errors import ShimError
-
-if TYPE_CHECKING:
-    from shim.supervisor import Supervisor
+from shim.errors import ReloadFailed, ShimError
 
 OLDBIN = ".oldbin"
-# A master that failed to become ready serves little or nothing: it gets this
-# long to finish what it may have accepted, not the full --retire-timeout.
-FAILED_MASTER_GRACE = 10.0
 
 
-class ReloadFailed(Exception):
-    """The reload cannot go on; the message is the one line the operator sees."""
+class Host(Protocol):
+    """What a strategy and a hand-over may use of the supervisor: acting on
+    processes and waiting. Its state (which master serves, the generation, what
+    systemd is told) is the supervisor's alone to change."""
 
-    master: Optional[int] = None     # the master that failed, once known
+    config: Any
+    profile: Any
+    cgroup: Optional[str]
+    masters: Dict[int, procs.Pinned]
+    log: Any
+    notifier: Any
+    failed_master_grace: float
 
-
-class WrongRelease(ReloadFailed):
-    """The new master is ready but serves another release than the one deployed."""
-
-
-class Stopping(Exception):
-    """A stop was requested while a master was booting."""
+    def start_master(self, not_before: int, release: Optional[str] = None,
+                     link: Optional[str] = None) -> procs.Pinned: ...
+    def watch(self, master: procs.Pinned) -> None: ...
+    async def wait_ready(self, master: procs.Pinned, deadline: float, what: str) -> Any: ...
+    async def retire(self, master: procs.Pinned, keep: Optional[int] = None, grace: Optional[float] = None,
+                     stoppable: bool = False) -> None: ...
+    async def tick(self, seconds: float = ...) -> None: ...
+    def checkpoint(self) -> None: ...
+    def server_error(self, pid: int) -> str: ...
 
 
 def _remove(path: str) -> None:
@@ -51,9 +55,9 @@ class Strategy:
     name = ""
     pins_release = False     # does each master start pinned to the real release directory?
 
-    def __init__(self, sup: "Supervisor") -> None:
-        self.sup = sup
-        self.pid_file = sup.config.pid_file
+    def __init__(self, host: "Host") -> None:
+        self.host = host
+        self.pid_file = host.config.pid_file
         self.oldbin = self.pid_file + OLDBIN if self.pid_file else None
 
     def prepare_pid_files(self, old: procs.Pinned) -> None:
@@ -64,7 +68,7 @@ class Strategy:
         try:
             found = procs.read_pid_file(self.pid_file)
             if found != old.pid:
-                self.sup.log.event("pid-file-repaired", f"pid file {self.pid_file} named {found} instead "
+                self.host.log.event("pid-file-repaired", f"pid file {self.pid_file} named {found} instead "
                                    f"of master {old.pid}; rewritten", MASTER_PID=old.pid)
             # Written even when right: the server is about to write beside it, and a
             # full or read-only directory is better found now than by its USR2 failing.
@@ -81,7 +85,7 @@ class Strategy:
 
     def release_to_pin(self) -> Optional[str]:
         """The real release directory a new master is started in, if this strategy pins it."""
-        return release.resolve(self.sup.config.chdir) if self.pins_release else None
+        return release.resolve(self.host.config.chdir) if self.pins_release else None
 
     def restore(self, old: procs.Pinned) -> None:
         """After a rollback: the pid file names the old master again."""
@@ -91,7 +95,7 @@ class Strategy:
             procs.write_pid_file(self.pid_file, old.pid)
             _remove(self.oldbin)
         except OSError as e:
-            self.sup.log.error("pid-file-error", f"cannot restore pid file {self.pid_file}: {e}")
+            self.host.log.error("pid-file-error", f"cannot restore pid file {self.pid_file}: {e}")
 
     def finish(self, new: procs.Pinned) -> None:
         """After a hand-over: no .oldbin is left to mislead the next one."""
@@ -111,7 +115,7 @@ class Usr2(Strategy):
                          intended: Optional[str]) -> procs.Pinned:
         known: Set[int] = set(procs.children(old.pid))   # the old master's workers
         self.prepare_pid_files(old)
-        if not old.signal(self.sup.profile.reexec):
+        if not old.signal(self.host.profile.reexec):
             raise ReloadFailed(f"old master {old.pid} exited before the upgrade began")
         saw_oldbin = False
         orphan_deadline = None
@@ -124,17 +128,18 @@ class Usr2(Strategy):
             elif saw_oldbin and procs.read_pid_file(self.pid_file) == old.pid:
                 # Unicorn reaped its re-exec'd child and put its own pid file back.
                 raise ReloadFailed("new master exited during boot, before it could be watched"
-                                   + self.sup.server_error(old.pid))
+                                   + self.host.server_error(old.pid))
             if not old.alive():
                 # Its child, if it forked one, now belongs to the manager: _find looks
                 # there too, for a moment, before giving up.
                 orphan_deadline = orphan_deadline or time.monotonic() + 0.5
                 if time.monotonic() > orphan_deadline:
                     raise ReloadFailed(f"old master {old.pid} exited before a new master appeared")
+            self.host.checkpoint()
             if time.monotonic() > deadline:
-                raise ReloadFailed(f"no new master appeared within {self.sup.config.ready_timeout:g} s "
-                                   f"of {self.sup.profile.reexec.name} to {old.pid} (see the server's log)")
-            await self.sup.tick(0.02)
+                raise ReloadFailed(f"no new master appeared within {self.host.config.ready_timeout:g} s "
+                                   f"of {self.host.profile.reexec.name} to {old.pid} (see the server's log)")
+            await self.host.tick(0.02)
 
     def _find(self, old: procs.Pinned, known: Set[int], started: int) -> Optional[procs.Pinned]:
         """The old master's re-exec'd child; if the old master is already gone
@@ -144,17 +149,23 @@ class Usr2(Strategy):
         candidates = procs.children(old.pid)
         if orphaned:
             # (not the shim, nor a `unicorn-shim reload` waiting in ExecReload=)
-            candidates += [p for p in procs.cgroup_members(self.sup.cgroup)
-                           if p not in self.sup.masters and "unicorn-shim" not in procs.title(p)]
+            candidates += [p for p in procs.cgroup_members(self.host.cgroup)
+                           if p not in self.host.masters and "unicorn-shim" not in procs.title(p)]
+        parent_title = procs.title(old.pid)
         for pid in candidates:
-            if pid in known or self.sup.profile.worker_title.search(procs.title(pid)):
+            if pid in known or self.host.profile.worker_title.search(procs.title(pid)):
                 known.add(pid)
                 continue
+            if not orphaned and procs.title(pid) == parent_title:
+                # A fork that has not exec'd or renamed itself yet: a respawned
+                # worker looks like this for a moment, and so does the re-exec'd
+                # master before its exec. Look again next time.
+                continue
             try:
-                return procs.pin(pid, self.sup.cgroup, parent=None if orphaned else old.pid,
+                return procs.pin(pid, self.host.cgroup, parent=None if orphaned else old.pid,
                                  not_before=started)
             except procs.UntrustedPid as e:
-                self.sup.log.event("untrusted-pid", str(e))
+                self.host.log.event("untrusted-pid", str(e))
                 known.add(pid)
         return None
 
@@ -174,7 +185,7 @@ class Spawn(Strategy):
             except OSError as e:
                 raise ReloadFailed(f"cannot move pid file {self.pid_file} aside: {e.strerror}") from None
         try:
-            return self.sup.start_master(started, intended)
+            return self.host.start_master(started, intended)
         except ShimError as e:       # e.g. the release's own bin/unicorn is missing
             raise ReloadFailed(str(e)) from None
 

@@ -1,12 +1,14 @@
 """Fixtures: a real systemd user manager per test, sample apps, the shim's units."""
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import tempfile
 
 import pytest
 
-from support.deploy import Deployment
+from support.deploy import REPO, Deployment
 from support.systemd import UserManager
 
 
@@ -55,3 +57,16 @@ def unicorn_deploy(manager, tmp_path):
     yield make
     for d in made:
         d.stop()
+
+
+@pytest.fixture(scope="session")
+def deb():
+    """The .deb, built (and lintian-checked) once per session for every test that installs it."""
+    r = subprocess.run([os.path.join(REPO, "packaging", "build-deb")], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    debs = sorted(f for f in os.listdir(os.path.join(REPO, "dist")) if f.endswith(".deb"))
+    lint = subprocess.run(["lintian", os.path.join(REPO, "dist", debs[-1])], capture_output=True, text=True,
+                          env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+    assert lint.returncode == 0 and not [ln for ln in lint.stdout.splitlines() if ln[:2] in ("E:", "W:")], \
+        lint.stdout
+    return os.path.join(REPO, "dist", debs[-1])

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from test_package import container, deb  # noqa: F401  (fixtures: the .deb and a booted Debian)
+from test_package import container  # noqa: F401  (the fixture: a booted Debian)
 
 CONF = """\
 APP_DIR=/srv/myapp/current

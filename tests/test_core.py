@@ -108,7 +108,7 @@ def test_stop_is_graceful_and_leaves_nothing(deploy, manager):
     result = {}
     t = threading.Thread(target=lambda: result.update(r=get(d.port, "/slow?s=2", timeout=10)))
     t.start()
-    wait_accepted(d.port)
+    wait_accepted(d.port, manager.unit_processes)
     stop = manager.systemctl("stop", "app.service")
     t.join()
     assert stop.returncode == 0

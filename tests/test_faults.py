@@ -6,6 +6,7 @@ nothing behind."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -46,6 +47,10 @@ def assert_restarted_promptly(d, manager, reload_thread):
     assert not [line for line in manager.journal_text().splitlines() if "timed out" in line and "eload" in line]
 
 
+# A worker's title (not "worker" anywhere: the config's path may hold the test's name)
+WORKER_TITLE = re.compile(r"worker\[\d+\]|cluster worker \d+")
+
+
 def wait_new_master(d, old, timeout=10):
     """The new master once it exists (usr2: the old master's non-worker child; spawn: a
     second master beside the old). The server's name in its command line tells it from
@@ -53,10 +58,12 @@ def wait_new_master(d, old, timeout=10):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for pid in d.m.unit_processes():
+            # (the server's name: not a child of the manager that has not exec'd yet, as
+            # ExecReload='s process for a moment, which a test that stops "new" would hang)
             cmdline = proc_cmdline(pid)
-            if pid != old and "unicorn" in cmdline and "unicorn-shim" not in cmdline \
-                    and proc_parent(pid) in (old, d.m.pid) \
-                    and "worker" not in cmdline and pid not in d.app_workers(old):
+            if pid != old and d.app.server in cmdline and "unicorn-shim" not in cmdline \
+                    and proc_parent(pid) in (old, d.m.pid) and not WORKER_TITLE.search(cmdline) \
+                    and pid not in d.app_workers(old):
                 return pid
         time.sleep(0.01)
     raise AssertionError("no new master appeared")

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from support.containers import Container, image
+from support.containers import Container, RebootableContainer, image
 from support.deploy import REPO
 
 CONFIG_RU = """run lambda { |env| [200, {"content-type" => "text/plain"}, ["release=%s\\n"]] }\n"""
@@ -46,18 +46,6 @@ while time.monotonic() < end:
         c.close()
 print(json.dumps({"ok": ok, "failed": failed, "releases": sorted(releases), "errors": errors[:5]}))
 """
-
-
-@pytest.fixture(scope="session")
-def deb():
-    r = subprocess.run([os.path.join(REPO, "packaging", "build-deb")], capture_output=True, text=True, cwd=REPO)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    debs = sorted(f for f in os.listdir(os.path.join(REPO, "dist")) if f.endswith(".deb"))
-    lint = subprocess.run(["lintian", os.path.join(REPO, "dist", debs[-1])], capture_output=True, text=True,
-                          env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
-    assert lint.returncode == 0 and not [ln for ln in lint.stdout.splitlines() if ln[:2] in ("E:", "W:")], \
-        lint.stdout
-    return os.path.join(REPO, "dist", debs[-1])
 
 
 @pytest.fixture(params=["bookworm", "trixie"])
@@ -223,6 +211,10 @@ def test_per_app_commands_and_the_deploy_users_sudoers_example(deb, container):
     assert json.loads(status.stdout)["master_pid"] == int(main_pid)
     r = run("unicorn-shim", "status", "--unit", "unicorn-shim@myapp")
     assert r.returncode == 0 and f"master {main_pid}" in r.stdout, r.stderr
+    # the installed entry point (ExecReload=) loads none of what only `run` needs
+    r = run("python3", "-X", "importtime", "/usr/bin/unicorn-shim", "status", "myapp")
+    loaded = {line.split("|")[-1].strip().split(".")[0] for line in r.stderr.splitlines() if "|" in line}
+    assert r.returncode == 0 and "shim" in loaded and not loaded & {"asyncio", "psutil", "systemd", "argparse"}
 
     write_app_release(run, "myapp", "r2")
     r = run("unicorn-shim", "reload", "myapp")
@@ -290,3 +282,52 @@ def test_rpm_builds_with_its_files():
                              text=True).stdout
     assert "systemctl stop 'unicorn-shim@*.socket' 'unicorn-shim@*.service'" in scripts
     assert "daemon-reload" in scripts and "%systemd" not in scripts
+
+
+def test_a_reboot_after_a_failed_deploy_serves_the_last_good_release(deb, base_dir):
+    """Debian 12 booted with the .deb: good r2, bad r3 (`current` left on r3, as deploy
+    tools leave it), then `systemctl reboot` and a boot of the same root file system:
+    the app serves r2, says it is degraded, and a client that starts after the boot
+    has every request answered."""
+    ct = RebootableContainer(image("bookworm"), base_dir)
+    run = ct.run
+    try:
+        run("useradd", "--system", "--create-home", "--home-dir", "/srv/myapp", "myapp", check=True)
+        write_release(run, "r1")
+        run("mkdir", "-p", "/etc/unicorn-shim", check=True)
+        run("python3", "-c", f"open('/etc/unicorn-shim/myapp.conf','w').write({APP_CONF!r})", check=True)
+        shutil.copy(deb, ct.share)
+        run("apt-get", "install", "-y", f"/mnt/share/{os.path.basename(deb)}", check=True)
+        run("systemctl", "enable", "--now", "unicorn-shim@myapp.socket", check=True)
+        assert run("curl", "-s", "--max-time", "60", "127.0.0.1:8080/").stdout.strip() == "release=r1"
+        write_release(run, "r2")
+        assert run("systemctl", "reload", "unicorn-shim@myapp").returncode == 0
+        write_release(run, "r3", broken=True)
+        assert run("systemctl", "reload", "unicorn-shim@myapp").returncode != 0
+        assert run("readlink", "-e", "/srv/myapp/current").stdout.strip() == "/srv/myapp/releases/r3"
+
+        ct.reboot()
+        assert len(run("journalctl", "--list-boots", "--no-pager").stdout.strip().splitlines()) == 3, \
+            "two boots of one root file system (and the header)"
+        with open(os.path.join(ct.share, "load.py"), "w") as f:
+            f.write(LOAD)
+        result = json.loads(run("python3", "/mnt/share/load.py", "4", check=True).stdout)
+        assert result["failed"] == 0 and result["ok"] > 0 and result["releases"] == ["release=r2"], result
+
+        status = run("systemctl", "status", "--no-pager", "unicorn-shim@myapp.service").stdout
+        assert "Status: \"degraded: serving last good release /srv/myapp/releases/r2" in status, status
+        assert "broken release" in status, status
+        show = dict(line.split("=", 1) for line in run(
+            "systemctl", "show", "-p", "ActiveState,SubState,NRestarts", "unicorn-shim@myapp.service").stdout.split())
+        assert show == {"ActiveState": "active", "SubState": "running", "NRestarts": "0"}, show
+        # the app serves, no unit failed: "running" is the truth at the system's level;
+        # the degraded release is the unit's own status, above, and the journal's event
+        assert run("systemctl", "is-system-running").stdout.strip() == "running"
+        run("journalctl", "--sync")
+        events = [json.loads(line) for line in run("journalctl", "-b", "-o", "json", "SHIM_EVENT=fallback").stdout
+                  .splitlines()]
+        assert len(events) == 1 and events[0]["RELEASE"] == "/srv/myapp/releases/r2", events
+        assert events[0]["FAILED_RELEASE"] == "/srv/myapp/releases/r3" and "broken release" in \
+            events[0]["SERVER_ERROR"], events
+    finally:
+        ct.down()

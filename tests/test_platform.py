@@ -22,60 +22,59 @@ MOUNT = "{n} 1 0:{n} / {point} rw,relatime shared:{n} - {fstype} {source} rw{opt
 UNIT = "/system.slice/unicorn-shim@myapp.service"
 
 
-def fake_system(tmp_path, monkeypatch, mounts, cgroup_lines, procs_dir):
-    """A /proc with self/mountinfo and 4242/cgroup, and a cgroup file system under
-    tmp_path/sys/fs/cgroup with UNIT's cgroup.procs in `procs_dir` (relative)."""
+@pytest.fixture
+def fake_system(tmp_path, monkeypatch):
+    """fake(mounts, cgroup_lines, procs_dir): a /proc with self/mountinfo and
+    4242/cgroup, and a cgroup file system under tmp_path/sys/fs/cgroup with UNIT's
+    cgroup.procs in `procs_dir` (relative)."""
     proc, cgfs = tmp_path / "proc", tmp_path / "sys" / "fs" / "cgroup"
-    (proc / "self").mkdir(parents=True)
-    (proc / "4242").mkdir()
-    (proc / "self" / "mountinfo").write_text("".join(
-        MOUNT.format(n=20 + i, point=str(cgfs) + sub, fstype=fstype, source=fstype,
-                     opts="," + opts if opts else "")
-        for i, (sub, fstype, opts) in enumerate(mounts)))
-    (proc / "4242" / "cgroup").write_text("".join(line + "\n" for line in cgroup_lines))
-    unit_dir = cgfs / procs_dir / UNIT.lstrip("/")
-    unit_dir.mkdir(parents=True)
-    (unit_dir / "cgroup.procs").write_text("4242\n4243\n")
-    monkeypatch.setattr(procs, "PROC", str(proc))
-    monkeypatch.setattr(procs, "CGROUP_FS", str(cgfs))
-    procs.systemd_hierarchy.cache_clear()
 
-
-@pytest.fixture(autouse=True)
-def fresh_hierarchy():
-    procs.systemd_hierarchy.cache_clear()
-    yield
-    procs.systemd_hierarchy.cache_clear()
+    def fake(mounts, cgroup_lines, procs_dir):
+        (proc / "self").mkdir(parents=True)
+        (proc / "4242").mkdir()
+        (proc / "self" / "mountinfo").write_text("".join(
+            MOUNT.format(n=20 + i, point=str(cgfs) + sub, fstype=fstype, source=fstype,
+                         opts="," + opts if opts else "")
+            for i, (sub, fstype, opts) in enumerate(mounts)))
+        (proc / "4242" / "cgroup").write_text("".join(line + "\n" for line in cgroup_lines))
+        unit_dir = cgfs / procs_dir / UNIT.lstrip("/")
+        unit_dir.mkdir(parents=True)
+        (unit_dir / "cgroup.procs").write_text("4242\n4243\n")
+        monkeypatch.setattr(procs, "PROC", str(proc))
+        monkeypatch.setattr(procs, "CGROUP_FS", str(cgfs))
+        procs.systemd_hierarchy.cache_clear()
+    yield fake
+    procs.systemd_hierarchy.cache_clear()      # the real system's, for the next test
 
 
 V1 = [("/cpu", "cgroup", "cpu"), ("/memory", "cgroup", "memory"), ("/systemd", "cgroup", "name=systemd")]
 
 
-def test_container_on_a_hybrid_host_reads_the_unified_line(tmp_path, monkeypatch):
+def test_container_on_a_hybrid_host_reads_the_unified_line(fake_system):
     """Debian 13 in nspawn with the unified hierarchy, on a hybrid host: the host's
     name=systemd line says "/" for every process, journald included."""
-    fake_system(tmp_path, monkeypatch, [("", "cgroup2", "")],
+    fake_system([("", "cgroup2", "")],
                 ["9:name=systemd:/", "4:memory:/", f"0::{UNIT}"], "")
     assert procs.cgroup_of(4242) == UNIT
     assert procs.cgroup_members(UNIT) == [4242, 4243]
 
 
-def test_hybrid_host_reads_the_unified_hierarchy(tmp_path, monkeypatch):
-    fake_system(tmp_path, monkeypatch, V1 + [("/unified", "cgroup2", "")],
+def test_hybrid_host_reads_the_unified_hierarchy(fake_system, tmp_path):
+    fake_system(V1 + [("/unified", "cgroup2", "")],
                 ["9:name=systemd:" + UNIT, "4:memory:/", "0::" + UNIT], "unified")
     assert procs.systemd_hierarchy() == ("", str(tmp_path / "sys/fs/cgroup/unified"))
     assert procs.cgroup_of(4242) == UNIT
     assert procs.cgroup_members(UNIT) == [4242, 4243]
 
 
-def test_legacy_host_reads_name_systemd(tmp_path, monkeypatch):
-    fake_system(tmp_path, monkeypatch, V1, ["9:name=systemd:" + UNIT, "4:memory:/", "0::/"], "systemd")
+def test_legacy_host_reads_name_systemd(fake_system):
+    fake_system(V1, ["9:name=systemd:" + UNIT, "4:memory:/", "0::/"], "systemd")
     assert procs.cgroup_of(4242) == UNIT
     assert procs.cgroup_members(UNIT) == [4242, 4243]
 
 
-def test_a_process_outside_the_unit_is_not_in_it_inside_a_container(tmp_path, monkeypatch):
-    fake_system(tmp_path, monkeypatch, [("", "cgroup2", "")],
+def test_a_process_outside_the_unit_is_not_in_it_inside_a_container(fake_system):
+    fake_system([("", "cgroup2", "")],
                 ["9:name=systemd:/", "0::/system.slice/systemd-journald.service"], "")
     assert not procs.in_cgroup(4242, UNIT)
 
@@ -85,6 +84,31 @@ def test_this_machine_finds_its_own_process_among_its_cgroups_members():
     me = procs.cgroup_of(os.getpid())
     assert me is not None
     assert os.getpid() in procs.cgroup_members(me)
+
+
+def test_a_cgroup_of_its_own_holds_exactly_the_process_moved_into_it():
+    """No fakes: a child moved into a new cgroup below ours, in the hierarchy systemd
+    tracks units in, is in it and alone in it; we are not. Inside a Debian 13
+    container on a hybrid host, reading name=systemd put every process in "/"."""
+    root = procs.systemd_hierarchy()[1]
+    path = procs.cgroup_of(os.getpid()).rstrip("/") + f"/unicorn-shim-test-{os.getpid()}"
+    os.mkdir(root + path)
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        with open(f"{root}{path}/cgroup.procs", "w") as f:
+            f.write(str(child.pid))
+        assert procs.cgroup_of(child.pid) == path
+        assert procs.in_cgroup(child.pid, path) and not procs.in_cgroup(os.getpid(), path)
+        assert procs.cgroup_members(path) == [child.pid]
+    finally:
+        child.kill()
+        child.wait()
+        for _ in range(50):        # the kernel empties the cgroup right after the reap
+            try:
+                os.rmdir(root + path)
+                break
+            except OSError:
+                time.sleep(0.02)
 
 
 # --- the generator's problems: the kernel log only when it is the device ---

@@ -31,6 +31,12 @@ def assert_reason_everywhere(d, manager, event, text):
     assert text in event["SERVER_ERROR"], event
     assert text in event["REASON"] and text in event["MESSAGE"]
     assert event["PRIORITY"] == "3" and event["SYSLOG_IDENTIFIER"] == "unicorn-shim"
+    # the ExecReload= process's own line too, not under the app's SyslogIdentifier=
+    client_lines = [e for e in manager.journal("SYSLOG_IDENTIFIER=unicorn-shim")
+                    if str(e.get("MESSAGE", "")).startswith("unicorn-shim: reload failed")]
+    assert client_lines and client_lines[-1]["PRIORITY"] == "3" and text in client_lines[-1]["MESSAGE"]
+    assert not [e for e in manager.journal("SYSLOG_IDENTIFIER=app")
+                if "reload failed" in str(e.get("MESSAGE", ""))]
     assert text in d.state()["StatusText"]
     status = subprocess.run([SHIM, "status", "--json", "--control",
                              os.path.join(manager.runtime_dir, "app", "control.sock")],
@@ -50,7 +56,7 @@ def test_exception_in_the_app_is_the_reason(deploy, manager, server, preload):
     assert load.failures() == [], load.failure_kinds()
     name = f"r{d.app.count}"
     assert f"release {name} is broken" in event["SERVER_ERROR"], event
-    if server == "unicorn":       # where it was raised, as Ruby says it
+    if server in ("unicorn", "puma"):     # where it was raised, as Ruby says it
         assert "config.ru:" in event["SERVER_ERROR"], event
     elif not preload:             # the worker's traceback; with --preload Gunicorn prints "Error: ..."
         assert "app.py:4" in event["SERVER_ERROR"], event

@@ -17,7 +17,8 @@ from shim.journal import Log
 from shim.notify import Notifier
 from shim.servers import UNICORN
 from shim.readiness import UNREAPED_LIMIT
-from shim.supervisor import WORKERLESS_GRACE, Config, Supervisor
+from shim.masters import WORKERLESS_GRACE
+from shim.supervisor import Config, Supervisor
 
 
 class FakeProcess:
@@ -27,6 +28,7 @@ class FakeProcess:
         self.signals: List[int] = []
         self.zombie = False              # exited, not yet waited for by its parent
         self.deaf = False                # ignores every signal but KILL
+        self.drain = 0.0                 # seconds a graceful stop takes (requests in flight)
 
     @property
     def alive(self) -> bool:
@@ -83,6 +85,10 @@ class FakeOS:
         p.signals.append(sig)
         if p.deaf and sig != signal.SIGKILL:
             return True
+        if sig in (signal.SIGQUIT, signal.SIGTERM) and p.drain:
+            drain, p.drain = p.drain, 0.0
+            asyncio.get_running_loop().call_later(drain, self.signal, pid, signal.SIGKILL)
+            return True
         if sig in (signal.SIGQUIT, signal.SIGKILL, signal.SIGTERM):
             for child in self.children(pid):
                 if "worker" in self.procs[child].title:
@@ -90,6 +96,11 @@ class FakeOS:
             p.exit()
             for child in self.children(pid):      # the new master is reparented to the manager
                 self.procs[child].parent = self.manager
+        elif sig == signal.SIGUSR2 and not p.title.endswith("(old)"):
+            p.title += " (old)"                 # as Unicorn's master renames itself on USR2
+            return self.signal(pid, sig)
+        elif sig == signal.SIGUSR2 and self.next_behaviour == "slow-fork":   # found only later
+            asyncio.get_running_loop().call_later(0.5, self.start_master, pid)
         elif sig == signal.SIGUSR2:
             new = self.start_master(pid, self.next_behaviour)
             if self.next_behaviour == "old-killed-at-once":   # before the shim could look at its children
@@ -129,7 +140,7 @@ def fake(monkeypatch, tmp_path):
     monkeypatch.setattr(procs, "title",
                         lambda pid: fos.procs[pid].title if pid in fos.procs and fos.procs[pid].alive else "")
     monkeypatch.setattr(procs, "activity", lambda pid: ("S", 0))
-    monkeypatch.setattr(procs, "wchan", lambda pid, threads=False: "poll_schedule_timeout")
+    monkeypatch.setattr(procs, "wchan", lambda pid, thread=None: "poll_schedule_timeout")
     monkeypatch.setattr(procs, "is_zombie", lambda pid: pid in fos.procs and fos.procs[pid].zombie)
     monkeypatch.setattr(procs, "parent_of", lambda pid: fos.procs[pid].parent if pid in fos.procs else None)
     monkeypatch.setattr(procs, "cwd", lambda pid: "/srv/app/releases/r1")
@@ -236,3 +247,67 @@ def test_stop_during_a_hand_over_stops_every_master(fake):
     assert not result["ok"] and "stopping" in result["error"]
     assert all(not p.alive for p in fake.procs.values())
     assert any(m.get("STOPPING") for m in sup.notifier.messages)
+
+
+@pytest.mark.parametrize("phase", ["finding", "booting", "health-check", "draining", "rolling-back"])
+def test_stop_ends_a_hand_over_cleanly_from_every_phase(fake, monkeypatch, phase):
+    """Every reload client gets an answer, no READY=1 follows the stop, nothing is left."""
+    from shim import health
+    sup = supervisor(fake, ready_timeout=0.3 if phase == "rolling-back" else 5.0, retire_timeout=5.0)
+    behaviour = {"finding": "slow-fork", "rolling-back": "hangs"}.get(phase, "healthy")
+    if phase == "booting":
+        fake.boot_delay = 0.5
+    if phase == "health-check":
+        sup.config.health_check = "http://127.0.0.1:1/"
+
+        async def slow_check(url):
+            await asyncio.sleep(0.5)
+            return ""
+        monkeypatch.setattr(health, "check", slow_check)
+
+    async def scenario():
+        run = asyncio.create_task(sup.run())
+        while sup.state != "serving":
+            await asyncio.sleep(0.01)
+        if phase == "draining":
+            fake.procs[sup.master.pid].drain = 1.0
+        fake.next_behaviour = behaviour
+        reload = asyncio.create_task(sup.reload())
+        await asyncio.sleep({"draining": 0.25, "rolling-back": 0.35}.get(phase, 0.1))
+        stop_at = len(sup.notifier.messages)
+        sup._on_stop_signal(signal.SIGTERM)
+        result = await asyncio.wait_for(reload, 10)
+        assert await asyncio.wait_for(run, 10) == 0
+        return result, sup.notifier.messages[stop_at:]
+
+    result, after_stop = asyncio.run(scenario())
+    assert not result["ok"], result
+    assert "stopping" in result["error"] or phase == "rolling-back", result
+    assert not [m for m in after_stop if m.get("READY")], after_stop
+    assert any(m.get("STOPPING") for m in after_stop)
+    assert all(not p.alive for p in fake.procs.values())
+    assert sup.state == "stopping"
+
+
+def test_overlapping_reloads_both_run_in_turn(fake):
+    """A second reload asked for while the first is in flight waits, then runs."""
+    fake.boot_delay = 0.2
+    sup = supervisor(fake)
+
+    async def scenario():
+        run = asyncio.create_task(sup.run())
+        while sup.state != "serving":
+            await asyncio.sleep(0.01)
+        first = asyncio.create_task(sup.reload())
+        await asyncio.sleep(0.05)
+        assert sup.state == "reloading"
+        second = asyncio.create_task(sup.reload())
+        results = [await first, await second]
+        sup._on_stop_signal(signal.SIGTERM)
+        await run
+        return results
+
+    results = asyncio.run(scenario())
+    assert [r["ok"] for r in results] == [True, True]
+    assert [r["generation"] for r in results] == [2, 3]
+    assert results[1]["old_master_pid"] == results[0]["master_pid"]

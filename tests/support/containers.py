@@ -12,6 +12,8 @@ import fcntl
 import os
 import shutil
 import subprocess
+import tempfile
+import time
 import uuid
 from typing import Dict, List, Optional
 
@@ -23,8 +25,9 @@ CACHE = os.environ.get("UNICORN_SHIM_IMAGE_CACHE", "/var/cache/unicorn-shim-test
 # to run inside it. A new list needs a new name: the cache is keyed by it. A third
 # item names the Debian suite when the key is not one.
 IMAGES: Dict[str, tuple] = {
-    "bookworm": ("rootfs-bookworm-v2",
-                 "unicorn,ruby-rack,python3-psutil,python3-systemd,python3-sdnotify,procps,curl,python3,sudo"),
+    "bookworm": ("rootfs-bookworm-v3-sshd",
+                 "unicorn,ruby-rack,python3-psutil,python3-systemd,python3-sdnotify,procps,curl,python3,sudo,"
+                 "openssh-server"),
     "trixie": ("rootfs-trixie-v1",
                "unicorn,ruby-rack,gunicorn,python3,python3-pytest,python3-psutil,python3-systemd,"
                "python3-sdnotify,procps,curl,util-linux"),
@@ -60,16 +63,21 @@ class Container:
     """One booted container of an image; `run` executes a command inside it."""
 
     def __init__(self, rootfs: str, base_dir: str, binds: Optional[List[str]] = None,
-                 unified_cgroup: bool = False) -> None:
+                 unified_cgroup: bool = False, volatile: str = "overlay") -> None:
         self.name = "c" + uuid.uuid4().hex[:8]
-        self.env = dict(os.environ, SDH_BASE=base_dir, SDH_NSPAWN_ARGS=" ".join(
+        self.rootfs = rootfs
+        self.env = dict(os.environ, SDH_BASE=base_dir, SDH_VOLATILE=volatile, SDH_NSPAWN_ARGS=" ".join(
             ["--private-network"] + [f"--bind-ro={b}" for b in binds or []]))
         if unified_cgroup:      # what Debian 13's systemd expects; the host may be hybrid
             self.env["SYSTEMD_NSPAWN_UNIFIED_HIERARCHY"] = "1"
-        r = subprocess.run([os.path.join(HARNESS, "container-boot.sh"), self.name, rootfs], capture_output=True,
-                           text=True, env=self.env)
+        self.run_dir = os.path.join(base_dir, "ct", "run", self.name)
+        self.share = os.path.join(self.run_dir, "share")   # /mnt/share inside
+        self.boot()
+
+    def boot(self) -> None:
+        r = subprocess.run([os.path.join(HARNESS, "container-boot.sh"), self.name, self.rootfs],
+                           capture_output=True, text=True, env=self.env)
         assert r.returncode == 0, r.stdout + r.stderr
-        self.share = os.path.join(base_dir, "ct", "run", self.name, "share")   # /mnt/share inside
 
     def run(self, *cmd: str, check: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
         p = subprocess.run([os.path.join(HARNESS, "ct-exec.sh"), self.name, *cmd], capture_output=True,
@@ -83,3 +91,52 @@ class Container:
 
     def down(self) -> None:
         subprocess.run([os.path.join(HARNESS, "container-down.sh"), self.name], env=self.env, capture_output=True)
+
+
+class RebootableContainer(Container):
+    """A booted container whose root file system survives a reboot, as a machine's
+    disk does: an overlay of the image whose upper directory is on disk (instead of
+    nspawn's tmpfs overlay, gone with each boot), booted with --volatile=no.
+    `reboot()` runs `systemctl reboot` inside, which ends this systemd-nspawn as a
+    reboot ends a machine's run, and boots the same root file system again."""
+
+    def __init__(self, rootfs: str, base_dir: str, **kwargs) -> None:
+        self.layers = tempfile.mkdtemp(prefix="rootfs.", dir=base_dir)
+        merged, upper, work = (os.path.join(self.layers, d) for d in ("merged", "upper", "work"))
+        for d in (merged, upper, work):
+            os.mkdir(d)
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                        f"lowerdir={rootfs},upperdir={upper},workdir={work}", merged], check=True)
+        try:
+            super().__init__(merged, base_dir, volatile="no", **kwargs)
+        except BaseException:
+            self._unmount()
+            raise
+
+    def reboot(self, timeout: float = 60) -> None:
+        with open(os.path.join(self.run_dir, "nspawn.pid")) as f:
+            nspawn = f.read().strip()
+        self.run("systemctl", "reboot", check=True)
+        deadline = time.monotonic() + timeout
+        while _alive(nspawn) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(nspawn), "the container did not go down for the reboot"
+        subprocess.run([os.path.join(HARNESS, "container-down.sh"), self.name], env=self.env,
+                       capture_output=True)      # its cgroups and run directory; the root file system stays
+        self.boot()
+
+    def down(self) -> None:
+        super().down()
+        self._unmount()
+
+    def _unmount(self) -> None:
+        subprocess.run(["umount", os.path.join(self.layers, "merged")], capture_output=True)
+        shutil.rmtree(self.layers, ignore_errors=True)
+
+
+def _alive(pid: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False

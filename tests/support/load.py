@@ -11,7 +11,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import psutil
 
@@ -92,13 +92,19 @@ def get(port: int, path: str = "/", timeout: float = 10.0, host: str = "127.0.0.
         conn.close()
 
 
-def wait_accepted(port: int, timeout: float = 10.0) -> None:
-    """Until a server process has accepted a connection on `port`: from then on the
-    request is in a worker's hands, not in the listen queue."""
+def wait_accepted(port: int, processes: Callable[[], List[int]], timeout: float = 10.0) -> None:
+    """Until one of `processes()` (the unit's) has accepted a connection on `port`: from
+    then on the request is in a worker's hands, not in the listen queue. Only those
+    processes are looked at: a scan of every connection of a busy machine took
+    longer than the 2 s request it waited for."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if any(c.laddr and c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED and c.pid
-               for c in psutil.net_connections("tcp")):
-            return
+        for pid in processes():
+            try:
+                conns = psutil.Process(pid).connections("tcp")
+            except psutil.Error:
+                continue
+            if any(c.laddr and c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED for c in conns):
+                return
         time.sleep(0.01)
     raise AssertionError(f"no connection on port {port} was accepted within {timeout:g} s")

@@ -52,6 +52,24 @@ module UnicornShimReport
     end
   end
 
+  # Puma's own error lines ("[pid] ! Unable to start worker") go to stdout, written
+  # inside the rescue that caught the exception: $! is that exception then.
+  module OutTee
+    def write(*args)
+      begin
+        head = args.join.lines.first.to_s.sub(/\A\[\d+\] /, "")
+        if head.start_with?("! ")
+          error = $!
+          told = error && !error.is_a?(SystemExit) ? " (#{UnicornShimReport.describe(error)})" : ""
+          UnicornShimReport.say("#{head[2..].strip}#{told}")
+        end
+      rescue StandardError
+        nil
+      end
+      super
+    end
+  end
+
   module Tee
     def write(*args)
       begin
@@ -66,13 +84,13 @@ end
 
 if UnicornShimReport::PATH
   $stderr.singleton_class.prepend(UnicornShimReport::Tee)
+  $stdout.singleton_class.prepend(UnicornShimReport::OutTee)
   at_exit do
     error = $!
     if error.is_a?(SystemExit)
-      unless error.success?
-        last = UnicornShimReport.last_write.to_s.lines.map(&:strip).reject(&:empty?).first
-        UnicornShimReport.say(last ? "#{last} (exit #{error.status})" : "exit #{error.status}")
-      end
+      last = UnicornShimReport.last_write.to_s.lines.map(&:strip).reject(&:empty?).first
+      # with nothing written, an exit status alone says less than what was sent before
+      UnicornShimReport.say("#{last} (exit #{error.status})") if last && !error.success?
     elsif error && !error.is_a?(Interrupt) && !error.is_a?(SignalException)
       UnicornShimReport.say(UnicornShimReport.describe(error))
     end

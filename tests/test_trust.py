@@ -1,0 +1,52 @@
+"""Input the shim must not trust: pid files, environment numbers, a planted link."""
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from shim import procs, sockets
+from shim.errors import EXIT_ACTIVATION, EXIT_LISTEN, ShimError
+
+
+def test_pid_file_write_never_follows_a_planted_link(tmp_path):
+    """The old temporary name was predictable (PATH.shim-PID): a link planted there by
+    whoever can write the pid directory made the shim overwrite the link's target."""
+    target = tmp_path / "victim"
+    target.write_text("precious\n")
+    pid_file = tmp_path / "server.pid"
+    for name in (f"server.pid.shim-{os.getpid()}", "server.pid.tmp"):
+        os.symlink(target, tmp_path / name)
+    procs.write_pid_file(str(pid_file), 4242)
+    assert target.read_text() == "precious\n"
+    assert pid_file.read_text() == "4242\n" and not pid_file.is_symlink()
+
+
+def test_pid_file_read_never_blocks_nor_crashes(tmp_path):
+    fifo = tmp_path / "fifo.pid"
+    os.mkfifo(fifo)
+    result = {}
+    t = threading.Thread(target=lambda: result.update(pid=procs.read_pid_file(str(fifo))), daemon=True)
+    t.start()
+    t.join(2)
+    assert not t.is_alive() and result["pid"] is None
+    odd = tmp_path / "odd.pid"
+    for text in ("²", "١٢٣", "12 34", "-5", "0x10"):
+        odd.write_text(text)
+        assert procs.read_pid_file(str(odd)) is None, text
+    odd.write_text("123\n")
+    assert procs.read_pid_file(str(odd)) == 123
+
+
+@pytest.mark.parametrize("value", ["²", "١"])
+def test_listen_fds_with_odd_digits_is_a_clear_error(value):
+    with pytest.raises(ShimError) as e:
+        sockets.from_systemd({"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": value})
+    assert e.value.exit_status == EXIT_ACTIVATION
+
+
+def test_port_with_odd_digits_is_a_clear_error():
+    with pytest.raises(ShimError) as e:
+        sockets.parse_address("127.0.0.1:８０８０")
+    assert e.value.exit_status == EXIT_LISTEN
