@@ -3,8 +3,8 @@ blocks are read from the guide itself (so the guide and the test cannot drift)
 and run in a booted Debian 12 with runit, nginx and the package installed,
 while a client polls the app through nginx the whole time: 0 failed requests,
 the old supervisor gone, the environment reaching the master, the first deploy
-afterwards serving the new release, and a restart of the service keeping the
-socket reachable."""
+afterwards serving the new release, and a restart of the service and a reboot
+serving it again."""
 from __future__ import annotations
 
 import json
@@ -15,9 +15,8 @@ import time
 
 import pytest
 
-from support.containers import Container, image
+from support.containers import RebootableContainer, image
 from support.deploy import REPO
-from test_package import deb  # noqa: F401  (the fixture that builds the .deb)
 
 GUIDE = os.path.join(REPO, "docs", "migration.md")
 SECRET = "0c2b9a7e5d"
@@ -93,7 +92,7 @@ def test_guide_blocks_are_found():
 class Host:
     """A booted Debian 12 with the package's .deb at hand."""
 
-    def __init__(self, ct: Container, deb_path: str) -> None:
+    def __init__(self, ct: RebootableContainer, deb_path: str) -> None:
         self.ct = ct
         self.blocks = guide()
         shutil.copy(deb_path, ct.share)
@@ -152,8 +151,8 @@ class Host:
 
 
 @pytest.fixture
-def host(deb, base_dir):      # noqa: F811
-    ct = Container(image("bookworm-migrate"), base_dir)
+def host(deb, base_dir):
+    ct = RebootableContainer(image("bookworm-migrate"), base_dir)
     try:
         h = Host(ct, deb)
         h.run("rm", "-f", "/etc/nginx/sites-enabled/default")
@@ -173,10 +172,15 @@ def served_throughout(host: Host, stop, unit: str) -> None:
     assert f"SECRET_KEY_BASE={SECRET}" in host.master_env(unit)
 
 
-def restart_keeps_serving(host: Host, unit: str) -> None:
-    """The socket belongs to the socket unit: a restart of the service leaves it in place."""
+def restart_and_reboot_keep_serving(host: Host, unit: str, old_gone) -> None:
+    """The socket belongs to the socket unit: a restart of the service leaves it in
+    place. After a reboot the app serves again, and only through the shim."""
     host.run("systemctl", "restart", unit)
     assert host.get() == f"release=r2 secret={SECRET}"
+    host.ct.reboot()
+    host.wait_for(f"release=r2 secret={SECRET}")
+    assert host.run("systemctl", "is-active", unit).stdout.strip() == "active"
+    old_gone(host)
 
 
 def unicorn_release(host: Host, name: str, version: str = "") -> None:
@@ -201,10 +205,10 @@ def runit_app(host: Host, version: str = "") -> str:
     return host.run("cat", "/srv/app/shared/tmp/pids/unicorn.pid").stdout.strip()
 
 
-def runit_gone(host: Host, old_master: str) -> None:
+def runit_gone(host: Host) -> None:
     """runit is gone, and nothing of it starts at boot."""
     assert host.run("pgrep", "-a", "runsv", check=False).stdout == ""
-    assert host.run("kill", "-0", old_master, check=False).returncode != 0
+    assert host.run("pgrep", "-af", "unicornherder", check=False).stdout == ""
     assert host.run("systemctl", "is-enabled", "runit.service", check=False).stdout.strip() == "disabled"
     assert host.run("test", "-e", "/etc/service/app", check=False).returncode != 0
     assert host.run("systemctl", "is-enabled", "unicorn-shim@app.socket").stdout.strip() == "enabled"
@@ -232,9 +236,9 @@ def test_from_runit_and_unicornherder(host):
     assert "0 errors" in check.stdout, check.stdout
 
     runit_switch_and_deploy(host, "herder-switch", "herder-pid")
-    runit_gone(host, old_master)
-    assert host.run("pgrep", "-af", "unicornherder", check=False).stdout == ""
-    restart_keeps_serving(host, "unicorn-shim@app.service")
+    assert host.run("kill", "-0", old_master, check=False).returncode != 0
+    runit_gone(host)
+    restart_and_reboot_keep_serving(host, "unicorn-shim@app.service", runit_gone)
 
 
 def test_from_runit_and_plain_unicorn_on_tcp(host):
@@ -246,8 +250,9 @@ def test_from_runit_and_plain_unicorn_on_tcp(host):
     assert "0 errors" in check.stdout, check.stdout
 
     runit_switch_and_deploy(host, "plain-switch", "plain-config", "#plain")
-    runit_gone(host, old_master)
-    restart_keeps_serving(host, "unicorn-shim@app.service")
+    assert host.run("kill", "-0", old_master, check=False).returncode != 0
+    runit_gone(host)
+    restart_and_reboot_keep_serving(host, "unicorn-shim@app.service", runit_gone)
 
 
 def gunicorn_release(host: Host, name: str) -> None:
@@ -258,6 +263,12 @@ def gunicorn_release(host: Host, name: str) -> None:
     host.write(f"{d}/venv/bin/gunicorn", VENV_GUNICORN.format(venv=f"{d}/venv"), mode="755")
     host.sh(f"chown -R pyapp:pyapp {d} && ln -sfn {d} /srv/pyapp/current.new && "
             "mv -T /srv/pyapp/current.new /srv/pyapp/current")
+
+
+def gunicorn_gone(host: Host) -> None:
+    units = host.run("systemctl", "list-units", "--all", "--plain", "--no-legend", "gunicorn*").stdout
+    assert units.strip() == "", units
+    assert host.run("test", "-e", "/run/gunicorn.sock", check=False).returncode != 0
 
 
 def test_from_gunicorns_documented_unit(host):
@@ -283,9 +294,7 @@ def test_from_gunicorns_documented_unit(host):
     served_throughout(host, stop, "unicorn-shim@pyapp.service")
 
     # Gunicorn's units are gone; the master runs the new release's virtualenv
-    units = host.run("systemctl", "list-units", "--all", "--plain", "--no-legend", "gunicorn*").stdout
-    assert units.strip() == "", units
-    assert host.run("test", "-e", "/run/gunicorn.sock", check=False).returncode != 0
+    gunicorn_gone(host)
     pid = host.run("systemctl", "show", "-p", "MainPID", "--value", "unicorn-shim@pyapp.service").stdout.strip()
     assert "/srv/pyapp/releases/r2/venv/bin/python3" in host.run("cat", f"/proc/{pid}/cmdline").stdout
-    restart_keeps_serving(host, "unicorn-shim@pyapp.service")
+    restart_and_reboot_keep_serving(host, "unicorn-shim@pyapp.service", gunicorn_gone)
