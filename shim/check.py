@@ -48,7 +48,9 @@ def _command_words(value: str, env: Dict[str, str]) -> List[str]:
         if lone:
             words += env.get(lone.group(1), "").split()
         else:
-            words.append(re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", lambda m: env.get(m.group(1), ""), word))
+            # `$$` is a literal `$` (what the generator writes for one): never expanded
+            words.append(re.sub(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}",
+                                lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), ""), word))
     while words and words[0][:1] in "-@:+!":     # ExecStart= prefixes
         words[0] = words[0][1:] or words.pop(0)
     return words
