@@ -46,7 +46,10 @@ class Masters:
         self._hook.set()
 
     def _of_the_unit(self, pid: int) -> bool:
-        return procs.in_cgroup(pid, self.cgroup)
+        """A sender of the unit's own. One already gone (a master's last words are sent
+        right before it exits, and may be read after it was reaped) cannot be checked:
+        its report is kept; only a live process outside the unit is refused."""
+        return procs.cgroup_of(pid) is None or procs.in_cgroup(pid, self.cgroup)
 
     def _on_master_exit(self, master: procs.Pinned) -> None:
         asyncio.get_running_loop().remove_reader(master.pidfd)
