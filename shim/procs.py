@@ -297,16 +297,31 @@ def read_pid_file(path: str) -> Optional[int]:
 
 
 def write_pid_file(path: str, pid: int) -> None:
-    """Atomically, as the servers do: a reader never sees a half-written file. The
+    """Atomically, as the servers do: a reader never sees a half-written file."""
+    write_atomically(path, f"{pid}\n", mode=0o644)
+
+
+def write_atomically(path: str, text: str, mode: int = 0o600, durable: bool = False) -> None:
+    """Replace `path` with `text`: readers see the old file or the new one. The
     temporary name is random and created exclusively (O_EXCL never follows a
-    symlink), so a link planted in a pid directory the app can write is never
-    written through."""
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", dir=os.path.dirname(path) or ".")
+    symlink), so a link planted in a directory the app can write is never written
+    through. `durable`: synced to disk, the directory too, before it returns."""
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=directory)
     try:
         with os.fdopen(fd, "w") as f:
-            f.write(f"{pid}\n")
-        os.chmod(tmp, 0o644)
-        os.rename(tmp, path)
+            f.write(text)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+        if durable:
+            dir_fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
     except OSError:
         try:
             os.unlink(tmp)

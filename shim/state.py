@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from typing import Any, Dict, Optional
+
+from shim import procs
 
 FILE_NAME = "state.json"
 
@@ -53,27 +54,9 @@ class State:
 
     def _save(self) -> None:
         """Atomically and durably: a crash leaves the old file or the new one, never half of one."""
-        if not self.path:
-            return
-        directory = os.path.dirname(self.path)
-        fd, tmp = tempfile.mkstemp(prefix=".state.", dir=directory)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.data, f, indent=1, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-            dir_fd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except OSError:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        if self.path:
+            procs.write_atomically(self.path, json.dumps(self.data, indent=1, sort_keys=True) + "\n",
+                                   mode=0o644, durable=True)
 
 
 def _now() -> str:
