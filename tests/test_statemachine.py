@@ -99,6 +99,12 @@ class FakeOS:
         elif sig == signal.SIGUSR2 and not p.title.endswith("(old)"):
             p.title += " (old)"                 # as Unicorn's master renames itself on USR2
             return self.signal(pid, sig)
+        elif sig == signal.SIGUSR2 and self.next_behaviour == "respawn-first":
+            # A worker respawned just now, not yet renamed: it bears the master's title.
+            respawned = self.new(pid, p.title)
+            loop = asyncio.get_running_loop()
+            loop.call_later(0.3, setattr, respawned, "title", "unicorn worker[9]")
+            loop.call_later(0.1, self.start_master, pid)
         elif sig == signal.SIGUSR2 and self.next_behaviour == "slow-fork":   # found only later
             asyncio.get_running_loop().call_later(0.5, self.start_master, pid)
         elif sig == signal.SIGUSR2:
@@ -311,3 +317,11 @@ def test_overlapping_reloads_both_run_in_turn(fake):
     assert [r["ok"] for r in results] == [True, True]
     assert [r["generation"] for r in results] == [2, 3]
     assert results[1]["old_master_pid"] == results[0]["master_pid"]
+
+
+def test_a_fork_that_has_not_renamed_itself_is_not_taken_for_the_new_master(fake):
+    sup = supervisor(fake)
+    [result] = asyncio.run(drive(sup, "respawn-first", fake=fake))
+    assert result["ok"], result
+    assert "worker" not in fake.procs[result["master_pid"]].title
+    assert result["master_pid"] == 1005      # not 1004, the respawned worker

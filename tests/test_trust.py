@@ -50,3 +50,48 @@ def test_port_with_odd_digits_is_a_clear_error():
     with pytest.raises(ShimError) as e:
         sockets.parse_address("127.0.0.1:８０８０")
     assert e.value.exit_status == EXIT_LISTEN
+
+
+def test_a_pinned_process_with_a_high_pidfd_is_watched():
+    """select() cannot take fds above 1024; a long-lived shim with many fds may get one."""
+    import resource
+    import subprocess
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2048:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(2048, hard), hard))
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        fd = os.pidfd_open(child.pid)
+        high = os.dup2(fd, 1500)
+        os.close(fd)
+        pinned = procs.Pinned(child.pid, high, 0)
+        assert pinned.alive()
+        child.kill()
+        child.wait()
+        assert not pinned.alive()
+        pinned.close()
+    finally:
+        child.kill()
+
+
+def test_no_pidfd_is_a_clear_error(monkeypatch):
+    from shim import cli
+
+    def missing(pid):
+        raise OSError(38, "Function not implemented")
+    monkeypatch.setattr(os, "pidfd_open", missing)
+    with pytest.raises(ShimError) as e:
+        cli._require_pidfd()
+    assert "Linux 5.3" in str(e.value)
+
+
+def test_a_failed_fork_leaks_no_pipe(monkeypatch):
+    from shim import spawn
+
+    def no_fork():
+        raise OSError(11, "Resource temporarily unavailable")
+    before = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(os, "fork", no_fork)
+    with pytest.raises(ShimError):
+        spawn.spawn(["/bin/true"], {}, [])
+    assert len(os.listdir("/proc/self/fd")) == before
