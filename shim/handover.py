@@ -21,6 +21,8 @@ from shim.errors import ReloadFailed, Stopping, WrongRelease
 if TYPE_CHECKING:
     from shim.upgrade import Host, Strategy
 
+OLD_MASTER_GOING = 3.0     # seconds an old master, maybe QUIT by a hook, gets to exit on its own
+
 
 @dataclass
 class Outcome:
@@ -73,6 +75,11 @@ async def hand_over(host: "Host", old: procs.Pinned, gen: int, strategy: "Strate
         retire_end = time.monotonic()
         host.checkpoint()
     except WrongRelease as e:
+        if old.alive() and new is not None and new.alive():
+            # The config's before_fork hook may have QUIT the old master a moment ago
+            # (it is finishing its requests): rolling back now would stop the only
+            # master left. Give it the time to go if it is going.
+            await host.wait_exit(old, OLD_MASTER_GOING)
         if not old.alive() and new is not None and new.alive():
             # The config's own hook already retired the old master; the new one
             # serves the old release as well as it did: keep it, fail the deploy.
