@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 from shim import health, procs, release
 from shim.errors import ReloadFailed, Stopping, WrongRelease
+from shim.masters import FAILED_MASTER_GRACE
 
 if TYPE_CHECKING:
     from shim.upgrade import Host, Strategy
@@ -171,6 +172,6 @@ async def _roll_back(host: "Host", old: procs.Pinned, new: Optional[procs.Pinned
         except Stopping:
             pass              # the stop that follows retires every master anyway
     if new is not None and new.alive():
-        await host.retire(new, grace=min(host.failed_master_grace, host.config.retire_timeout))
+        await host.retire(new, grace=min(FAILED_MASTER_GRACE, host.config.retire_timeout))
     strategy.restore(old)
     return "rolled-back" if old.alive() else "nothing-serving"

@@ -37,7 +37,6 @@ class Masters:
         self.masters: Dict[int, procs.Pinned] = {}       # every master alive and pinned
         self.stop_requested = False
         self.hook_socket: Optional[HookSocket] = None
-        self.failed_master_grace = FAILED_MASTER_GRACE
         self._wake = asyncio.Event()      # for the run loop
         self._hook = asyncio.Event()      # for whoever waits on a booting master
 

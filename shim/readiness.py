@@ -195,10 +195,7 @@ class WorkerWatch:
                 current.add(pid)
         born, died = current - self.alive, self.alive - current
         self.births += len(born)
-        # A worker that had booted (seen waiting, or reported by the hook) and then
-        # exits was recycled (max_requests, a memory limit): not a failure.
-        booted = self.waited | self.reports.ready_pids(self.master)
-        self.deaths += len(died - booted)
+        self.deaths += len(died)
         if born or died:
             self.set_changed = now
         if len(current) > self.peak:
@@ -244,7 +241,8 @@ class WorkerWatch:
         n = len(self.alive)
         booted = self.waited | self.reports.ready_pids(self.master)
         # Deaths with not one worker ever booted: the release cannot serve. Once one
-        # has (a worker waited for connections), later deaths are recycles or luck.
+        # has (seen waiting, or reported by the hook), later deaths are recycles
+        # (max_requests, a memory limit) or luck.
         if self.deaths >= CRASH_LOOP_DEATHS and not booted:
             return Verdict("failed", n, f"workers crash-looping: {self.deaths} workers died during boot "
                                         f"({self.births} started)")

@@ -11,7 +11,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from shim import procs, release
 from shim.control import ControlServer
@@ -155,7 +155,7 @@ class Supervisor(Masters):
             master, ready = await self._boot_release(None)
         except ReloadFailed as e:
             fallback = self._fallback_for(deployed)
-            self.remember("failed", deployed, str(e))
+            self._remember(self.remembered.failed, deployed, str(e))
             if fallback is None:
                 self._start_failed(e, deployed)
             self.log.error("fallback", f"{deployed} failed to start ({e}); starting the last good release "
@@ -170,7 +170,7 @@ class Supervisor(Masters):
                              f"(-> {deployed}) failed: {e}")
         self.master, self.generation, self.state = master, 1, "serving"
         master.generation = 1
-        self.remember("served", self.release(master))
+        self._remember(self.remembered.served, self.release(master))
         self.notifier.ready(master.pid, self.status_line(ready.workers))
         self.log.event("ready", f"master {master.pid} ready with {ready.workers} workers in "
                        f"{time.time() - t0:.2f} s (by {ready.detail})", MASTER_PID=master.pid, GENERATION=1,
@@ -222,12 +222,11 @@ class Supervisor(Masters):
                        RELEASE=failed)
         raise ShimError(f"start failed: {e}{also}", EXIT_START) from None
 
-    def remember(self, what: str, where: Optional[str], reason: str = "") -> None:
+    def _remember(self, record: Callable[..., None], *args: object) -> None:
+        """Write down a served or failed release; a state directory that cannot be
+        written costs the fallback, never the service."""
         try:
-            if what == "served":
-                self.remembered.served(where)
-            else:
-                self.remembered.failed(where, reason)
+            record(*args)
         except OSError as e:
             self.log.event("state-error", f"cannot record the last good release in "
                            f"{self.remembered.path}: {e}", WARNING)
@@ -280,7 +279,7 @@ class Supervisor(Masters):
         if out.result == "done":
             self.master, self.generation, self.state, self.degraded = new, gen, "serving", ""
             serving = self.release(new)
-            self.remember("served", out.intended or serving)
+            self._remember(self.remembered.served, out.intended or serving)
             self.last_reload = f"ok in {took}"
             self.notifier.ready(new.pid, self.status_line(out.workers))
             self.log.event("reload-done", f"generation {gen}: master {new.pid} serving {serving}; "
@@ -290,7 +289,7 @@ class Supervisor(Masters):
                            **{k.upper(): v for k, v in out.timings.items()})
             return {"ok": True, "master_pid": new.pid, "old_master_pid": old.pid, "generation": gen,
                     "release": serving, "duration_ms": int(out.duration * 1000), "timings": out.timings}
-        self.remember("failed", out.intended, out.reason)
+        self._remember(self.remembered.failed, out.intended, out.reason)
         self.last_reload = f"failed after {took}: {out.reason}"
         fields = dict(OLD_MASTER_PID=old.pid, GENERATION=gen, REASON=out.reason,
                       DURATION_MS=int(out.duration * 1000), MASTER_PID=new.pid if new else None,

@@ -31,7 +31,6 @@ class Host(Protocol):
     masters: Dict[int, procs.Pinned]
     log: Any
     notifier: Any
-    failed_master_grace: float
 
     def start_master(self, not_before: int, release: Optional[str] = None,
                      link: Optional[str] = None) -> procs.Pinned: ...

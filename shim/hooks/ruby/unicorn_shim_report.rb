@@ -54,37 +54,33 @@ module UnicornShimReport
 
   # Puma's own error lines ("[pid] ! Unable to start worker") go to stdout, written
   # inside the rescue that caught the exception: $! is that exception then.
-  module OutTee
-    def write(*args)
-      begin
-        head = args.join.lines.first.to_s.sub(/\A\[\d+\] /, "")
-        if head.start_with?("! ")
-          error = $!
-          told = error && !error.is_a?(SystemExit) ? " (#{UnicornShimReport.describe(error)})" : ""
-          UnicornShimReport.say("#{head[2..].strip}#{told}")
-        end
-      rescue StandardError
-        nil
-      end
-      super
-    end
+  def self.saw_stdout(text)
+    head = text.lines.first.to_s.sub(/\A\[\d+\] /, "")
+    return unless head.start_with?("! ")
+    error = $!
+    told = error && !error.is_a?(SystemExit) ? " (#{describe(error)})" : ""
+    say("#{head[2..].strip}#{told}")
   end
 
-  module Tee
-    def write(*args)
-      begin
-        UnicornShimReport.saw(args.join)
-      rescue StandardError
-        nil
+  # A module to prepend to a stream: each write is shown to `reader` first; nothing
+  # the reporter does may disturb the server's own output.
+  def self.tee(reader)
+    Module.new do
+      define_method(:write) do |*args|
+        begin
+          UnicornShimReport.public_send(reader, args.join)
+        rescue StandardError
+          nil
+        end
+        super(*args)
       end
-      super
     end
   end
 end
 
 if UnicornShimReport::PATH
-  $stderr.singleton_class.prepend(UnicornShimReport::Tee)
-  $stdout.singleton_class.prepend(UnicornShimReport::OutTee)
+  $stderr.singleton_class.prepend(UnicornShimReport.tee(:saw))
+  $stdout.singleton_class.prepend(UnicornShimReport.tee(:saw_stdout))
   at_exit do
     error = $!
     if error.is_a?(SystemExit)
