@@ -152,11 +152,6 @@ def _require_pidfd() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    _without_tls()
-    import asyncio
-    import shutil
-    import tempfile
-
     from shim import servers, sockets, spawn
     from shim.journal import Log
     from shim.notify import Notifier
@@ -182,6 +177,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     runtime = environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
     own_runtime = None
     if not runtime:
+        import tempfile
         runtime = own_runtime = tempfile.mkdtemp(prefix="unicorn-shim.")
     config = Config(
         command=command, profile=profile, upgrade=args.upgrade or profile.default_upgrade,
@@ -197,19 +193,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                   "`unicorn-shim reload` cannot reach this shim; SIGHUP still reloads")
     supervisor = Supervisor(config, held, Notifier(), log, dict(environ))
     try:
-        return asyncio.run(supervisor.run())
+        return supervisor.run()
     finally:
         sockets.release(held)
         if own_runtime:
+            import shutil
             shutil.rmtree(own_runtime, ignore_errors=True)
-
-
-def _without_tls() -> None:
-    """asyncio imports ssl (OpenSSL: about 4 MiB of each shim's memory) only for TLS
-    transports, and carries on without it; the shim never makes one (--health-check is
-    plain HTTP). A None entry in sys.modules makes that import fail, as documented."""
-    if "asyncio" not in sys.modules and "ssl" not in sys.modules:
-        sys.modules["ssl"] = None  # type: ignore[assignment]
 
 
 def _reject_daemon_flags(profile: servers.ServerProfile, command: List[str]) -> None:

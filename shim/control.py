@@ -2,23 +2,23 @@
 (shim/client.py) talk to the running shim through it.
 
 One JSON object per line each way. The server runs in the shim's event loop; a
-request waits for its own answer (a reload answers when it is over). Admitted
+request carries its own reply (a reload's is sent when the hand-over is over). Admitted
 (SO_PEERCRED): root, the shim's own user, and, when --control-mode gives the
 group write access (0660), any peer whose group or supplementary groups hold
 the socket's group.
 """
 from __future__ import annotations
 
-import asyncio
 import errno
 import json
 import os
 import socket
 import stat
 import struct
-from typing import Any, Awaitable, Callable, Dict, FrozenSet, Optional
+from typing import Any, Callable, Dict, FrozenSet
 
 from shim.errors import EXIT_CONTROL, ShimError
+from shim.loop import Loop, Timer
 
 MAX_REQUEST = 4096
 REQUEST_TIMEOUT = 5.0
@@ -26,7 +26,8 @@ _UCRED = struct.Struct("3i")
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)   # Linux >= 4.13; Python does not name it
 _MAX_GROUPS = 65536
 
-Handler = Callable[[Dict[str, Any]], Awaitable[Dict[str, Any]]]
+Reply = Callable[[Dict[str, Any]], None]
+Handler = Callable[[Dict[str, Any], Reply], None]
 
 
 def peer_credentials(sock: socket.socket) -> "tuple[int, FrozenSet[int]]":
@@ -92,52 +93,105 @@ def _refuse_live(path: str) -> None:
 
 
 class ControlServer:
+    """Accepts on the control socket; each admitted request goes to `handler` with
+    the function that sends its answer and closes the connection."""
+
     def __init__(self, path: str, mode: int, handler: Handler,
-                 on_refused: Callable[[int], None]) -> None:
+                 on_refused: Callable[[int], None], loop: Loop) -> None:
         self.path = path
         self.mode = mode
         self.sock = bind_control_socket(path, mode)
         self.handler = handler
         self.on_refused = on_refused
-        self.server: Optional[asyncio.base_events.Server] = None
+        self.loop = loop
+        self.reading: Dict[int, "_Request"] = {}       # connections whose request is not complete yet
+        loop.add_reader(self.sock.fileno(), self._accept)
 
-    async def start(self) -> None:
-        self.server = await asyncio.start_unix_server(self._serve, sock=self.sock, limit=MAX_REQUEST)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            uid, gids = peer_credentials(writer.get_extra_info("socket"))
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return      # e.g. EMFILE: the client sees its connection closed, the shim carries on
+            try:
+                uid, gids = peer_credentials(conn)
+            except OSError:
+                conn.close()
+                continue
             if not admitted(uid, gids, self.mode):
                 self.on_refused(uid)
                 who = "root, the service's user and its group" if self.mode & 0o020 else \
                     "root and the service's user"
-                await self._reply(writer, {"ok": False, "error": f"permission denied: only {who} may "
-                                           "control this shim"})
-                return
-            try:
-                line = await asyncio.wait_for(reader.readline(), REQUEST_TIMEOUT)
-                request = json.loads(line)
-                if not isinstance(request, dict) or not isinstance(request.get("command"), str):
-                    raise ValueError("not a command")
-            except (asyncio.TimeoutError, ValueError, asyncio.LimitOverrunError):
-                await self._reply(writer, {"ok": False, "error": "malformed request"})
-                return
-            await self._reply(writer, await self.handler(request))
-        except (ConnectionError, OSError):
-            pass   # the client went away; the shim carries on
-        finally:
-            writer.close()
+                _send(conn, {"ok": False, "error": f"permission denied: only {who} may control this shim"})
+                continue
+            conn.setblocking(False)
+            request = _Request(conn, self.loop.call_later(REQUEST_TIMEOUT, self._malformed, conn.fileno()))
+            self.reading[conn.fileno()] = request
+            self.loop.add_reader(conn.fileno(), self._read, conn.fileno())
 
-    @staticmethod
-    async def _reply(writer: asyncio.StreamWriter, answer: Dict[str, Any]) -> None:
-        writer.write(json.dumps(answer).encode() + b"\n")
-        await writer.drain()
+    def _read(self, fd: int) -> None:
+        request = self.reading[fd]
+        try:
+            data = request.conn.recv(MAX_REQUEST)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        request.buffer += data
+        if b"\n" not in request.buffer and data and len(request.buffer) <= MAX_REQUEST:
+            return
+        line = request.buffer.split(b"\n", 1)[0]
+        if not line.strip() and not data:
+            self._forget(fd).conn.close()     # the client went away without asking anything
+            return
+        try:
+            if len(line) > MAX_REQUEST:
+                raise ValueError("too long")
+            asked = json.loads(line)
+            if not isinstance(asked, dict) or not isinstance(asked.get("command"), str):
+                raise ValueError("not a command")
+        except ValueError:
+            self._malformed(fd)
+            return
+        conn = self._forget(fd).conn
+        self.handler(asked, lambda answer: _send(conn, answer))
+
+    def _malformed(self, fd: int) -> None:
+        if fd in self.reading:
+            _send(self._forget(fd).conn, {"ok": False, "error": "malformed request"})
+
+    def _forget(self, fd: int) -> "_Request":
+        request = self.reading.pop(fd)
+        request.timer.cancel()
+        self.loop.remove_reader(fd)
+        return request
 
     def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
+        for fd in list(self.reading):
+            self._forget(fd).conn.close()
+        self.loop.remove_reader(self.sock.fileno())
         self.sock.close()
         try:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+class _Request:
+    __slots__ = ("conn", "timer", "buffer")
+
+    def __init__(self, conn: socket.socket, timer: Timer) -> None:
+        self.conn, self.timer, self.buffer = conn, timer, b""
+
+
+def _send(conn: socket.socket, answer: Dict[str, Any]) -> None:
+    """The answer, then the connection closed; a client gone meanwhile costs nothing."""
+    try:
+        conn.settimeout(REQUEST_TIMEOUT)     # a few hundred bytes: the socket's buffer takes them
+        conn.sendall(json.dumps(answer).encode() + b"\n")
+    except OSError:
+        pass
+    finally:
+        conn.close()

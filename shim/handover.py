@@ -42,7 +42,7 @@ class Outcome:
     timings: Dict[str, int] = field(default_factory=dict)
 
 
-async def hand_over(host: "Host", old: procs.Pinned, gen: int, strategy: "Strategy") -> Outcome:
+def hand_over(host: "Host", old: procs.Pinned, gen: int, strategy: "Strategy") -> Outcome:
     t0, started = time.monotonic(), procs.now_ticks()
     deadline = t0 + host.config.ready_timeout
     new: Optional[procs.Pinned] = None
@@ -53,26 +53,26 @@ async def hand_over(host: "Host", old: procs.Pinned, gen: int, strategy: "Strate
     def outcome(result: str, reason: str = "", **kw: object) -> Outcome:
         return Outcome(result, old, new, gen, intended, time.monotonic() - t0, reason, **kw)
     try:
-        new = await strategy.start_next(old, started, deadline, intended)
+        new = strategy.start_next(old, started, deadline, intended)
         new.generation = gen
         if new.pid not in host.masters:
             host.watch(new)
         host.checkpoint()
         host.notifier.status(f"reloading: new master {new.pid} booting, old master {old.pid} serving")
         found_ms = int((time.monotonic() - t0) * 1000)
-        ready = await host.wait_ready(new, deadline, "new master")
+        ready = host.wait_ready(new, deadline, "new master")
         ready_ms = int((time.monotonic() - t0) * 1000)
         wrong_release = intended and release.mismatch(new.pid, intended)
         if wrong_release:
             raise WrongRelease(wrong_release)
         host.checkpoint()
         if host.config.health_check:
-            reason, workers_stopped = await _health_check(host, old, new)
+            reason, workers_stopped = _health_check(host, old, new)
             if reason:
                 raise ReloadFailed(reason)
             host.checkpoint()
         retire_start = time.monotonic()
-        await host.retire(old, keep=new.pid, stoppable=True)
+        host.retire(old, keep=new.pid, stoppable=True)
         retire_end = time.monotonic()
         host.checkpoint()
     except WrongRelease as e:
@@ -80,22 +80,22 @@ async def hand_over(host: "Host", old: procs.Pinned, gen: int, strategy: "Strate
             # The config's before_fork hook may have QUIT the old master a moment ago
             # (it is finishing its requests): rolling back now would stop the only
             # master left. Give it the time to go if it is going.
-            await host.wait_exit(old, OLD_MASTER_GOING)
+            host.wait_exit(old, OLD_MASTER_GOING)
         if not old.alive() and new is not None and new.alive():
             # The config's own hook already retired the old master; the new one
             # serves the old release as well as it did: keep it, fail the deploy.
             strategy.finish(new)
             return outcome("not-deployed", str(e))
-        return outcome(await _roll_back(host, old, new, workers_stopped, strategy), str(e))
+        return outcome(_roll_back(host, old, new, workers_stopped, strategy), str(e))
     except ReloadFailed as e:
-        return outcome(await _roll_back(host, old, new, workers_stopped, strategy), str(e))
+        return outcome(_roll_back(host, old, new, workers_stopped, strategy), str(e))
     except Stopping:
         if workers_stopped and old.alive():
             old.signal(host.profile.respawn_workers)    # serve on while the stop drains it
         return outcome("stopped", "the service is stopping")
     except Exception as e:   # a bug must not leave MAINPID on the shim and the state "reloading"
         host.log.error("internal-error", f"reload: {type(e).__name__}: {e}")
-        return outcome(await _roll_back(host, old, new, workers_stopped, strategy),
+        return outcome(_roll_back(host, old, new, workers_stopped, strategy),
                        f"internal error: {type(e).__name__}: {e}")
 
     strategy.finish(new)
@@ -109,8 +109,8 @@ async def hand_over(host: "Host", old: procs.Pinned, gen: int, strategy: "Strate
     return outcome("done", workers=ready.workers, timings=timings)
 
 
-async def _health_check(host: "Host", old: procs.Pinned,
-                        new: procs.Pinned) -> Tuple[Optional[str], bool]:
+def _health_check(host: "Host", old: procs.Pinned,
+                  new: procs.Pinned) -> Tuple[Optional[str], bool]:
     """Check the new release alone: the old master's workers must not answer.
 
     Unicorn: WINCH stops them gracefully (HUP brings them back on a rollback).
@@ -126,7 +126,7 @@ async def _health_check(host: "Host", old: procs.Pinned,
         stopped = True
         deadline = time.monotonic() + host.config.retire_timeout
         while [p for p in procs.children(old.pid) if p != new.pid] and time.monotonic() < deadline:
-            await host.tick()
+            host.tick()
     elif old.alive():
         for pid in procs.children(old.pid):
             try:
@@ -139,9 +139,9 @@ async def _health_check(host: "Host", old: procs.Pinned,
         # accept thread was seen taking the check's connection after it was sent.
         deadline = time.monotonic() + 1.0
         while not all(_all_threads_stopped(w.pid) for w in paused) and time.monotonic() < deadline:
-            await host.tick(0.002)
+            host.tick(0.002)
     try:
-        return (await health.check(host.config.health_check) or None), stopped
+        return (health.check(host.config.health_check) or None), stopped
     finally:
         for worker in paused:
             worker.signal(signal.SIGCONT)
@@ -159,19 +159,19 @@ def _all_threads_stopped(pid: int) -> bool:
     return True
 
 
-async def _roll_back(host: "Host", old: procs.Pinned, new: Optional[procs.Pinned],
-                     workers_stopped: bool, strategy: "Strategy") -> str:
+def _roll_back(host: "Host", old: procs.Pinned, new: Optional[procs.Pinned],
+               workers_stopped: bool, strategy: "Strategy") -> str:
     """Put the old master back in charge; "rolled-back", or "nothing-serving"
     when it is gone too."""
     if workers_stopped and old.alive():
         old.signal(host.profile.respawn_workers)
         try:
-            await host.wait_ready(old, time.monotonic() + host.config.ready_timeout, "old master")
+            host.wait_ready(old, time.monotonic() + host.config.ready_timeout, "old master")
         except ReloadFailed as e:
             host.log.error("rollback-error", f"old master did not get its workers back: {e}")
         except Stopping:
             pass              # the stop that follows retires every master anyway
     if new is not None and new.alive():
-        await host.retire(new, grace=min(FAILED_MASTER_GRACE, host.config.retire_timeout))
+        host.retire(new, grace=min(FAILED_MASTER_GRACE, host.config.retire_timeout))
     strategy.restore(old)
     return "rolled-back" if old.alive() else "nothing-serving"

@@ -5,7 +5,6 @@ told, is the supervisor's alone.
 """
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import time
@@ -14,6 +13,7 @@ from typing import Dict, List, Optional
 from shim import procs, spawn
 from shim.errors import ReloadFailed, Stopping
 from shim.journal import WARNING, Log
+from shim.loop import Loop
 from shim.readiness import HOOK_ENV, HookReports, HookSocket, Verdict, WorkerWatch, hook_environment
 from shim.release import config_through
 from shim.sockets import HeldSocket
@@ -26,8 +26,10 @@ FAILED_MASTER_GRACE = 10.0
 
 
 class Masters:
-    def __init__(self, config: "object", sockets: List[HeldSocket], log: Log, environ: Dict[str, str]) -> None:
+    def __init__(self, config: "object", sockets: List[HeldSocket], log: Log, environ: Dict[str, str],
+                 loop: Loop) -> None:
         self.config = config
+        self.loop = loop
         self.profile = config.profile
         self.sockets = sockets
         self.log = log
@@ -37,12 +39,9 @@ class Masters:
         self.masters: Dict[int, procs.Pinned] = {}       # every master alive and pinned
         self.stop_requested = False
         self.hook_socket: Optional[HookSocket] = None
-        self._wake = asyncio.Event()      # for the run loop
-        self._hook = asyncio.Event()      # for whoever waits on a booting master
 
     def _on_hook_message(self) -> None:
         self.hook_socket.drain(self.reports, self._of_the_unit)
-        self._hook.set()
 
     def _of_the_unit(self, pid: int) -> bool:
         """A sender of the unit's own. One already gone (a master's last words are sent
@@ -51,7 +50,7 @@ class Masters:
         return procs.cgroup_of(pid) is None or procs.in_cgroup(pid, self.cgroup)
 
     def _on_master_exit(self, master: procs.Pinned) -> None:
-        asyncio.get_running_loop().remove_reader(master.pidfd)
+        self.loop.remove_reader(master.pidfd)
         master.exit_text = procs.exit_description(master.pid)
         if master.role == "old":
             # Logged the moment it happens: the old master may go on its own
@@ -61,20 +60,20 @@ class Masters:
         self.masters.pop(master.pid, None)
         self.reports.forget(master.pid)
         master.close()     # one pidfd per generation: a long-lived shim must not collect them
-        self.wake()
 
-    def wake(self) -> None:
-        """Something changed: the run loop and any waiting hand-over look again."""
-        self._wake.set()
-        self._hook.set()
+    def gone(self, master: procs.Pinned) -> bool:
+        """Whether `master` exited; if the loop has not dispatched its pidfd yet,
+        its exit is recorded now, so that what follows can say how it ended."""
+        if master.alive():
+            return False
+        if self.masters.get(master.pid) is master:
+            self._on_master_exit(master)
+        return True
 
-    async def tick(self, seconds: float = SAMPLE) -> None:
-        """Sleep until the next look, or sooner when a hook or a master has news."""
-        try:
-            await asyncio.wait_for(self._hook.wait(), seconds)
-        except asyncio.TimeoutError:
-            pass
-        self._hook.clear()
+    def tick(self, seconds: float = SAMPLE) -> None:
+        """Wait until the next look, or less when something happens (a hook's report,
+        a master's exit, a signal, a control request: all handled meanwhile)."""
+        self.loop.poll(seconds)
 
     def start_master(self, not_before: int, release: Optional[str] = None,
                      link: Optional[str] = None) -> procs.Pinned:
@@ -107,15 +106,15 @@ class Masters:
 
     def watch(self, master: procs.Pinned) -> None:
         self.masters[master.pid] = master
-        asyncio.get_running_loop().add_reader(master.pidfd, self._on_master_exit, master)
+        self.loop.add_reader(master.pidfd, self._on_master_exit, master)
 
-    async def wait_ready(self, master: procs.Pinned, deadline: float, what: str) -> Verdict:
+    def wait_ready(self, master: procs.Pinned, deadline: float, what: str) -> Verdict:
         """Wait until `master`'s workers are ready, or raise ReloadFailed."""
         watch = WorkerWatch(master.pid, self.profile, self.reports, self.config.settle, time.monotonic())
         while True:
             if self.stop_requested:
                 raise Stopping()
-            if not master.alive():
+            if self.gone(master):
                 raise ReloadFailed(f"{what} {master.pid} {master.exit_text or 'exited'} before it was ready"
                                    + self.server_error(master.pid))
             now = time.monotonic()
@@ -128,7 +127,7 @@ class Masters:
             if now > deadline:
                 raise ReloadFailed(f"{what} {master.pid} not ready within {self.config.ready_timeout:g} s "
                                    f"({verdict.workers} workers up)" + self.server_error(master.pid))
-            await self.tick()
+            self.tick()
 
     def server_error(self, pid: int) -> str:
         """': <the server's own error line>' for `pid` or its workers, as its
@@ -139,14 +138,14 @@ class Masters:
         error = self.reports.error_of(pid)
         return f": {error}" if error else " (the server's own log in the journal says why)"
 
-    async def wait_exit(self, proc: procs.Pinned, timeout: float, stoppable: bool = False) -> bool:
+    def wait_exit(self, proc: procs.Pinned, timeout: float, stoppable: bool = False) -> bool:
         deadline = time.monotonic() + timeout
         while proc.alive():
             if stoppable and self.stop_requested:
                 raise Stopping()
             if time.monotonic() > deadline:
                 return False
-            await self.tick(min(SAMPLE, timeout))
+            self.tick(min(SAMPLE, max(0.0, deadline - time.monotonic())))
         return True
 
     def checkpoint(self) -> None:
@@ -154,33 +153,47 @@ class Masters:
         if self.stop_requested:
             raise Stopping()
 
-    async def retire(self, master: procs.Pinned, keep: Optional[int] = None,
-                     grace: Optional[float] = None, stoppable: bool = False) -> None:
+    def retire(self, master: procs.Pinned, keep: Optional[int] = None,
+               grace: Optional[float] = None, stoppable: bool = False) -> None:
         """Graceful stop of `master`; KILL it and its workers after `grace`
         (default --retire-timeout). `stoppable`: a stop requested meanwhile raises
         Stopping at once (the drain goes on; the stop retires every master)."""
+        self.retire_all([master], keep, grace, stoppable)
+
+    def retire_all(self, masters: List[procs.Pinned], keep: Optional[int] = None,
+                   grace: Optional[float] = None, stoppable: bool = False) -> None:
+        """`retire` for several masters at once: all are asked to stop, then waited for."""
         grace = self.config.retire_timeout if grace is None else grace
-        if not master.alive():
-            return
-        workers = []
-        for pid in procs.children(master.pid):
-            if pid != keep:
-                try:
-                    workers.append(procs.pin(pid, self.cgroup, parent=master.pid, role="worker"))
-                except procs.UntrustedPid:
-                    pass
-        if not any(worker.alive() for worker in workers):
+        going = []
+        for master in masters:
+            if not master.alive():
+                continue
+            workers = []
+            for pid in procs.children(master.pid):
+                if pid != keep:
+                    try:
+                        workers.append(procs.pin(pid, self.cgroup, parent=master.pid, role="worker"))
+                    except procs.UntrustedPid:
+                        pass
             # Without a live worker nothing is in flight, so a master that ignores its
             # graceful stop (Gunicorn halting on a boot error) is not waited for.
-            grace = min(grace, WORKERLESS_GRACE)
-        master.signal(self.profile.graceful_stop)
-        if not await self.wait_exit(master, grace, stoppable):
-            self.log.event("retire-timeout", f"master {master.pid} still running after "
-                           f"{grace:g} s; killing it", WARNING, MASTER_PID=master.pid)
-            master.signal(signal.SIGKILL)
-            await self.wait_exit(master, 5)
-        for worker in workers:
-            if worker.alive():
-                worker.signal(signal.SIGKILL)
-            worker.close()
-
+            own_grace = grace if any(worker.alive() for worker in workers) else min(grace, WORKERLESS_GRACE)
+            master.signal(self.profile.graceful_stop)
+            going.append((master, workers, time.monotonic() + own_grace, own_grace))
+        try:
+            for master, _workers, deadline, own_grace in going:
+                if not self.wait_exit(master, deadline - time.monotonic(), stoppable):
+                    self.log.event("retire-timeout", f"master {master.pid} still running after "
+                                   f"{own_grace:g} s; killing it", WARNING, MASTER_PID=master.pid)
+                    master.signal(signal.SIGKILL)
+                    self.wait_exit(master, 5)
+        except Stopping:
+            for _master, workers, _deadline, _grace in going:
+                for worker in workers:
+                    worker.close()       # they drain on: the stop that follows retires their master
+            raise
+        for _master, workers, _deadline, _grace in going:
+            for worker in workers:
+                if worker.alive():
+                    worker.signal(signal.SIGKILL)
+                worker.close()

@@ -1,12 +1,14 @@
 """The supervisor: one event loop that owns all state.
 
 States: booting -> serving -> reloading -> serving ...; stopping at the end.
-Signal handlers and pidfd callbacks only record what happened and wake the
-loop; the coroutines below (boot, reload, stop) make every decision.
+Signals, control requests and pidfds reach it as calls from the loop (shim/loop.py)
+that only record what happened or queue a request; run() and the lifecycle
+methods below (boot, reload, stop) make every decision, and wherever they wait
+they poll the loop, so a status request is answered during a hand-over and a
+reload asked for meanwhile is queued behind it.
 """
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import time
@@ -14,9 +16,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from shim import procs, release
-from shim.control import ControlServer
+from shim.control import ControlServer, Reply
 from shim.errors import EXIT_MASTER_EXIT, EXIT_START, ReloadFailed, ShimError, Stopping
 from shim.journal import ERR, WARNING, Log
+from shim.loop import Loop
 from shim.notify import Notifier
 from shim.masters import FAILED_MASTER_GRACE, Masters
 from shim.readiness import HookSocket, Verdict
@@ -60,8 +63,8 @@ class Supervisor(Masters):
     systemd and the journal are told. Process operations come from Masters."""
 
     def __init__(self, config: Config, sockets: List[HeldSocket], notifier: Notifier, log: Log,
-                 environ: Dict[str, str]) -> None:
-        super().__init__(config, sockets, log, environ)
+                 environ: Dict[str, str], loop: Optional[Loop] = None) -> None:
+        super().__init__(config, sockets, log, environ, loop or Loop())
         self.notifier = notifier
         self.strategies = {name: kind(self) for name, kind in STRATEGIES.items()}
         self.strategy = self.strategies[config.upgrade]
@@ -72,13 +75,13 @@ class Supervisor(Masters):
         self.remembered = State(config.state_dir)
         self.degraded = ""        # why the last good release serves instead of the deployed one
         self.started = time.time()
-        self._reload_lock = asyncio.Lock()
+        self.reloads: List[Optional[Reply]] = []    # asked for, not begun: each its client's reply (or None)
         self.control: Optional[ControlServer] = None
 
     # -- the loop -----------------------------------------------------------
 
-    async def run(self) -> int:
-        loop = asyncio.get_running_loop()
+    def run(self) -> int:
+        loop = self.loop
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal, signal.SIGHUP)
@@ -89,41 +92,63 @@ class Supervisor(Masters):
         loop.add_reader(self.hook_socket.fileno(), self._on_hook_message)
         if self.config.control_path:
             self.control = ControlServer(self.config.control_path, self.config.control_mode,
-                                         self.handle_request, self._on_refused)
-            await self.control.start()
-        watchdog = loop.create_task(self._watchdog()) if self.notifier.watchdog_usec else None
+                                         self.handle_request, self._on_refused, loop)
+        if self.notifier.watchdog_usec:
+            self._watchdog()
         try:
             try:
-                await self.boot()
+                self.boot()
             except Stopping:
-                await self.stop()
+                self.stop()
                 return 0
             while True:
                 if self.stop_requested:
-                    async with self._reload_lock:
-                        await self.stop()
+                    self.stop()
                     return 0
-                if self.state == "serving" and not self.master.alive():
+                if self.state == "serving" and self.gone(self.master):
                     self.log.error("master-exit", f"master {self.master.pid} {self.master.exit_text}; "
                                    "systemd sees its main process exit and decides on a restart",
                                    MASTER_PID=self.master.pid, GENERATION=self.generation)
                     return EXIT_MASTER_EXIT
                 if self.state == "failed":
                     return EXIT_MASTER_EXIT
-                await self._wake.wait()
-                self._wake.clear()
+                if self.reloads:
+                    reply = self.reloads.pop(0)
+                    answer = self.reload()
+                    if reply:
+                        reply(answer)
+                    continue
+                loop.poll()
         finally:
-            if watchdog:
-                watchdog.cancel()
+            for reply in self.reloads:
+                if reply:
+                    reply({"ok": False, "error": "the service is stopping"})
+            self.reloads.clear()
             self._close()
 
     def _on_stop_signal(self, sig: int) -> None:
         self.stop_requested = True
-        self.wake()
 
     def _on_reload_signal(self, sig: int) -> None:
         self.log.event("signal", f"{signal.Signals(sig).name}: reload requested", SIGNAL=signal.Signals(sig).name)
-        asyncio.get_running_loop().create_task(self.reload())
+        self.request_reload(None)
+
+    def request_reload(self, reply: Optional[Reply]) -> None:
+        """Queue a reload; `reply` gets its answer. One asked for while the service
+        starts or stops is answered at once; one asked for during another waits for it."""
+        if self.stop_requested or self.state in ("stopping", "failed"):
+            answer = {"ok": False, "error": "the service is stopping"}
+        elif self.state == "booting":
+            self.log.event("reload-refused", "reload asked for while the service is still starting: "
+                           "refused; the master starting now reads the release current names", WARNING)
+            answer = {"ok": False, "error": "the service is still starting"}
+        else:
+            if self.state == "reloading" or self.reloads:
+                self.log.event("reload-queued", "a reload is in progress; this one runs after it")
+            self.reloads.append(reply)
+            return
+        if reply:
+            reply(answer)
 
     def _on_other_signal(self, sig: int) -> None:
         name = signal.Signals(sig).name
@@ -136,23 +161,21 @@ class Supervisor(Masters):
     def _on_refused(self, uid: int) -> None:
         self.log.event("control-refused", f"control request from uid {uid} refused", WARNING, UID=uid)
 
-    async def _watchdog(self) -> None:
+    def _watchdog(self) -> None:
         """WATCHDOG=1 while any master serves: during a hand-over the old master may
         be gone already (the common before_fork hook QUITs it) while the new one boots."""
-        interval = self.notifier.watchdog_usec / 2e6
-        while True:
-            if any(m.alive() and not _is_stopped(m.pid) for m in list(self.masters.values())):
-                self.notifier.watchdog()
-            await asyncio.sleep(interval)
+        if any(m.alive() and not _is_stopped(m.pid) for m in list(self.masters.values())):
+            self.notifier.watchdog()
+        self.loop.call_later(self.notifier.watchdog_usec / 2e6, self._watchdog)
 
     # -- lifecycle ----------------------------------------------------------
 
-    async def boot(self) -> None:
+    def boot(self) -> None:
         self._clean_stale_pid_files()
         t0 = time.time()
         deployed = release.resolve(self.config.chdir)
         try:
-            master, ready = await self._boot_release(None)
+            master, ready = self._boot_release(None)
         except ReloadFailed as e:
             fallback = self._fallback_for(deployed)
             self._remember(self.remembered.failed, deployed, str(e))
@@ -163,7 +186,7 @@ class Supervisor(Masters):
                            SERVER_ERROR=self.reports.error_of(e.master) if e.master else None)
             self.notifier.status(f"starting: {deployed} failed; trying the last good release {fallback}")
             try:
-                master, ready = await self._boot_release(fallback)
+                master, ready = self._boot_release(fallback)
             except ReloadFailed as e2:
                 self._start_failed(e2, fallback, also=f"; before that, {deployed} failed: {e}")
             self.degraded = (f"degraded: serving last good release {fallback} because {self.config.chdir} "
@@ -176,7 +199,7 @@ class Supervisor(Masters):
                        f"{time.time() - t0:.2f} s (by {ready.detail})", MASTER_PID=master.pid, GENERATION=1,
                        RELEASE=self.release(master), DURATION_MS=int((time.time() - t0) * 1000))
 
-    async def _boot_release(self, fallback: Optional[str]) -> Tuple[procs.Pinned, Verdict]:
+    def _boot_release(self, fallback: Optional[str]) -> Tuple[procs.Pinned, Verdict]:
         """Start the first master, in --chdir as the strategy wants it or in the
         `fallback` release directory, and wait until it is ready."""
         self.notifier.extend_timeout(self.config.ready_timeout + 10)
@@ -188,15 +211,15 @@ class Supervisor(Masters):
                 master = self.start_master(born_after, fallback, link=fallback)
             else:
                 master = self.start_master(born_after, self.strategy.release_to_pin())
-            return master, await self.wait_ready(master, deadline, "master")
+            return master, self.wait_ready(master, deadline, "master")
         except ReloadFailed as e:
             if master is not None:
-                await self.retire(master, grace=min(FAILED_MASTER_GRACE, self.config.retire_timeout))
+                self.retire(master, grace=min(FAILED_MASTER_GRACE, self.config.retire_timeout))
                 e.master = master.pid
             raise
         except Stopping:
             if master is not None:
-                await self.retire(master)
+                self.retire(master)
             raise
 
     def _fallback_for(self, deployed: Optional[str]) -> Optional[str]:
@@ -241,35 +264,27 @@ class Supervisor(Masters):
                 self.log.event("pid-file-removed", f"removed stale pid file {path} (named {pid})")
                 os.unlink(path)
 
-    async def reload(self) -> Dict[str, Any]:
-        """Run one hand-over; a reload asked for during another waits for it, then runs."""
-        if self._reload_lock.locked():
-            self.log.event("reload-queued", "a reload is in progress; this one runs after it")
-        async with self._reload_lock:
-            if self.stop_requested or self.state in ("stopping", "failed"):
-                return {"ok": False, "error": "the service is stopping"}
-            if self.state == "booting":
-                self.log.event("reload-refused", "reload asked for while the service is still starting: "
-                               "refused; the master starting now reads the release current names", WARNING)
-                return {"ok": False, "error": "the service is still starting"}
-            old, gen = self.master, self.generation + 1
-            # A master of the fallback release was started there, not through --chdir:
-            # Unicorn's own re-exec would come back to it. The shim starts the next one.
-            strategy = self.strategies["spawn"] if self.degraded else self.strategy
-            self.state = "reloading"
-            self.notifier.reloading(os.getpid(), f"reloading: starting generation {gen} beside master {old.pid}")
-            # The reload job is bounded by the unit's TimeoutStartSec=; a hand-over may take the
-            # new master's boot plus the old one's drain: never let systemd give up first.
-            self.notifier.extend_timeout(self.config.ready_timeout + self.config.retire_timeout + 10)
-            self.log.event("reload-start", f"reload to generation {gen} ({strategy.name}) from master {old.pid}",
-                           OLD_MASTER_PID=old.pid, GENERATION=gen)
-            return self._apply(await hand_over(self, old, gen, strategy))
+    def reload(self) -> Dict[str, Any]:
+        """Run one hand-over; the answer for the client that asked for it."""
+        if self.stop_requested or self.state in ("stopping", "failed"):
+            return {"ok": False, "error": "the service is stopping"}
+        old, gen = self.master, self.generation + 1
+        # A master of the fallback release was started there, not through --chdir:
+        # Unicorn's own re-exec would come back to it. The shim starts the next one.
+        strategy = self.strategies["spawn"] if self.degraded else self.strategy
+        self.state = "reloading"
+        self.notifier.reloading(os.getpid(), f"reloading: starting generation {gen} beside master {old.pid}")
+        # The reload job is bounded by the unit's TimeoutStartSec=; a hand-over may take the
+        # new master's boot plus the old one's drain: never let systemd give up first.
+        self.notifier.extend_timeout(self.config.ready_timeout + self.config.retire_timeout + 10)
+        self.log.event("reload-start", f"reload to generation {gen} ({strategy.name}) from master {old.pid}",
+                       OLD_MASTER_PID=old.pid, GENERATION=gen)
+        return self._apply(hand_over(self, old, gen, strategy))
 
     def _apply(self, out: Outcome) -> Dict[str, Any]:
         """The hand-over's outcome becomes the supervisor's state, systemd's view,
         the journal's event and the reload client's answer."""
         old, new, gen, took = out.old, out.new, out.generation, f"{out.duration:.1f}s"
-        self.wake()
         if out.result == "stopped":
             self.state = "stopping"
             self.log.event("reload-failed", f"reload to generation {gen} aborted: the service is stopping",
@@ -313,21 +328,22 @@ class Supervisor(Masters):
                        "gone too, nothing serves: exiting so that systemd restarts the service", ERR, **fields)
         return {"ok": False, "error": f"{out.reason}; the old master is gone too: the service will restart"}
 
-    async def stop(self) -> None:
+    def stop(self) -> None:
         self.state = "stopping"
         self.notifier.stopping("stopping")
         live = [m for m in self.masters.values() if m.alive()]
         self.log.event("stopping", f"stopping masters {', '.join(str(m.pid) for m in live) or '(none)'}",
                        MASTER_PID=self.master.pid if self.master else None)
-        await asyncio.gather(*(self.retire(m) for m in live))
+        self.retire_all(live)
 
-    async def handle_request(self, request: Dict[str, Any]) -> Dict[str, Any]:
+    def handle_request(self, request: Dict[str, Any], reply: Reply) -> None:
         command = request["command"]
         if command == "reload":
-            return await self.reload()
-        if command == "status":
-            return {"ok": True, **self.status()}
-        return {"ok": False, "error": f"unknown command {command!r}"}
+            self.request_reload(reply)
+        elif command == "status":
+            reply({"ok": True, **self.status()})
+        else:
+            reply({"ok": False, "error": f"unknown command {command!r}"})
 
     # -- what the operator sees ---------------------------------------------
 
@@ -369,15 +385,15 @@ class Supervisor(Masters):
         }
 
     def _close(self) -> None:
-        loop = asyncio.get_running_loop()
         for m in list(self.masters.values()):
-            loop.remove_reader(m.pidfd)
+            self.loop.remove_reader(m.pidfd)
             m.close()
         if self.control:
             self.control.close()
         if self.hook_socket:
-            loop.remove_reader(self.hook_socket.fileno())
+            self.loop.remove_reader(self.hook_socket.fileno())
             self.hook_socket.close()
+        self.loop.close()
 
 
 def _is_stopped(pid: int) -> bool:

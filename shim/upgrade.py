@@ -35,11 +35,11 @@ class Host(Protocol):
     def start_master(self, not_before: int, release: Optional[str] = None,
                      link: Optional[str] = None) -> procs.Pinned: ...
     def watch(self, master: procs.Pinned) -> None: ...
-    async def wait_ready(self, master: procs.Pinned, deadline: float, what: str) -> Any: ...
-    async def retire(self, master: procs.Pinned, keep: Optional[int] = None, grace: Optional[float] = None,
-                     stoppable: bool = False) -> None: ...
-    async def tick(self, seconds: float = ...) -> None: ...
-    async def wait_exit(self, proc: procs.Pinned, timeout: float, stoppable: bool = False) -> bool: ...
+    def wait_ready(self, master: procs.Pinned, deadline: float, what: str) -> Any: ...
+    def retire(self, master: procs.Pinned, keep: Optional[int] = None, grace: Optional[float] = None,
+               stoppable: bool = False) -> None: ...
+    def tick(self, seconds: float = ...) -> None: ...
+    def wait_exit(self, proc: procs.Pinned, timeout: float, stoppable: bool = False) -> bool: ...
     def checkpoint(self) -> None: ...
     def server_error(self, pid: int) -> str: ...
 
@@ -77,8 +77,8 @@ class Strategy:
         except OSError as e:
             raise ReloadFailed(f"cannot repair pid file {self.pid_file}: {e.strerror or e}") from None
 
-    async def start_next(self, old: procs.Pinned, started: int, deadline: float,
-                         intended: Optional[str]) -> procs.Pinned:
+    def start_next(self, old: procs.Pinned, started: int, deadline: float,
+                   intended: Optional[str]) -> procs.Pinned:
         """Start the next master; `intended` is the real release directory the
         deploy put behind --chdir when the hand-over began."""
         raise NotImplementedError
@@ -111,8 +111,8 @@ class Usr2(Strategy):
         # writing the file under it makes its rename fail ("Already running").
         pass
 
-    async def start_next(self, old: procs.Pinned, started: int, deadline: float,
-                         intended: Optional[str]) -> procs.Pinned:
+    def start_next(self, old: procs.Pinned, started: int, deadline: float,
+                   intended: Optional[str]) -> procs.Pinned:
         known: Set[int] = set(procs.children(old.pid))   # the old master's workers
         self.prepare_pid_files(old)
         if not old.signal(self.host.profile.reexec):
@@ -139,7 +139,7 @@ class Usr2(Strategy):
             if time.monotonic() > deadline:
                 raise ReloadFailed(f"no new master appeared within {self.host.config.ready_timeout:g} s "
                                    f"of {self.host.profile.reexec.name} to {old.pid} (see the server's log)")
-            await self.host.tick(0.02)
+            self.host.tick(0.02)
 
     def _find(self, old: procs.Pinned, known: Set[int], started: int) -> Optional[procs.Pinned]:
         """The old master's re-exec'd child; if the old master is already gone
@@ -174,8 +174,8 @@ class Spawn(Strategy):
     name = "spawn"
     pins_release = True
 
-    async def start_next(self, old: procs.Pinned, started: int, deadline: float,
-                         intended: Optional[str]) -> procs.Pinned:
+    def start_next(self, old: procs.Pinned, started: int, deadline: float,
+                   intended: Optional[str]) -> procs.Pinned:
         self.prepare_pid_files(old)
         if self.pid_file:
             try:

@@ -4,7 +4,6 @@ hang or leave on their own. The real thing is tested in test_reload/test_faults;
 here the races are placed exactly."""
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import time
@@ -14,6 +13,7 @@ import pytest
 
 from shim import procs, spawn
 from shim.journal import Log
+from shim.loop import Loop
 from shim.notify import Notifier
 from shim.servers import UNICORN
 from shim.readiness import UNREAPED_LIMIT
@@ -45,6 +45,7 @@ class FakeOS:
     (the new master behaving as `next_behaviour` says), stop on QUIT."""
 
     def __init__(self, workers: int = 2, boot_delay: float = 0.05) -> None:
+        self.loop = Loop()                    # the supervisor's: the fake's events happen on it
         self.procs: Dict[int, FakeProcess] = {}
         self.next_pid = 1000
         self.workers, self.boot_delay = workers, boot_delay
@@ -59,7 +60,7 @@ class FakeOS:
 
     def start_master(self, parent: int, behaviour: str = "healthy") -> int:
         master = self.new(parent, "unicorn master")
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         if behaviour == "dies":
             loop.call_later(self.boot_delay, master.exit)
         elif behaviour != "hangs":
@@ -87,7 +88,7 @@ class FakeOS:
             return True
         if sig in (signal.SIGQUIT, signal.SIGTERM) and p.drain:
             drain, p.drain = p.drain, 0.0
-            asyncio.get_running_loop().call_later(drain, self.signal, pid, signal.SIGKILL)
+            self.loop.call_later(drain, self.signal, pid, signal.SIGKILL)
             return True
         if sig in (signal.SIGQUIT, signal.SIGKILL, signal.SIGTERM):
             for child in self.children(pid):
@@ -102,11 +103,11 @@ class FakeOS:
         elif sig == signal.SIGUSR2 and self.next_behaviour == "respawn-first":
             # A worker respawned just now, not yet renamed: it bears the master's title.
             respawned = self.new(pid, p.title)
-            loop = asyncio.get_running_loop()
+            loop = self.loop
             loop.call_later(0.3, setattr, respawned, "title", "unicorn worker[9]")
             loop.call_later(0.1, self.start_master, pid)
         elif sig == signal.SIGUSR2 and self.next_behaviour == "slow-fork":   # found only later
-            asyncio.get_running_loop().call_later(0.5, self.start_master, pid)
+            self.loop.call_later(0.5, self.start_master, pid)
         elif sig == signal.SIGUSR2:
             new = self.start_master(pid, self.next_behaviour)
             if self.next_behaviour == "old-killed-at-once":   # before the shim could look at its children
@@ -163,31 +164,42 @@ def supervisor(fake: FakeOS, ready_timeout: float = 2.0, retire_timeout: float =
     config = Config(command=["unicorn"], profile=UNICORN, upgrade="usr2", pid_file=None,
                     ready_timeout=ready_timeout, retire_timeout=retire_timeout, settle=0.1, health_check=None,
                     chdir=None, control_path=None, control_mode=0o600, runtime_dir=fake.tmp)
-    return Supervisor(config, [], Recorder(), Log(use_journal=False), {})
+    return Supervisor(config, [], Recorder(), Log(use_journal=False), {}, loop=fake.loop)
 
 
-async def drive(sup: Supervisor, *reloads: str, fake: FakeOS, stop_during_reload: bool = False) -> list:
-    """Boot, run one reload per behaviour given, then stop; the reload results."""
-    run = asyncio.create_task(sup.run())
-    while sup.state != "serving":
-        assert not run.done(), run.result()
-        await asyncio.sleep(0.01)
-    results = []
-    for behaviour in reloads:
-        fake.next_behaviour = behaviour
-        task = asyncio.create_task(sup.reload())
-        if stop_during_reload:
-            await asyncio.sleep(0.02)
+def when_serving(sup: Supervisor, action) -> None:
+    """`action` is called from the supervisor's loop once the first master serves."""
+    def look() -> None:
+        if sup.state == "serving":
+            action()
+        else:
+            sup.loop.call_later(0.01, look)
+    sup.loop.call_later(0.01, look)
+
+
+def drive(sup: Supervisor, *reloads: str, fake: FakeOS, stop_during_reload: bool = False) -> list:
+    """Boot, run one reload per behaviour given (each asked for once the one before
+    answered), then stop; the reload results."""
+    results, todo = [], list(reloads)
+
+    def next_reload(answer=None) -> None:
+        if answer is not None:
+            results.append(answer)
+        if not todo:
             sup._on_stop_signal(signal.SIGQUIT)
-        results.append(await task)
-    sup._on_stop_signal(signal.SIGQUIT)
-    assert await asyncio.wait_for(run, 10) == 0
+            return
+        fake.next_behaviour = todo.pop(0)
+        sup.request_reload(next_reload)
+        if stop_during_reload:
+            sup.loop.call_later(0.02, sup._on_stop_signal, signal.SIGQUIT)
+    when_serving(sup, next_reload)
+    assert sup.run() == 0
     return results
 
 
 def test_boot_then_a_good_reload(fake):
     sup = supervisor(fake)
-    [result] = asyncio.run(drive(sup, "healthy", fake=fake))
+    [result] = (drive(sup, "healthy", fake=fake))
     old, new = 1001, 1004
     assert result["ok"] and result["master_pid"] == new and result["old_master_pid"] == old
     n = sup.notifier
@@ -204,7 +216,7 @@ def test_boot_then_a_good_reload(fake):
 
 def test_old_master_leaving_on_its_own_is_a_good_hand_over(fake):
     sup = supervisor(fake)
-    [result] = asyncio.run(drive(sup, "quits-old", fake=fake))
+    [result] = (drive(sup, "quits-old", fake=fake))
     assert result["ok"]
     assert sup.notifier.mainpids() == [1001, os.getpid(), 1004]
 
@@ -213,7 +225,7 @@ def test_old_master_leaving_on_its_own_is_a_good_hand_over(fake):
                                               ("hangs", "not ready within 0.5 s")])
 def test_rollback_keeps_the_old_master(fake, behaviour, reason):
     sup = supervisor(fake, ready_timeout=0.5)
-    [result] = asyncio.run(drive(sup, behaviour, fake=fake))
+    [result] = (drive(sup, behaviour, fake=fake))
     assert not result["ok"] and reason in result["error"]
     assert sup.notifier.mainpids() == [1001, os.getpid(), 1001]   # back on the old master
     assert signal.SIGQUIT not in fake.procs[1001].signals[:-1]    # only the final stop's QUIT
@@ -225,7 +237,7 @@ def test_a_halting_master_is_rejected_and_killed_in_seconds(fake):
     20.1 after a boot error): neither the ready timeout nor the retire grace is waited."""
     sup = supervisor(fake, ready_timeout=30, retire_timeout=30)
     t0 = time.monotonic()
-    [result] = asyncio.run(drive(sup, "halts", fake=fake))
+    [result] = (drive(sup, "halts", fake=fake))
     assert not result["ok"] and "left 1 unreaped" in result["error"], result
     assert time.monotonic() - t0 < UNREAPED_LIMIT + WORKERLESS_GRACE + 2
     assert fake.procs[1004].signals[-1] == signal.SIGKILL and not fake.procs[1004].alive
@@ -235,21 +247,21 @@ def test_a_halting_master_is_rejected_and_killed_in_seconds(fake):
 def test_old_master_killed_before_its_child_was_found(fake):
     """The new master is already the manager's child: found in the unit's cgroup."""
     sup = supervisor(fake)
-    [result] = asyncio.run(drive(sup, "old-killed-at-once", fake=fake))
+    [result] = (drive(sup, "old-killed-at-once", fake=fake))
     assert result["ok"] and result["master_pid"] == 1004, result
     assert sup.notifier.mainpids() == [1001, os.getpid(), 1004]
 
 
 def test_a_second_reload_waits_for_the_first(fake):
     sup = supervisor(fake)
-    results = asyncio.run(drive(sup, "healthy", "healthy", fake=fake))
+    results = (drive(sup, "healthy", "healthy", fake=fake))
     assert [r["generation"] for r in results] == [2, 3]
 
 
 def test_stop_during_a_hand_over_stops_every_master(fake):
     fake.boot_delay = 0.2
     sup = supervisor(fake)
-    [result] = asyncio.run(drive(sup, "healthy", fake=fake, stop_during_reload=True))
+    [result] = (drive(sup, "healthy", fake=fake, stop_during_reload=True))
     assert not result["ok"] and "stopping" in result["error"]
     assert all(not p.alive for p in fake.procs.values())
     assert any(m.get("STOPPING") for m in sup.notifier.messages)
@@ -266,27 +278,25 @@ def test_stop_ends_a_hand_over_cleanly_from_every_phase(fake, monkeypatch, phase
     if phase == "health-check":
         sup.config.health_check = "http://127.0.0.1:1/"
 
-        async def slow_check(url):
-            await asyncio.sleep(0.5)
+        def slow_check(url):
+            time.sleep(0.5)       # the loop is held: the stop is seen right after the check
             return ""
         monkeypatch.setattr(health, "check", slow_check)
+    results, stop_at = [], []
 
-    async def scenario():
-        run = asyncio.create_task(sup.run())
-        while sup.state != "serving":
-            await asyncio.sleep(0.01)
+    def stop() -> None:
+        stop_at.append(len(sup.notifier.messages))
+        sup._on_stop_signal(signal.SIGTERM)
+
+    def begin() -> None:
         if phase == "draining":
             fake.procs[sup.master.pid].drain = 1.0
         fake.next_behaviour = behaviour
-        reload = asyncio.create_task(sup.reload())
-        await asyncio.sleep({"draining": 0.25, "rolling-back": 0.35}.get(phase, 0.1))
-        stop_at = len(sup.notifier.messages)
-        sup._on_stop_signal(signal.SIGTERM)
-        result = await asyncio.wait_for(reload, 10)
-        assert await asyncio.wait_for(run, 10) == 0
-        return result, sup.notifier.messages[stop_at:]
-
-    result, after_stop = asyncio.run(scenario())
+        sup.request_reload(results.append)
+        sup.loop.call_later({"draining": 0.25, "rolling-back": 0.35}.get(phase, 0.1), stop)
+    when_serving(sup, begin)
+    assert sup.run() == 0
+    [result], after_stop = results, sup.notifier.messages[stop_at[0]:]
     assert not result["ok"], result
     assert "stopping" in result["error"] or phase == "rolling-back", result
     assert not [m for m in after_stop if m.get("READY")], after_stop
@@ -300,20 +310,19 @@ def test_overlapping_reloads_both_run_in_turn(fake):
     fake.boot_delay = 0.2
     sup = supervisor(fake)
 
-    async def scenario():
-        run = asyncio.create_task(sup.run())
-        while sup.state != "serving":
-            await asyncio.sleep(0.01)
-        first = asyncio.create_task(sup.reload())
-        await asyncio.sleep(0.05)
-        assert sup.state == "reloading"
-        second = asyncio.create_task(sup.reload())
-        results = [await first, await second]
-        sup._on_stop_signal(signal.SIGTERM)
-        await run
-        return results
+    results, states = [], []
 
-    results = asyncio.run(scenario())
+    def answered(answer) -> None:
+        results.append(answer)
+        if len(results) == 2:
+            sup._on_stop_signal(signal.SIGTERM)
+
+    def second() -> None:
+        states.append(sup.state)
+        sup.request_reload(answered)
+    when_serving(sup, lambda: (sup.request_reload(answered), sup.loop.call_later(0.05, second)))
+    assert sup.run() == 0
+    assert states == ["reloading"]
     assert [r["ok"] for r in results] == [True, True]
     assert [r["generation"] for r in results] == [2, 3]
     assert results[1]["old_master_pid"] == results[0]["master_pid"]
@@ -321,7 +330,7 @@ def test_overlapping_reloads_both_run_in_turn(fake):
 
 def test_a_fork_that_has_not_renamed_itself_is_not_taken_for_the_new_master(fake):
     sup = supervisor(fake)
-    [result] = asyncio.run(drive(sup, "respawn-first", fake=fake))
+    [result] = (drive(sup, "respawn-first", fake=fake))
     assert result["ok"], result
     assert "worker" not in fake.procs[result["master_pid"]].title
     assert result["master_pid"] == 1005      # not 1004, the respawned worker
