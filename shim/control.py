@@ -15,10 +15,16 @@ import os
 import socket
 import stat
 import struct
-from typing import Any, Callable, Dict, FrozenSet
 
 from shim.errors import EXIT_CONTROL, ShimError
 from shim.loop import Loop, Timer
+
+TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see shim/client.py)
+if TYPE_CHECKING:
+    from typing import Any, Callable, Dict, FrozenSet
+
+    Reply = Callable[[Dict[str, Any]], None]
+    Handler = Callable[[Dict[str, Any], Reply], None]
 
 MAX_REQUEST = 4096
 REQUEST_TIMEOUT = 5.0
@@ -26,8 +32,6 @@ _UCRED = struct.Struct("3i")
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)   # Linux >= 4.13; Python does not name it
 _MAX_GROUPS = 65536
 
-Reply = Callable[[Dict[str, Any]], None]
-Handler = Callable[[Dict[str, Any], Reply], None]
 
 
 def peer_credentials(sock: socket.socket) -> "tuple[int, FrozenSet[int]]":

@@ -12,34 +12,30 @@ from __future__ import annotations
 import os
 import signal
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, Optional, Tuple
+from collections import namedtuple
 
 from shim import health, procs, release
 from shim.errors import ReloadFailed, Stopping, WrongRelease
 from shim.masters import FAILED_MASTER_GRACE
 
+TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see shim/client.py)
 if TYPE_CHECKING:
+    from typing import Optional, Tuple
+
     from shim.upgrade import Host, Strategy
 
 OLD_MASTER_GOING = 3.0     # seconds an old master, maybe QUIT by a hook, gets to exit on its own
 
 
-@dataclass
-class Outcome:
+class Outcome(namedtuple("Outcome", "result old new generation intended duration reason workers timings",
+                         defaults=("", None, None))):
     """What a hand-over did. result: done (the new master serves, the old one is
     gone), rolled-back (the old one serves on), not-deployed (the new master serves
-    the old release: the old one was gone already), nothing-serving, stopped."""
+    the old release: the old one was gone already), nothing-serving, stopped.
+    old, new: the masters (new may be None); intended: the release deployed;
+    workers: the new master's, when done; timings: where the time went (ms)."""
 
-    result: str
-    old: procs.Pinned
-    new: Optional[procs.Pinned]
-    generation: int
-    intended: Optional[str]
-    duration: float
-    reason: str = ""
-    workers: Optional[int] = None
-    timings: Dict[str, int] = field(default_factory=dict)
+    __slots__ = ()
 
 
 def hand_over(host: "Host", old: procs.Pinned, gen: int, strategy: "Strategy") -> Outcome:

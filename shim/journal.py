@@ -8,9 +8,12 @@ systemd.journal.send(); otherwise to stderr as `event: message key=value`.
 from __future__ import annotations
 
 import sys
-from typing import Callable, Optional
 
 from shim.client import stderr_is_journal
+
+TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see shim/client.py)
+if TYPE_CHECKING:
+    from typing import Callable, Optional
 
 EMERG, ALERT, CRIT, ERR, WARNING, NOTICE, INFO, DEBUG = range(8)
 

@@ -18,9 +18,12 @@ import os
 import selectors
 import signal
 import time
-from typing import Callable, Dict, List, Optional, Tuple
 
-Callback = Callable[..., None]
+TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see shim/client.py)
+if TYPE_CHECKING:
+    from typing import Callable, Dict, List, Optional, Tuple
+
+    Callback = Callable[..., None]
 
 
 class Timer:

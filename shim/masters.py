@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from typing import Dict, List, Optional
 
 from shim import procs, spawn
 from shim.errors import ReloadFailed, Stopping
@@ -17,6 +16,10 @@ from shim.loop import Loop
 from shim.readiness import HOOK_ENV, HookReports, HookSocket, Verdict, WorkerWatch, hook_environment
 from shim.release import config_through
 from shim.sockets import HeldSocket
+
+TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see shim/client.py)
+if TYPE_CHECKING:
+    from typing import Dict, List, Optional
 
 SAMPLE = 0.05           # how often workers are looked at while a master boots
 WORKERLESS_GRACE = 2.0  # how long a master with no live worker gets to stop gracefully

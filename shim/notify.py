@@ -9,7 +9,10 @@ from __future__ import annotations
 import os
 import select
 import socket
-from typing import Callable, Optional
+
+TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see shim/client.py)
+if TYPE_CHECKING:
+    from typing import Callable, Optional
 
 
 def _sender() -> Optional[Callable[[str], object]]:

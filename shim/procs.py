@@ -11,10 +11,11 @@ import os
 import select
 import signal
 import stat
-import tempfile
 import time
-from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+
+TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see shim/client.py)
+if TYPE_CHECKING:
+    from typing import List, Optional, Tuple
 
 
 class UntrustedPid(Exception):
@@ -219,16 +220,19 @@ def describe_wait_status(status: int) -> str:
     return f"exited with status {os.WEXITSTATUS(status)}"
 
 
-@dataclass
 class Pinned:
     """A process the shim has verified and holds by pidfd."""
 
-    pid: int
-    pidfd: int
-    created: int
-    generation: int = 0
-    role: str = "master"
-    exit_text: Optional[str] = field(default=None)
+    def __init__(self, pid: int, pidfd: int, created: int, generation: int = 0, role: str = "master") -> None:
+        self.pid = pid
+        self.pidfd = pidfd
+        self.created = created          # start time, clock ticks since boot
+        self.generation = generation
+        self.role = role
+        self.exit_text: Optional[str] = None
+
+    def __repr__(self) -> str:
+        return f"Pinned(pid={self.pid}, role={self.role}, generation={self.generation})"
 
     def signal(self, sig: int) -> bool:
         """Signal through the pidfd; False if it is already gone."""
@@ -307,7 +311,8 @@ def write_atomically(path: str, text: str, mode: int = 0o600, durable: bool = Fa
     symlink), so a link planted in a directory the app can write is never written
     through. `durable`: synced to disk, the directory too, before it returns."""
     directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=directory)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.urandom(6).hex()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)

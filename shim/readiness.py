@@ -20,11 +20,14 @@ import re
 import socket
 import struct
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Set, Tuple
+from collections import namedtuple
 
 from shim import procs
 from shim.servers import ServerProfile
+
+TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see shim/client.py)
+if TYPE_CHECKING:
+    from typing import Callable, Dict, Optional, Set, Tuple
 
 HOOK_ENV = "UNICORN_SHIM_READY_SOCKET"
 HOOKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hooks")
@@ -60,16 +63,16 @@ def hook_environment(environ: Dict[str, str]) -> Dict[str, str]:
     return env
 
 
-@dataclass
 class HookReports:
     """What the in-server hook said, by master pid."""
 
-    hello: Set[int] = field(default_factory=set)
-    # the last error line reported by a process or by one of its children, by pid
-    errors: Dict[int, str] = field(default_factory=dict)
-    # master -> worker key (Unicorn: worker nr; Gunicorn: pid) -> (worker pid, workers
-    # expected, monotonic time of the report)
-    ready: Dict[int, Dict[int, Tuple[int, int, float]]] = field(default_factory=dict)
+    def __init__(self) -> None:
+        self.hello: Set[int] = set()
+        # the last error line reported by a process or by one of its children, by pid
+        self.errors: Dict[int, str] = {}
+        # master -> worker key (Unicorn: worker nr; Gunicorn: pid) -> (worker pid, workers
+        # expected, monotonic time of the report)
+        self.ready: Dict[int, Dict[int, Tuple[int, int, float]]] = {}
 
     def record(self, sender: int, text: str) -> None:
         words = text.split()
@@ -156,12 +159,11 @@ class HookSocket:
             pass
 
 
-@dataclass
-class Verdict:
-    state: str              # "ready", "booting" or "failed"
-    workers: int
-    detail: str = ""
-    since: float = 0.0      # when the server became ready, as far as can be known (monotonic)
+class Verdict(namedtuple("Verdict", "state workers detail since", defaults=("", 0.0))):
+    """state: "ready", "booting" or "failed"; workers counted; detail: by what it was
+    judged; since: when the server became ready, as far as can be known (monotonic)."""
+
+    __slots__ = ()
 
 
 class WorkerWatch:

@@ -12,7 +12,10 @@ would otherwise make every later deploy a silent no-op.
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Sequence
+
+TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see shim/client.py)
+if TYPE_CHECKING:
+    from typing import Dict, List, Optional, Sequence
 
 
 def resolve(directory: Optional[str]) -> Optional[str]:

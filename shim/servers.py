@@ -7,10 +7,13 @@ from __future__ import annotations
 import os
 import re
 import signal
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from types import SimpleNamespace
 
 from shim.errors import EXIT_USAGE, ShimError
+
+TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see shim/client.py)
+if TYPE_CHECKING:
+    from typing import Callable, Dict, List, Optional, Sequence
 
 
 def _as_is(name: str) -> str:
@@ -22,8 +25,9 @@ def _bind_url(name: str) -> str:
     return f"unix://{name}" if name.startswith("/") else f"tcp://{name}"
 
 
-@dataclass(frozen=True)
-class ServerProfile:
+class ServerProfile(SimpleNamespace):
+    """Built once per server below, by keyword; a field not given takes the default here."""
+
     name: str
     graceful_stop: int               # finish requests in flight, then exit (the unit's KillSignal=)
     reexec: int                      # the server's own re-exec (usr2 upgrade)
@@ -34,13 +38,13 @@ class ServerProfile:
     worker_title: "re.Pattern[str]"  # how a worker's title reads (the readiness heuristic)
     fd_handover: str                 # "UNICORN_FD" (list of fds) or "LISTEN_FDS" (sd_listen_fds)
     listen_flag: Optional[str]       # flag naming a held socket on the command line, if any
-    listen_spelling: Callable[[str], str] = _as_is   # a held socket's name as listen_flag takes it
-    daemon_flags: Sequence[str] = field(default=())
-    config_flags: Sequence[str] = field(default=())   # flags naming the server's config file
+    listen_spelling: Callable[[str], str] = staticmethod(_as_is)  # a held socket's name as listen_flag takes it
+    daemon_flags: Sequence[str] = ()
+    config_flags: Sequence[str] = ()   # flags naming the server's config file
     # The worker thread that accepts connections, when it is not the main one (by its
     # /proc comm name): the readiness heuristic looks for that thread waiting.
     accept_thread: Optional[str] = None
-    socket_args: Sequence[str] = field(default=())   # arguments that make it serve the held sockets only
+    socket_args: Sequence[str] = ()   # arguments that make it serve the held sockets only
     # Why --upgrade usr2 is refused (when usr2_carries_sockets is False)
     usr2_refusal: str = ""
 

@@ -7,28 +7,26 @@ a master that dies or is replaced never takes the port with it.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import os
 import socket
 import stat
-from dataclasses import dataclass
-from typing import List, Optional
+from collections import namedtuple
 
 from shim.errors import EXIT_ACTIVATION, EXIT_LISTEN, ShimError
+
+TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see shim/client.py)
+if TYPE_CHECKING:
+    from typing import List, Optional
 
 LISTEN_FDS_START = 3
 MAX_LISTEN_FDS = 64   # far more than any real unit; guards against hostile LISTEN_FDS
 BACKLOG = 1024
 
 
-@dataclass(frozen=True)
-class Address:
-    """A parsed --listen address."""
+class Address(namedtuple("Address", "family host port path", defaults=("", 0, ""))):
+    """A parsed --listen address: host and port for TCP, path for unix sockets."""
 
-    family: int
-    host: str = ""          # empty for unix sockets
-    port: int = 0
-    path: str = ""          # unix sockets only
+    __slots__ = ()
 
     def __str__(self) -> str:
         if self.family == socket.AF_UNIX:
@@ -38,12 +36,12 @@ class Address:
         return f"{self.host}:{self.port}"
 
 
-@dataclass
 class HeldSocket:
-    sock: socket.socket
-    name: str                    # the server's spelling: "127.0.0.1:8080", "[::1]:8080", "/run/app.sock"
-    origin: str                  # "systemd" (LISTEN_FDNAMES entry) or "listen"
-    unlink_path: Optional[str] = None   # a unix socket file we created and remove at exit
+    def __init__(self, sock: socket.socket, name: str, origin: str, unlink_path: Optional[str] = None) -> None:
+        self.sock = sock
+        self.name = name                # the server's spelling: "127.0.0.1:8080", "[::1]:8080", "/run/app.sock"
+        self.origin = origin            # "systemd" (LISTEN_FDNAMES entry) or "listen"
+        self.unlink_path = unlink_path  # a unix socket file we created and remove at exit
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -61,8 +59,8 @@ def parse_address(text: str) -> Address:
         if not sep:
             raise ShimError(f"--listen {text!r}: expected [IPV6]:PORT", EXIT_LISTEN)
         try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
+            socket.inet_pton(socket.AF_INET6, host)
+        except OSError:
             raise ShimError(f"--listen {text!r}: {host!r} is not an IPv6 address", EXIT_LISTEN) from None
         return Address(socket.AF_INET6, host=host, port=_parse_port(text, port))
     host, sep, port = text.rpartition(":")
@@ -71,8 +69,8 @@ def parse_address(text: str) -> Address:
     if host in ("", "*"):
         host = "0.0.0.0"
     try:
-        ipaddress.IPv4Address(host)
-    except ValueError:
+        socket.inet_pton(socket.AF_INET, host)
+    except OSError:
         try:
             host = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
         except socket.gaierror as e:

@@ -8,11 +8,13 @@ process exits at once, leaving the master to be reparented to the manager
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-from typing import Dict, List, Optional, Sequence
 
 from shim.errors import EXIT_SERVER, ShimError
+
+TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see shim/client.py)
+if TYPE_CHECKING:
+    from typing import Dict, List, Optional, Sequence
 
 FD_START = 3
 # Variables that belong to the shim alone: it is the only notifier, and the
@@ -34,7 +36,7 @@ def resolve_command(argv: Sequence[str], release: Optional[str] = None) -> str:
         name = os.path.join(release, name)
         path = name if os.access(name, os.X_OK) and os.path.isfile(name) else None
     else:
-        path = shutil.which(name)
+        path = _which(name)
     if path is None:
         what = "does not exist" if not os.path.exists(name) else "is not executable"
         where = f"in {release}" if "/" in argv[0] and release else f"on PATH={os.environ.get('PATH', '')}"
@@ -42,6 +44,18 @@ def resolve_command(argv: Sequence[str], release: Optional[str] = None) -> str:
                 "in the release, e.g. venv/bin/gunicorn or bin/unicorn") if "/" not in argv[0] else ""
         raise ShimError(f"server command {argv[0]!r} {what} {where}{hint}", EXIT_SERVER)
     return path
+
+
+def _which(name: str) -> Optional[str]:
+    """shutil.which for a command name, without the module (and the compression
+    modules it loads) in every shim's memory."""
+    if "/" in name:
+        return name if os.access(name, os.X_OK) and os.path.isfile(name) else None
+    for directory in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        path = os.path.join(directory or ".", name)
+        if os.access(path, os.X_OK) and os.path.isfile(path):
+            return path
+    return None
 
 
 def server_environment(base: Dict[str, str], extra: Dict[str, str]) -> Dict[str, str]:

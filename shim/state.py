@@ -11,9 +11,12 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Dict, Optional
 
 from shim import procs
+
+TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see shim/client.py)
+if TYPE_CHECKING:
+    from typing import Any, Dict, Optional
 
 FILE_NAME = "state.json"
 

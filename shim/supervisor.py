@@ -12,11 +12,10 @@ from __future__ import annotations
 import os
 import signal
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from types import SimpleNamespace
 
 from shim import procs, release
-from shim.control import ControlServer, Reply
+from shim.control import ControlServer
 from shim.errors import EXIT_MASTER_EXIT, EXIT_START, ReloadFailed, ShimError, Stopping
 from shim.journal import ERR, WARNING, Log
 from shim.loop import Loop
@@ -29,6 +28,12 @@ from shim.state import State
 from shim.handover import Outcome, hand_over
 from shim.upgrade import STRATEGIES
 
+TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see shim/client.py)
+if TYPE_CHECKING:
+    from typing import Any, Callable, Dict, List, Optional, Tuple
+
+    from shim.control import Reply
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 # Signals whose default action would end or freeze the shim. `systemctl kill -s SIG`
 # signals every process of the unit: the master and its workers get them from
@@ -40,8 +45,9 @@ NOTED_SIGNALS = tuple(getattr(signal, name) for name in (
 
 
 
-@dataclass
-class Config:
+class Config(SimpleNamespace):
+    """What `run` was told (keyword arguments only)."""
+
     command: List[str]
     profile: ServerProfile
     upgrade: str

@@ -12,36 +12,38 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Dict, Optional, Protocol, Set
-
 from shim import procs, release
 from shim.errors import ReloadFailed, ShimError
 
+TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see shim/client.py)
+if TYPE_CHECKING:
+    from typing import Any, Dict, Optional, Protocol, Set
+
+    class Host(Protocol):
+        """What a strategy and a hand-over may use of the supervisor: acting on
+        processes and waiting. Its state (which master serves, the generation, what
+        systemd is told) is the supervisor's alone to change."""
+
+        config: Any
+        profile: Any
+        cgroup: Optional[str]
+        masters: Dict[int, procs.Pinned]
+        log: Any
+        notifier: Any
+
+        def start_master(self, not_before: int, release: Optional[str] = None,
+                         link: Optional[str] = None) -> procs.Pinned: ...
+        def watch(self, master: procs.Pinned) -> None: ...
+        def wait_ready(self, master: procs.Pinned, deadline: float, what: str) -> Any: ...
+        def retire(self, master: procs.Pinned, keep: Optional[int] = None, grace: Optional[float] = None,
+                   stoppable: bool = False) -> None: ...
+        def tick(self, seconds: float = ...) -> None: ...
+        def wait_exit(self, proc: procs.Pinned, timeout: float, stoppable: bool = False) -> bool: ...
+        def checkpoint(self) -> None: ...
+        def server_error(self, pid: int) -> str: ...
+
+
 OLDBIN = ".oldbin"
-
-
-class Host(Protocol):
-    """What a strategy and a hand-over may use of the supervisor: acting on
-    processes and waiting. Its state (which master serves, the generation, what
-    systemd is told) is the supervisor's alone to change."""
-
-    config: Any
-    profile: Any
-    cgroup: Optional[str]
-    masters: Dict[int, procs.Pinned]
-    log: Any
-    notifier: Any
-
-    def start_master(self, not_before: int, release: Optional[str] = None,
-                     link: Optional[str] = None) -> procs.Pinned: ...
-    def watch(self, master: procs.Pinned) -> None: ...
-    def wait_ready(self, master: procs.Pinned, deadline: float, what: str) -> Any: ...
-    def retire(self, master: procs.Pinned, keep: Optional[int] = None, grace: Optional[float] = None,
-               stoppable: bool = False) -> None: ...
-    def tick(self, seconds: float = ...) -> None: ...
-    def wait_exit(self, proc: procs.Pinned, timeout: float, stoppable: bool = False) -> bool: ...
-    def checkpoint(self) -> None: ...
-    def server_error(self, pid: int) -> str: ...
 
 
 def _remove(path: str) -> None:
