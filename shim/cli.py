@@ -40,15 +40,39 @@ def _mode(text: str) -> int:
     return value
 
 
+def _columns() -> int:
+    """shutil.get_terminal_size().columns: $COLUMNS, else the terminal's, else 80."""
+    try:
+        return int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        pass
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
 def build_parser() -> argparse.ArgumentParser:
     import argparse
+    import functools
 
     from shim import __version__, servers
+
+    class Formatter(argparse.HelpFormatter):
+        """argparse's own, told the terminal's width: left to itself it imports shutil
+        to ask (add_argument builds one), and every shim would carry shutil for life."""
+
+        def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                     width: Optional[int] = None) -> None:
+            super().__init__(prog, indent_increment, max_help_position, width or _columns())
+
     parser = argparse.ArgumentParser(
+        formatter_class=Formatter,
         prog="unicorn-shim",
         description="Run a Unicorn or Gunicorn master under systemd with zero-downtime reloads.")
     parser.add_argument("--version", action="version", version=f"unicorn-shim {__version__}")
-    sub = parser.add_subparsers(dest="subcommand", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="subcommand", metavar="COMMAND", parser_class=functools.partial(
+        argparse.ArgumentParser, formatter_class=Formatter))
     sub.required = True
 
     run = sub.add_parser("run", help="supervise a server (the unit's ExecStart=)",
