@@ -26,6 +26,9 @@ WORKERLESS_GRACE = 2.0  # how long a master with no live worker gets to stop gra
 # A master that failed to become ready serves little or nothing: it gets this
 # long to finish what it may have accepted, not the full --retire-timeout.
 FAILED_MASTER_GRACE = 10.0
+# --ready-timeout counts a booting master's own time: seconds it spent waiting for a
+# CPU (many apps reloaded at once on a few cores) extend it, up to this many times.
+CPU_WAIT_LIMIT = 4
 
 
 class Masters:
@@ -42,6 +45,7 @@ class Masters:
         self.masters: Dict[int, procs.Pinned] = {}       # every master alive and pinned
         self.stop_requested = False
         self.hook_socket: Optional[HookSocket] = None
+        self.notifier = None                     # the supervisor's: systemd's timeouts follow ours
 
     def _on_hook_message(self) -> None:
         self.hook_socket.drain(self.reports, self._of_the_unit)
@@ -114,6 +118,8 @@ class Masters:
     def wait_ready(self, master: procs.Pinned, deadline: float, what: str) -> Verdict:
         """Wait until `master`'s workers are ready, or raise ReloadFailed."""
         watch = WorkerWatch(master.pid, self.profile, self.reports, self.config.settle, time.monotonic())
+        waits = CpuWait(master.pid)
+        extended = 0.0
         while True:
             if self.stop_requested:
                 raise Stopping()
@@ -127,9 +133,15 @@ class Masters:
                 return verdict
             if verdict.state == "failed":
                 raise ReloadFailed(f"{what} {master.pid}: {verdict.detail}" + self.server_error(master.pid))
-            if now > deadline:
-                raise ReloadFailed(f"{what} {master.pid} not ready within {self.config.ready_timeout:g} s "
-                                   f"({verdict.workers} workers up)" + self.server_error(master.pid))
+            waited = min(waits.seconds(), CPU_WAIT_LIMIT * self.config.ready_timeout)
+            if waited - extended >= 1.0 and self.notifier:
+                # systemd's job timeout moves with ours (its reload job is bounded too)
+                self.notifier.extend_timeout(deadline + waited - now + self.config.retire_timeout + 10)
+                extended = waited
+            if now > deadline + waited:
+                lost = f", and {waited:.0f} s more it spent waiting for a CPU" if waited >= 1 else ""
+                raise ReloadFailed(f"{what} {master.pid} not ready within {self.config.ready_timeout:g} s"
+                                   f"{lost} ({verdict.workers} workers up)" + self.server_error(master.pid))
             self.tick()
 
     def server_error(self, pid: int) -> str:
@@ -200,3 +212,22 @@ class Masters:
                 if worker.alive():
                     worker.signal(signal.SIGKILL)
                 worker.close()
+
+
+class CpuWait:
+    """How long a booting master was held back by a busy host: the time its own
+    thread waited for a CPU, plus the longest such wait of one of its workers
+    (they boot side by side). A hung master waits for nothing, so it still times
+    out on time; one that spins gets its CPU share and uses up its timeout."""
+
+    def __init__(self, master: int) -> None:
+        self.master = master
+        self.start = procs.cpu_wait(master)
+        self.workers: Dict[int, float] = {}     # last value seen: a worker's count ends with it
+
+    def seconds(self) -> float:
+        for pid in procs.children(self.master):
+            self.workers[pid] = max(self.workers.get(pid, 0.0), procs.cpu_wait(pid))
+        own = max(0.0, procs.cpu_wait(self.master) - self.start)
+        return own + max(self.workers.values(), default=0.0)
+

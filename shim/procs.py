@@ -160,6 +160,16 @@ def activity(pid: int) -> Optional[tuple]:
         return None
 
 
+def cpu_wait(pid: int) -> float:
+    """Seconds its main thread has spent runnable but waiting for a CPU (the
+    scheduler's own count, /proc/PID/schedstat); 0.0 when unknown or gone."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def wchan(pid: int, thread: Optional[str] = None) -> str:
     """The kernel function the process's main thread sleeps in ("" when running or
     unreadable); with `thread`, that of its thread of that name (/proc's comm)."""

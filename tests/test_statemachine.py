@@ -49,8 +49,10 @@ class FakeOS:
         self.procs: Dict[int, FakeProcess] = {}
         self.next_pid = 1000
         self.workers, self.boot_delay = workers, boot_delay
+        self.boot_delays: List[float] = []     # for the next masters, in turn; then boot_delay
         self.next_behaviour = "healthy"       # healthy | dies | hangs | quits-old | halts
         self.manager = 1
+        self.cpu_wait: Dict[int, float] = {}  # seconds a process waited for a CPU, by pid
 
     def new(self, parent: int, title: str) -> FakeProcess:
         self.next_pid += 1
@@ -61,10 +63,11 @@ class FakeOS:
     def start_master(self, parent: int, behaviour: str = "healthy") -> int:
         master = self.new(parent, "unicorn master")
         loop = self.loop
+        delay = self.boot_delays.pop(0) if self.boot_delays else self.boot_delay
         if behaviour == "dies":
-            loop.call_later(self.boot_delay, master.exit)
+            loop.call_later(delay, master.exit)
         elif behaviour != "hangs":
-            loop.call_later(self.boot_delay, self._boot_workers, master, behaviour)
+            loop.call_later(delay, self._boot_workers, master, behaviour)
         return master.pid
 
     def _boot_workers(self, master: FakeProcess, behaviour: str) -> None:
@@ -148,6 +151,7 @@ def fake(monkeypatch, tmp_path):
                         lambda pid: fos.procs[pid].title if pid in fos.procs and fos.procs[pid].alive else "")
     monkeypatch.setattr(procs, "activity", lambda pid: ("S", 0))
     monkeypatch.setattr(procs, "wchan", lambda pid, thread=None: "poll_schedule_timeout")
+    monkeypatch.setattr(procs, "cpu_wait", lambda pid: fos.cpu_wait.get(pid, 0.0))
     monkeypatch.setattr(procs, "is_zombie", lambda pid: pid in fos.procs and fos.procs[pid].zombie)
     monkeypatch.setattr(procs, "parent_of", lambda pid: fos.procs[pid].parent if pid in fos.procs else None)
     monkeypatch.setattr(procs, "cwd", lambda pid: "/srv/app/releases/r1")
@@ -334,3 +338,33 @@ def test_a_fork_that_has_not_renamed_itself_is_not_taken_for_the_new_master(fake
     assert result["ok"], result
     assert "worker" not in fake.procs[result["master_pid"]].title
     assert result["master_pid"] == 1005      # not 1004, the respawned worker
+
+
+def test_time_a_booting_master_waits_for_a_cpu_extends_the_ready_timeout(fake):
+    """Many apps reloaded on a few cores: the new master boots slowly because it
+    waits for a CPU, not because it hangs. That wait is added to --ready-timeout
+    (and systemd's job timeout is moved along); a master that waits for nothing
+    still fails on time."""
+    fake.boot_delays = [0.1, 1.2]              # the next master boots in 1.2 s, beyond 0.5 s
+    sup = supervisor(fake, ready_timeout=0.5)
+    t0 = []
+
+    def busy_host() -> None:                   # the new master waits 0.9 s of every second
+        if sup.state == "reloading" and sup.masters:
+            new = max(sup.masters)
+            fake.cpu_wait[new] = 0.9 * (time.monotonic() - t0[0])
+        sup.loop.call_later(0.05, busy_host)
+    when_serving(sup, lambda: (t0.append(time.monotonic()), busy_host()))
+    [result] = drive(sup, "healthy", fake=fake)
+    assert result["ok"], result
+    assert [m for m in sup.notifier.messages if "EXTEND_TIMEOUT_USEC" in m][-1]["EXTEND_TIMEOUT_USEC"] > 1e6
+
+
+def test_a_master_waiting_for_nothing_still_fails_on_time(fake):
+    fake.boot_delays = [0.1, 1.2]
+    sup = supervisor(fake, ready_timeout=0.5)
+    t0 = time.monotonic()
+    [result] = drive(sup, "healthy", fake=fake)
+    assert not result["ok"] and "not ready within 0.5 s (" in result["error"], result
+    assert time.monotonic() - t0 < 1.2 + 1
+
