@@ -44,7 +44,10 @@ def _noted(number: int, frame: object) -> None:
 
 
 class Loop:
-    def __init__(self) -> None:
+    def __init__(self, on_error: Optional[Callable[[str, Exception], None]] = None) -> None:
+        # A call that raises is reported here and the loop goes on: a bug in answering a
+        # status request must not take the service down. Without on_error, it raises.
+        self.on_error = on_error
         self.selector = selectors.DefaultSelector()
         self.timers: List[Timer] = []
         self.signal_handlers: Dict[int, Tuple[Callback, tuple]] = {}
@@ -87,15 +90,24 @@ class Loop:
             # an earlier call of this round may have removed (and closed) this one
             if self.selector.get_map().get(key.fd) is key:
                 callback, args = key.data
-                callback(*args)
+                self._call(callback, args)
         self._run_due_timers()
+
+    def _call(self, callback: Callback, args: tuple) -> None:
+        if self.on_error is None:
+            callback(*args)
+            return
+        try:
+            callback(*args)
+        except Exception as e:
+            self.on_error(getattr(callback, "__qualname__", repr(callback)), e)
 
     def _run_due_timers(self) -> None:
         now = time.monotonic()
         while self.timers and self.timers[0].when <= now:
             timer = heapq.heappop(self.timers)
             if not timer.cancelled:
-                timer.callback(*timer.args)
+                self._call(timer.callback, timer.args)
 
     def _read_signals(self, fd: int) -> None:
         try:
@@ -105,7 +117,7 @@ class Loop:
         for number in numbers:
             handler = self.signal_handlers.get(number)
             if handler:
-                handler[0](*handler[1])
+                self._call(*handler)
 
     def close(self) -> None:
         for number, previous in self._previous.items():

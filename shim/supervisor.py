@@ -70,7 +70,7 @@ class Supervisor(Masters):
 
     def __init__(self, config: Config, sockets: List[HeldSocket], notifier: Notifier, log: Log,
                  environ: Dict[str, str], loop: Optional[Loop] = None) -> None:
-        super().__init__(config, sockets, log, environ, loop or Loop())
+        super().__init__(config, sockets, log, environ, loop or Loop(self._on_loop_error))
         self.notifier = notifier
         self.strategies = {name: kind(self) for name, kind in STRATEGIES.items()}
         self.strategy = self.strategies[config.upgrade]
@@ -163,6 +163,9 @@ class Supervisor(Masters):
                        f"`systemctl kill --kill-whom=main -s {name[3:]}` sends it to the master "
                        f"({master}), `systemctl kill -s {name[3:]}` to every process of the unit",
                        WARNING, SIGNAL=name)
+
+    def _on_loop_error(self, where: str, e: Exception) -> None:
+        self.log.error("internal-error", f"{where}: {type(e).__name__}: {e}")
 
     def _on_refused(self, uid: int) -> None:
         self.log.event("control-refused", f"control request from uid {uid} refused", WARNING, UID=uid)
