@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--server", default="unicorn", choices=["unicorn", "gunicorn"])
     args = parser.parse_args()
-    base = tempfile.mkdtemp(prefix="unicorn-shim-soak.")
+    base = tempfile.mkdtemp(prefix="soak.")   # not "unicorn-shim": master_pids() skips that name
     manager = UserManager(base)
     d = Deployment(manager, base, server=args.server)
     failed_reloads = 0
