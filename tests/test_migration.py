@@ -280,7 +280,7 @@ def units_gone(host: Host, pattern: str, *paths: str) -> None:
     """No unit of `pattern` is loaded or enabled at boot, and none of `paths` is left."""
     units = host.run("systemctl", "list-units", "--all", "--plain", "--no-legend", pattern).stdout
     assert units.strip() == "", units
-    files = host.run("systemctl", "list-unit-files", "--plain", "--no-legend", pattern).stdout
+    files = host.run("systemctl", "list-unit-files", "--plain", "--no-legend", pattern, check=False).stdout
     assert files.strip() == "", files
     for path in paths:
         assert host.run("test", "-e", path, check=False).returncode != 0, path
@@ -326,11 +326,15 @@ def forking_gone(host: Host) -> None:
 
 def test_from_a_type_forking_unit(host):
     capistrano_layout(host)
-    unicorn_release(host, "r1")
-    # What you have: Unicorn daemonized under a Type=forking unit, nginx in front.
+    unicorn_release(host, "r0")
+    # What you have: Unicorn daemonized under a Type=forking unit, nginx in front,
+    # a deploy by USR2 that systemd follows through the pid file.
     host.step("/etc/systemd/system/app.service")
     host.step("/etc/nginx/sites-enabled/app")
     host.sh("systemctl daemon-reload && systemctl enable --now app.service && systemctl reload nginx")
+    host.wait_for(f"release=r0 secret={SECRET}")
+    unicorn_release(host, "r1")
+    host.run("systemctl", "reload", "app.service", check=True)
     host.wait_for(f"release=r1 secret={SECRET}")
     old_master = host.run("systemctl", "show", "-p", "MainPID", "--value", "app.service").stdout.strip()
     assert old_master == host.run("cat", "/srv/app/shared/tmp/pids/unicorn.pid").stdout.strip()
@@ -359,12 +363,16 @@ def puma_gone(host: Host) -> None:
 
 def test_from_pumas_documented_unit(host):
     capistrano_layout(host)
-    ruby_release(host, "r1", "RELEASE/config/puma.rb")
-    # What you have: Puma's documented socket and notify units, nginx in front.
+    ruby_release(host, "r0", "RELEASE/config/puma.rb")
+    # What you have: Puma's documented socket and notify units, nginx in front,
+    # a deploy by USR1 (a phased restart into the release `current` points to).
     host.step("/etc/systemd/system/puma.socket")
     host.step("/etc/systemd/system/puma.service")
     host.step("/etc/nginx/sites-enabled/app#puma")
     host.sh("systemctl daemon-reload && systemctl enable --now puma.socket puma.service && systemctl reload nginx")
+    host.wait_for(f"release=r0 secret={SECRET}")
+    ruby_release(host, "r1", "RELEASE/config/puma.rb")
+    host.run("systemctl", "reload", "puma.service", check=True)
     host.wait_for(f"release=r1 secret={SECRET}")
     old_master = host.run("systemctl", "show", "-p", "MainPID", "--value", "puma.service").stdout.strip()
 
