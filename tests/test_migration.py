@@ -1,6 +1,6 @@
 """Issue 15: docs/migration.md, performed as written. Each starting point's
 blocks are read from the guide itself (so the guide and the test cannot drift)
-and run in a booted Debian 12 with runit, nginx and the package installed,
+and run in a booted Debian 12 with runit, nginx, Puma and the package installed,
 while a client polls the app through nginx the whole time: 0 failed requests,
 the old supervisor gone, the environment reaching the master, the first deploy
 afterwards serving the new release, and a restart of the service and a reboot
@@ -321,7 +321,7 @@ def test_from_gunicorns_documented_unit(host):
 
 def forking_gone(host: Host) -> None:
     units_gone(host, "app.service", "/etc/systemd/system/multi-user.target.wants/app.service")
-    assert host.run("pgrep", "-u", "app", "-f", "unicorn -D", check=False).stdout == ""
+    assert host.run("pgrep", "-a", "-u", "app", "-f", " -D -c ", check=False).stdout == ""   # its master, workers
 
 
 def test_from_a_type_forking_unit(host):
@@ -359,6 +359,7 @@ def test_from_a_type_forking_unit(host):
 def puma_gone(host: Host) -> None:
     units_gone(host, "puma*")
     assert host.run("pgrep", "-af", "tcp://127.0.0.1:3000", check=False).stdout == ""
+    assert host.run("curl", "-sS", "--max-time", "5", "http://127.0.0.1:3000/", check=False).returncode != 0
 
 
 def test_from_pumas_documented_unit(host):
