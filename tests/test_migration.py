@@ -70,6 +70,7 @@ def application(environ, start_response):
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [("release=%s secret=" + os.environ.get("SECRET_KEY_BASE", "")).encode() + b"\\n"]
 """
+GEMFILE = 'gem "unicorn"\ngem "rack"\n'
 GUNICORN_CONF = "workers = 2\n"
 VENV_GUNICORN = "#!{venv}/bin/python3\nimport sys\nfrom gunicorn.app.wsgiapp import run\nsys.exit(run())\n"
 
@@ -86,7 +87,8 @@ def test_guide_blocks_are_found():
     for name in ("install", "herder-switch", "runit-remove", "deploy-app", "gunicorn-switch", "plain-switch",
                  "/etc/sv/app/run#plain", "RELEASE/config/unicorn.rb#plain",
                  "/etc/unicorn-shim/app.conf", "/etc/unicorn-shim/pyapp.conf", "RELEASE/config/unicorn.rb",
-                 "/etc/systemd/system/app.service", "forking-switch", "/etc/systemd/system/puma.service",
+                 "/etc/systemd/system/app.service", "/etc/unicorn-shim/app.conf#forking", "forking-switch",
+                 "/etc/systemd/system/puma.service",
                  "RELEASE/config/puma.rb", "/etc/unicorn-shim/app.conf#puma", "puma-config", "puma-switch"):
         assert name in blocks
 
@@ -185,11 +187,14 @@ def restart_and_reboot_keep_serving(host: Host, unit: str, old_gone) -> None:
     old_gone(host)
 
 
-def ruby_release(host: Host, name: str, config: str = "RELEASE/config/unicorn.rb") -> None:
+def ruby_release(host: Host, name: str, config: str = "RELEASE/config/unicorn.rb", bundler: bool = False) -> None:
     """A release of the Rack app with the guide's `config` block, linked as `current`."""
     d = f"/srv/app/releases/{name}"
     host.write(f"{d}/config.ru", CONFIG_RU % name)
     host.step(config, release=d)
+    if bundler:     # the deploy tool's `bundle install`, offline against Debian's gems
+        host.write(f"{d}/Gemfile", GEMFILE)
+        host.sh(f"cd {d} && HOME=/tmp bundle lock --local")
     host.sh(f"ln -sfn /srv/app/shared/tmp {d}/tmp && chown -R app:app {d} && ln -sfn {d} /srv/app/current.new "
             "&& mv -T /srv/app/current.new /srv/app/current")
 
@@ -326,31 +331,33 @@ def forking_gone(host: Host) -> None:
 
 def test_from_a_type_forking_unit(host):
     capistrano_layout(host)
-    unicorn_release(host, "r0")
+    ruby_release(host, "r0", bundler=True)
     # What you have: Unicorn daemonized under a Type=forking unit, nginx in front,
     # a deploy by USR2 that systemd follows through the pid file.
     host.step("/etc/systemd/system/app.service")
     host.step("/etc/nginx/sites-enabled/app")
     host.sh("systemctl daemon-reload && systemctl enable --now app.service && systemctl reload nginx")
     host.wait_for(f"release=r0 secret={SECRET}")
-    unicorn_release(host, "r1")
+    ruby_release(host, "r1", bundler=True)
     host.run("systemctl", "reload", "app.service", check=True)
     host.wait_for(f"release=r1 secret={SECRET}")
     old_master = host.run("systemctl", "show", "-p", "MainPID", "--value", "app.service").stdout.strip()
     assert old_master == host.run("cat", "/srv/app/shared/tmp/pids/unicorn.pid").stdout.strip()
 
     host.step("install")
-    host.step("/etc/unicorn-shim/app.conf")
+    host.step("/etc/unicorn-shim/app.conf#forking")
     host.step("herder-pid")
     check = host.step("herder-check")
     assert "0 errors" in check.stdout, check.stdout
 
     stop = host.poll()
     host.step("forking-switch")
-    unicorn_release(host, "r2")
+    ruby_release(host, "r2", bundler=True)
     host.step("herder-pid")          # the config's change, made in the app's repository, is in r2 too
     host.step("deploy-app")
     served_throughout(host, stop, "unicorn-shim@app.service")
+    # the deploy's master runs under Bundler with the new release's Gemfile
+    assert "BUNDLE_GEMFILE=/srv/app/releases/r2/Gemfile\0" in host.master_env("unicorn-shim@app.service")
     assert host.run("kill", "-0", old_master, check=False).returncode != 0
     forking_gone(host)
     restart_and_reboot_keep_serving(host, "unicorn-shim@app.service", forking_gone)
