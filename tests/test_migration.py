@@ -1,6 +1,6 @@
 """Issue 15: docs/migration.md, performed as written. Each starting point's
 blocks are read from the guide itself (so the guide and the test cannot drift)
-and run in a booted Debian 12 with runit, nginx and the package installed,
+and run in a booted Debian 12 with runit, nginx, Puma and the package installed,
 while a client polls the app through nginx the whole time: 0 failed requests,
 the old supervisor gone, the environment reaching the master, the first deploy
 afterwards serving the new release, and a restart of the service and a reboot
@@ -70,6 +70,7 @@ def application(environ, start_response):
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [("release=%s secret=" + os.environ.get("SECRET_KEY_BASE", "")).encode() + b"\\n"]
 """
+GEMFILE = 'gem "unicorn"\ngem "rack"\n'
 GUNICORN_CONF = "workers = 2\n"
 VENV_GUNICORN = "#!{venv}/bin/python3\nimport sys\nfrom gunicorn.app.wsgiapp import run\nsys.exit(run())\n"
 
@@ -85,7 +86,10 @@ def test_guide_blocks_are_found():
     blocks = guide()
     for name in ("install", "herder-switch", "runit-remove", "deploy-app", "gunicorn-switch", "plain-switch",
                  "/etc/sv/app/run#plain", "RELEASE/config/unicorn.rb#plain",
-                 "/etc/unicorn-shim/app.conf", "/etc/unicorn-shim/pyapp.conf", "RELEASE/config/unicorn.rb"):
+                 "/etc/unicorn-shim/app.conf", "/etc/unicorn-shim/pyapp.conf", "RELEASE/config/unicorn.rb",
+                 "/etc/systemd/system/app.service", "/etc/unicorn-shim/app.conf#forking", "forking-switch",
+                 "/etc/systemd/system/puma.service",
+                 "RELEASE/config/puma.rb", "/etc/unicorn-shim/app.conf#puma", "puma-config", "puma-switch"):
         assert name in blocks
 
 
@@ -183,20 +187,32 @@ def restart_and_reboot_keep_serving(host: Host, unit: str, old_gone) -> None:
     old_gone(host)
 
 
-def unicorn_release(host: Host, name: str, version: str = "") -> None:
+def ruby_release(host: Host, name: str, config: str = "RELEASE/config/unicorn.rb", bundler: bool = False) -> None:
+    """A release of the Rack app with the guide's `config` block, linked as `current`."""
     d = f"/srv/app/releases/{name}"
     host.write(f"{d}/config.ru", CONFIG_RU % name)
-    host.step("RELEASE/config/unicorn.rb" + version, release=d)
+    host.step(config, release=d)
+    if bundler:     # the deploy tool's `bundle install`, offline against Debian's gems
+        host.write(f"{d}/Gemfile", GEMFILE)
+        host.sh(f"cd {d} && HOME=/tmp bundle lock --local")
     host.sh(f"ln -sfn /srv/app/shared/tmp {d}/tmp && chown -R app:app {d} && ln -sfn {d} /srv/app/current.new "
             "&& mv -T /srv/app/current.new /srv/app/current")
+
+
+def unicorn_release(host: Host, name: str, version: str = "") -> None:
+    ruby_release(host, name, "RELEASE/config/unicorn.rb" + version)
+
+
+def capistrano_layout(host: Host) -> None:
+    host.sh("useradd --system --no-create-home --home-dir /srv/app app && "
+            "mkdir -p /srv/app/releases /srv/app/shared/tmp/sockets /srv/app/shared/tmp/pids && "
+            "chown -R app:app /srv/app")
 
 
 def runit_app(host: Host, version: str = "") -> str:
     """What you have: a Capistrano layout, runit running Unicorn, nginx in front;
     returns the old master's pid."""
-    host.sh("useradd --system --no-create-home --home-dir /srv/app app && "
-            "mkdir -p /srv/app/releases /srv/app/shared/tmp/sockets /srv/app/shared/tmp/pids && "
-            "chown -R app:app /srv/app")
+    capistrano_layout(host)
     unicorn_release(host, "r1", version)
     host.step("/etc/sv/app/run" + version, mode="755")
     host.step("/etc/nginx/sites-enabled/app" + version)
@@ -265,10 +281,18 @@ def gunicorn_release(host: Host, name: str) -> None:
             "mv -T /srv/pyapp/current.new /srv/pyapp/current")
 
 
-def gunicorn_gone(host: Host) -> None:
-    units = host.run("systemctl", "list-units", "--all", "--plain", "--no-legend", "gunicorn*").stdout
+def units_gone(host: Host, pattern: str, *paths: str) -> None:
+    """No unit of `pattern` is loaded or enabled at boot, and none of `paths` is left."""
+    units = host.run("systemctl", "list-units", "--all", "--plain", "--no-legend", pattern).stdout
     assert units.strip() == "", units
-    assert host.run("test", "-e", "/run/gunicorn.sock", check=False).returncode != 0
+    files = host.run("systemctl", "list-unit-files", "--plain", "--no-legend", pattern, check=False).stdout
+    assert files.strip() == "", files
+    for path in paths:
+        assert host.run("test", "-e", path, check=False).returncode != 0, path
+
+
+def gunicorn_gone(host: Host) -> None:
+    units_gone(host, "gunicorn*", "/run/gunicorn.sock")
 
 
 def test_from_gunicorns_documented_unit(host):
@@ -298,3 +322,80 @@ def test_from_gunicorns_documented_unit(host):
     pid = host.run("systemctl", "show", "-p", "MainPID", "--value", "unicorn-shim@pyapp.service").stdout.strip()
     assert "/srv/pyapp/releases/r2/venv/bin/python3" in host.run("cat", f"/proc/{pid}/cmdline").stdout
     restart_and_reboot_keep_serving(host, "unicorn-shim@pyapp.service", gunicorn_gone)
+
+
+def forking_gone(host: Host) -> None:
+    units_gone(host, "app.service", "/etc/systemd/system/multi-user.target.wants/app.service")
+    assert host.run("pgrep", "-a", "-u", "app", "-f", " -D -c ", check=False).stdout == ""   # its master, workers
+
+
+def test_from_a_type_forking_unit(host):
+    capistrano_layout(host)
+    ruby_release(host, "r0", bundler=True)
+    # What you have: Unicorn daemonized under a Type=forking unit, nginx in front,
+    # a deploy by USR2 that systemd follows through the pid file.
+    host.step("/etc/systemd/system/app.service")
+    host.step("/etc/nginx/sites-enabled/app")
+    host.sh("systemctl daemon-reload && systemctl enable --now app.service && systemctl reload nginx")
+    host.wait_for(f"release=r0 secret={SECRET}")
+    ruby_release(host, "r1", bundler=True)
+    host.run("systemctl", "reload", "app.service", check=True)
+    host.wait_for(f"release=r1 secret={SECRET}")
+    old_master = host.run("systemctl", "show", "-p", "MainPID", "--value", "app.service").stdout.strip()
+    assert old_master == host.run("cat", "/srv/app/shared/tmp/pids/unicorn.pid").stdout.strip()
+
+    host.step("install")
+    host.step("/etc/unicorn-shim/app.conf#forking")
+    host.step("herder-pid")
+    check = host.step("herder-check")
+    assert "0 errors" in check.stdout, check.stdout
+
+    stop = host.poll()
+    host.step("forking-switch")
+    ruby_release(host, "r2", bundler=True)
+    host.step("herder-pid")          # the config's change, made in the app's repository, is in r2 too
+    host.step("deploy-app")
+    served_throughout(host, stop, "unicorn-shim@app.service")
+    # the deploy's master runs under Bundler with the new release's Gemfile
+    assert "BUNDLE_GEMFILE=/srv/app/releases/r2/Gemfile\0" in host.master_env("unicorn-shim@app.service")
+    assert host.run("kill", "-0", old_master, check=False).returncode != 0
+    forking_gone(host)
+    restart_and_reboot_keep_serving(host, "unicorn-shim@app.service", forking_gone)
+
+
+def puma_gone(host: Host) -> None:
+    units_gone(host, "puma*")
+    assert host.run("pgrep", "-af", "tcp://127.0.0.1:3000", check=False).stdout == ""
+    assert host.run("curl", "-sS", "--max-time", "5", "http://127.0.0.1:3000/", check=False).returncode != 0
+
+
+def test_from_pumas_documented_unit(host):
+    capistrano_layout(host)
+    ruby_release(host, "r0", "RELEASE/config/puma.rb")
+    # What you have: Puma's documented socket and notify units, nginx in front,
+    # a deploy by USR1 (a phased restart into the release `current` points to).
+    host.step("/etc/systemd/system/puma.socket")
+    host.step("/etc/systemd/system/puma.service")
+    host.step("/etc/nginx/sites-enabled/app#puma")
+    host.sh("systemctl daemon-reload && systemctl enable --now puma.socket puma.service && systemctl reload nginx")
+    host.wait_for(f"release=r0 secret={SECRET}")
+    ruby_release(host, "r1", "RELEASE/config/puma.rb")
+    host.run("systemctl", "reload", "puma.service", check=True)
+    host.wait_for(f"release=r1 secret={SECRET}")
+    old_master = host.run("systemctl", "show", "-p", "MainPID", "--value", "puma.service").stdout.strip()
+
+    host.step("install")
+    host.step("/etc/unicorn-shim/app.conf#puma")
+    host.step("puma-config")
+    check = host.step("puma-check")
+    assert "0 errors" in check.stdout, check.stdout
+
+    stop = host.poll()
+    host.step("puma-switch")
+    ruby_release(host, "r2", "RELEASE/config/puma.rb")
+    host.step("puma-config")         # the config's change, made in the app's repository, is in r2 too
+    host.step("deploy-app")
+    served_throughout(host, stop, "unicorn-shim@app.service")
+    assert host.run("kill", "-0", old_master, check=False).returncode != 0
+    puma_gone(host)
+    restart_and_reboot_keep_serving(host, "unicorn-shim@app.service", puma_gone)

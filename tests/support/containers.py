@@ -32,10 +32,12 @@ IMAGES: Dict[str, tuple] = {
                "unicorn,ruby-rack,gunicorn,python3,python3-pytest,python3-psutil,python3-systemd,"
                "python3-sdnotify,procps,curl,util-linux"),
     # tests/test_migration.py: the supervisors an app is moved away from (runit,
-    # Gunicorn in a venv per release) and the web server in front (nginx).
-    "bookworm-migrate": ("rootfs-bookworm-migrate-v2",
+    # Gunicorn in a venv per release, Puma with its own systemd notify plugin,
+    # Unicorn under Bundler) and the web server in front (nginx).
+    "bookworm-migrate": ("rootfs-bookworm-migrate-v4",
                          "unicorn,ruby-rack,python3-psutil,python3-systemd,python3-sdnotify,procps,curl,python3,"
-                         "sudo,runit,runit-run,nginx-light,gunicorn,python3-venv", "bookworm"),
+                         "sudo,runit,runit-run,nginx-light,gunicorn,python3-venv,puma,ruby-sd-notify,bundler",
+                         "bookworm"),
 }
 
 
