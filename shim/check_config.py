@@ -37,7 +37,8 @@ class ConfigRules:
         where = f" in {self.ctx.start_dir}" if self.ctx.start_dir else ""
         if self.e.cannot:
             self.ctx.add(CANNOT, f"the {self.e.server} config: {self.e.cannot}; nothing in it was checked",
-                         f"what `check` ran{who}{where} is what the shim will run: make it load there")
+                         f"what `check` ran{who}{where} is what the shim will run: make it load there"
+                         if self.e.server in config_eval.EVALUATED else "")
             return
         error = self.v.get("error")
         if error and not error.startswith(PATH_CHECK):
@@ -106,10 +107,11 @@ class ConfigRules:
 
     def oldbin_hook(self) -> None:
         hook = self.v.get("hooks", {}).get("before_fork") or {}
-        if ".oldbin" in (hook.get("source") or ""):
-            self.ctx.add(WARNING, "the before_fork hook QUITs the .oldbin master: every reload stalls by its "
-                         "sleep, and the old master is gone before the shim knows the new release is good "
-                         "(no rollback with preload_app false)",
+        source = hook.get("source") or ""
+        if ".oldbin" in source:
+            stall = "every reload stalls by its sleep, and " if "sleep" in source else ""
+            self.ctx.add(WARNING, f"the before_fork hook QUITs the .oldbin master: {stall}the old master is gone "
+                         "before the shim knows the new release is good (no rollback with preload_app false)",
                          "remove the hook: the shim retires the old master once the new one serves")
 
     # --- Gunicorn ---

@@ -26,6 +26,7 @@ MARK = "unicorn-shim-eval: "
 TIMEOUT = 20.0
 UNICORN_WORDS = ("unicorn", "unicorn_rails")
 GUNICORN_WORDS = ("gunicorn", "gunicorn3")
+EVALUATED = ("unicorn", "gunicorn")       # the servers whose config check loads with their own code
 
 
 @dataclass
@@ -102,6 +103,8 @@ def evaluator_argv(profile: ServerProfile, command: Sequence[str], app_dir: Opti
                    env: Dict[str, str]) -> Tuple[Optional[List[str]], str]:
     """The command that evaluates the config with the server's interpreter, or (None, why not)."""
     path = env.get("PATH", os.defpath)
+    if profile.name not in EVALUATED:
+        return None, f"`check` evaluates {' and '.join(EVALUATED)} configs, not {profile.name}'s"
     if profile.name == "unicorn":
         index = _server_index(command, UNICORN_WORDS)
         if index is None:

@@ -85,6 +85,9 @@ def test_deb_installs_and_runs_an_app_through_the_templates(deb, container):
     assert "warning" not in (r.stdout + r.stderr).lower(), r.stdout[-2000:] + r.stderr[-2000:]
     assert run("unicorn-shim", "--version").stdout.startswith("unicorn-shim ")
     assert run("test", "-f", "/usr/share/man/man1/unicorn-shim.1.gz").returncode == 0
+    # the configs' readiness hooks load from Ruby's own path, outside the shim too (doing nothing there)
+    hooks = run("ruby", "-e", 'require "unicorn_shim"; require "unicorn_shim_puma"; puts :loaded')
+    assert hooks.stdout.strip() == "loaded", hooks.stderr
 
     # the templates are valid units as installed, and so is the configured app
     # (--man=no: the image has no man-db to look the man page up with)
@@ -170,6 +173,7 @@ def test_deb_installs_and_runs_an_app_through_the_templates(deb, container):
     for path in ("/usr/bin/unicorn-shim", "/usr/lib/systemd/system/unicorn-shim@.service",
                  "/usr/lib/systemd/system/unicorn-shim@.socket",
                  "/usr/lib/systemd/system-generators/unicorn-shim-generator", "/usr/lib/ruby/vendor_ruby/unicorn_shim.rb",
+                 "/usr/lib/ruby/vendor_ruby/unicorn_shim_puma.rb",
                  "/etc/systemd/system/sockets.target.wants/unicorn-shim@myapp.socket",
                  "/run/systemd/generator/unicorn-shim@myapp.socket.d"):
         assert run("test", "-e", path).returncode != 0, path
@@ -278,6 +282,8 @@ def test_rpm_builds_with_its_files():
         assert expected in files or expected[:-3] in files, (expected, files)
     assert any(f.endswith("/shim/supervisor.py") for f in files)
     assert any(f.endswith("/shim/hooks/ruby/unicorn_shim.rb") for f in files)
+    assert any(f.endswith("/ruby/vendor_ruby/unicorn_shim.rb") for f in files)
+    assert any(f.endswith("/ruby/vendor_ruby/unicorn_shim_puma.rb") for f in files)
     scripts = subprocess.run(["rpm", "-qp", "--scripts", os.path.join(REPO, rpm)], capture_output=True,
                              text=True).stdout
     assert "systemctl stop 'unicorn-shim@*.socket' 'unicorn-shim@*.service'" in scripts
