@@ -86,7 +86,11 @@ class Loop:
         if self.timers:
             first = max(0.0, self.timers[0].when - time.monotonic())
             timeout = first if timeout is None else min(timeout, first)
-        for key, _events in self.selector.select(timeout):
+        ready = self.selector.select(timeout)
+        if self._wakeup and len(ready) > 1:
+            # Signals first: one sent before a connection was made is seen before its request.
+            ready.sort(key=lambda event: event[0].fd != self._wakeup[0])
+        for key, _events in ready:
             # an earlier call of this round may have removed (and closed) this one
             if self.selector.get_map().get(key.fd) is key:
                 callback, args = key.data

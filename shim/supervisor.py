@@ -35,6 +35,9 @@ if TYPE_CHECKING:
     from shim.control import Reply
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+# The shim's own pid, for a trigger that costs next to no CPU: ExecReload= signals
+# the shim (its MAINPID is the master) and then `reload --signalled` reports the outcome.
+SHIM_PID_FILE = "shim.pid"
 # Signals whose default action would end or freeze the shim. `systemctl kill -s SIG`
 # signals every process of the unit: the master and its workers get them from
 # systemd directly (USR1: reopen logs; TTIN/TTOU: one worker more or less), so the
@@ -83,6 +86,7 @@ class Supervisor(Masters):
         self.started = time.time()
         self.reloads: List[Optional[Reply]] = []    # asked for, not begun: each its client's reply (or None)
         self.control: Optional[ControlServer] = None
+        self.signalled: Optional[SignalledReload] = None   # the last reload a signal asked for, to report
 
     # -- the loop -----------------------------------------------------------
 
@@ -99,6 +103,7 @@ class Supervisor(Masters):
         if self.config.control_path:
             self.control = ControlServer(self.config.control_path, self.config.control_mode,
                                          self.handle_request, self._on_refused, loop)
+        procs.write_pid_file(os.path.join(self.config.runtime_dir, SHIM_PID_FILE), os.getpid())
         if self.notifier.watchdog_usec:
             self._watchdog()
         try:
@@ -137,7 +142,8 @@ class Supervisor(Masters):
 
     def _on_reload_signal(self, sig: int) -> None:
         self.log.event("signal", f"{signal.Signals(sig).name}: reload requested", SIGNAL=signal.Signals(sig).name)
-        self.request_reload(None)
+        self.signalled = SignalledReload()
+        self.request_reload(self.signalled.answer)
 
     def request_reload(self, reply: Optional[Reply]) -> None:
         """Queue a reload; `reply` gets its answer. One asked for while the service
@@ -351,6 +357,13 @@ class Supervisor(Masters):
             self.request_reload(reply)
         elif command == "status":
             reply({"ok": True, **self.status()})
+        elif command == "reload-wait":
+            # The outcome of the last signalled reload, for one client: it may still run or be over.
+            signalled, self.signalled = self.signalled, None
+            if signalled is None:
+                reply({"ok": False, "error": "no signalled reload to report", "no_signalled_reload": True})
+            else:
+                signalled.report_to(reply)
         else:
             reply({"ok": False, "error": f"unknown command {command!r}"})
 
@@ -399,10 +412,34 @@ class Supervisor(Masters):
             m.close()
         if self.control:
             self.control.close()
+        try:
+            os.unlink(os.path.join(self.config.runtime_dir, SHIM_PID_FILE))
+        except OSError:
+            pass
         if self.hook_socket:
             self.loop.remove_reader(self.hook_socket.fileno())
             self.hook_socket.close()
         self.loop.close()
+
+
+class SignalledReload:
+    """A reload a signal asked for: its answer, kept for the one client that asks
+    for it (`reload --signalled`, which may connect before or after it is over)."""
+
+    def __init__(self) -> None:
+        self.result: Optional[Dict[str, Any]] = None
+        self.waiting: Optional[Reply] = None
+
+    def answer(self, result: Dict[str, Any]) -> None:
+        self.result = result
+        if self.waiting:
+            self.waiting(result)
+
+    def report_to(self, reply: Reply) -> None:
+        if self.result is not None:
+            reply(self.result)
+        else:
+            self.waiting = reply
 
 
 def _is_stopped(pid: int) -> bool:
