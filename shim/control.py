@@ -21,7 +21,7 @@ from shim.loop import Loop, Timer
 
 TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see shim/client.py)
 if TYPE_CHECKING:
-    from typing import Any, Callable, Dict, FrozenSet
+    from typing import Any, Callable, Dict, FrozenSet, Optional
 
     Reply = Callable[[Dict[str, Any]], None]
     Handler = Callable[[Dict[str, Any], Reply], None]
@@ -199,3 +199,23 @@ def _send(conn: socket.socket, answer: Dict[str, Any]) -> None:
         pass
     finally:
         conn.close()
+
+
+class SignalledReload:
+    """A reload a signal asked for: its answer, kept for the one client that asks
+    for it (`reload --signalled`, which may connect before or after it is over)."""
+
+    def __init__(self) -> None:
+        self.result: Optional[Dict[str, Any]] = None
+        self.waiting: Optional[Reply] = None
+
+    def answer(self, result: Dict[str, Any]) -> None:
+        self.result = result
+        if self.waiting:
+            self.waiting(result)
+
+    def report_to(self, reply: Reply) -> None:
+        if self.result is not None:
+            reply(self.result)
+        else:
+            self.waiting = reply

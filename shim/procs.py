@@ -100,6 +100,11 @@ def _stat(pid: int) -> List[str]:
         return []
 
 
+def is_stopped(pid: int) -> bool:
+    """Stopped by SIGSTOP (or a debugger): hung, for the watchdog's purposes."""
+    return _stat(pid)[:1] in (["T"], ["t"])
+
+
 def start_time(pid: int) -> Optional[int]:
     """Start time in clock ticks since boot: exact, unlike a wall-clock create time."""
     try:

@@ -15,7 +15,7 @@ import time
 from types import SimpleNamespace
 
 from shim import procs, release
-from shim.control import ControlServer
+from shim.control import ControlServer, SignalledReload
 from shim.errors import EXIT_MASTER_EXIT, EXIT_START, ReloadFailed, ShimError, Stopping
 from shim.journal import ERR, WARNING, Log
 from shim.loop import Loop
@@ -179,7 +179,7 @@ class Supervisor(Masters):
     def _watchdog(self) -> None:
         """WATCHDOG=1 while any master serves: during a hand-over the old master may
         be gone already (the common before_fork hook QUITs it) while the new one boots."""
-        if any(m.alive() and not _is_stopped(m.pid) for m in list(self.masters.values())):
+        if any(m.alive() and not procs.is_stopped(m.pid) for m in list(self.masters.values())):
             self.notifier.watchdog()
         self.loop.call_later(self.notifier.watchdog_usec / 2e6, self._watchdog)
 
@@ -420,32 +420,3 @@ class Supervisor(Masters):
             self.loop.remove_reader(self.hook_socket.fileno())
             self.hook_socket.close()
         self.loop.close()
-
-
-class SignalledReload:
-    """A reload a signal asked for: its answer, kept for the one client that asks
-    for it (`reload --signalled`, which may connect before or after it is over)."""
-
-    def __init__(self) -> None:
-        self.result: Optional[Dict[str, Any]] = None
-        self.waiting: Optional[Reply] = None
-
-    def answer(self, result: Dict[str, Any]) -> None:
-        self.result = result
-        if self.waiting:
-            self.waiting(result)
-
-    def report_to(self, reply: Reply) -> None:
-        if self.result is not None:
-            reply(self.result)
-        else:
-            self.waiting = reply
-
-
-def _is_stopped(pid: int) -> bool:
-    """A master stopped by SIGSTOP (or a debugger) is hung for the watchdog's purposes."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
-    except (OSError, IndexError):
-        return False
