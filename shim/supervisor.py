@@ -103,7 +103,9 @@ class Supervisor(Masters):
         if self.config.control_path:
             self.control = ControlServer(self.config.control_path, self.config.control_mode,
                                          self.handle_request, self._on_refused, loop)
-        procs.write_pid_file(os.path.join(self.config.runtime_dir, SHIM_PID_FILE), os.getpid())
+        # With its start time: the kill line checks it, so that a pid reused after a crash is never signalled.
+        procs.write_atomically(os.path.join(self.config.runtime_dir, SHIM_PID_FILE),
+                               f"{os.getpid()} {procs.start_time(os.getpid())}\n", mode=0o644)
         if self.notifier.watchdog_usec:
             self._watchdog()
         try:
