@@ -27,6 +27,9 @@ from shim.handover import Outcome, hand_over
 from shim.upgrade import STRATEGIES
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+# The shim's own pid, for a trigger that costs next to no CPU: ExecReload= signals
+# the shim (its MAINPID is the master) and then `reload --signalled` reports the outcome.
+SHIM_PID_FILE = "shim.pid"
 # Signals whose default action would end or freeze the shim. `systemctl kill -s SIG`
 # signals every process of the unit: the master and its workers get them from
 # systemd directly (USR1: reopen logs; TTIN/TTOU: one worker more or less), so the
@@ -74,6 +77,7 @@ class Supervisor(Masters):
         self.started = time.time()
         self._reload_lock = asyncio.Lock()
         self.control: Optional[ControlServer] = None
+        self.signalled: Optional["asyncio.Task[Dict[str, Any]]"] = None   # for `reload-wait`, once
 
     # -- the loop -----------------------------------------------------------
 
@@ -91,6 +95,7 @@ class Supervisor(Masters):
             self.control = ControlServer(self.config.control_path, self.config.control_mode,
                                          self.handle_request, self._on_refused)
             await self.control.start()
+        procs.write_pid_file(os.path.join(self.config.runtime_dir, SHIM_PID_FILE), os.getpid())
         watchdog = loop.create_task(self._watchdog()) if self.notifier.watchdog_usec else None
         try:
             try:
@@ -123,7 +128,7 @@ class Supervisor(Masters):
 
     def _on_reload_signal(self, sig: int) -> None:
         self.log.event("signal", f"{signal.Signals(sig).name}: reload requested", SIGNAL=signal.Signals(sig).name)
-        asyncio.get_running_loop().create_task(self.reload())
+        self.signalled = asyncio.get_running_loop().create_task(self.reload())
 
     def _on_other_signal(self, sig: int) -> None:
         name = signal.Signals(sig).name
@@ -327,6 +332,13 @@ class Supervisor(Masters):
             return await self.reload()
         if command == "status":
             return {"ok": True, **self.status()}
+        if command == "reload-wait":
+            # The answer of the last signalled reload, to one client: it may still run or be over.
+            # (Signals are handled before a request on a connection made after them is read.)
+            task, self.signalled = self.signalled, None
+            if task is None:
+                return {"ok": False, "error": "no signalled reload to report", "no_signalled_reload": True}
+            return await asyncio.shield(task)
         return {"ok": False, "error": f"unknown command {command!r}"}
 
     # -- what the operator sees ---------------------------------------------
@@ -375,6 +387,10 @@ class Supervisor(Masters):
             m.close()
         if self.control:
             self.control.close()
+        try:
+            os.unlink(os.path.join(self.config.runtime_dir, SHIM_PID_FILE))
+        except OSError:
+            pass
         if self.hook_socket:
             loop.remove_reader(self.hook_socket.fileno())
             self.hook_socket.close()
