@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
                                            "(the unit's ExecReload=)")
     reload.add_argument("--timeout", type=_seconds, metavar="SEC",
                         help="give up waiting after SEC (the reload itself goes on)")
+    reload.add_argument("--signalled", action="store_true",
+                        help="report the reload that SIGHUP to the shim (its pid is in shim.pid in the "
+                             "runtime directory) started, as the packaged unit's ExecReload= lines do: "
+                             "the signal costs no Python start; without such a reload, ask for one")
     _add_target(reload)
 
     check = sub.add_parser("check", help="pre-flight: known mistakes in a setup and the server's config",
