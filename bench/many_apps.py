@@ -15,8 +15,8 @@ round reloads them in sequence. Reported, per setup:
   command's return; the shim's CPU per reload, PSS/RSS per idle shim, idle
   wakeups per second; the CPU of one `unicorn-shim reload` and `status` call.
 
---compare REV runs the same on the shim of git revision REV (its `run` and its
-client, from `git archive`) side by side: both hosts are up at once, each
+--compare REV runs the same on the shim of git revision REV (its `run`, its
+client and its template's ExecReload= lines, from `git archive`) side by side: both hosts are up at once, each
 under its own manager, and every step runs on one and then the other, in turns,
 so that a shared machine's changing load falls on both. Debian's Python
 (/usr/bin/python3).
@@ -42,14 +42,21 @@ from support.load import Load, get  # noqa: E402
 from support.systemd import UserManager, proc_cmdline  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
-# What the bench's manager changes in the packaged template: the shim from a checkout,
-# and no /etc/unicorn-shim/APP.conf on this host (the conf is turned into drop-ins here).
+# What the bench's manager changes in the packaged template: the shim from a checkout
+# (in the template's own ExecReload= lines), and no /etc/unicorn-shim/APP.conf on this
+# host (the conf is turned into drop-ins here).
 BENCH_DROPIN = """[Unit]
 ConditionPathExists=
 [Service]
 ExecReload=
-ExecReload={python} {shim} reload
-"""
+{reload_lines}"""
+
+
+def reload_lines(template: str, shim_command: str) -> str:
+    """The template's ExecReload= lines, running the shim of the tree under test."""
+    with open(template) as f:
+        return "".join(line.replace("/usr/bin/unicorn-shim", shim_command)
+                       for line in f if line.startswith("ExecReload="))
 
 
 def shim_tree(rev: str, base: str) -> str:
@@ -59,7 +66,7 @@ def shim_tree(rev: str, base: str) -> str:
         root = REPO
     else:
         root = tempfile.mkdtemp(dir=base, prefix="rev.")
-        archive = subprocess.run(["git", "-C", REPO, "archive", rev, "shim", "bin"], check=True,
+        archive = subprocess.run(["git", "-C", REPO, "archive", rev, "shim", "bin", "units"], check=True,
                                  capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", root], input=archive, check=True)
     subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(root, "shim")], check=True,
@@ -101,8 +108,10 @@ class Host:
         self.ports = {}
         units = self.m.unit_dir
         for template in ("unicorn-shim@.service", "unicorn-shim@.socket"):
-            shutil.copy(os.path.join(REPO, "units", template), units)
+            shutil.copy(os.path.join(tree, "units", template), units)
         shim = os.path.join(tree, "bin", "unicorn-shim")
+        self.reload_lines = reload_lines(os.path.join(tree, "units", "unicorn-shim@.service"),
+                                         f"{sys.executable} {shim}")
         for name in self.names:
             runtime = os.path.join(self.m.runtime_dir, "unicorn-shim", name)
             app = App(os.path.join(self.root, name), os.path.join(runtime, "server.pid"))
@@ -114,7 +123,7 @@ class Host:
                 text = text.replace("/usr/bin/unicorn-shim", f"{sys.executable} {shim}")
                 self._write(os.path.join(units, rel), text)
             self._write(os.path.join(units, f"unicorn-shim@{name}.service.d", "90-bench.conf"),
-                        BENCH_DROPIN.format(python=sys.executable, shim=shim))
+                        BENCH_DROPIN.format(reload_lines=self.reload_lines))
             self._write(os.path.join(units, f"unicorn-shim@{name}.socket.d", "90-bench.conf"),
                         "[Unit]\nConditionPathExists=\n")
             app.release()
@@ -346,6 +355,8 @@ def main() -> None:
         shutil.rmtree(base, ignore_errors=True)
     print(f"\n{args.apps} apps per setup, {args.rounds} parallel rounds + 1 in sequence, one client per app:\n")
     print(table([s.res for s in setups]))
+    for s in setups:
+        print(f"{s.res['label']}: " + " | ".join(s.host.reload_lines.strip().splitlines()))
     for s in setups:
         for failure in s.res.get("failures", []):
             print(f"{s.res['label']}: reload failed: {failure}")
