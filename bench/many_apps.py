@@ -11,9 +11,11 @@ reloads all of them in parallel (`systemctl --user reload` at once); then one
 round reloads them in sequence. Reported, per setup:
 
   failed requests, deploys that took effect, and the time from `systemctl
-  reload` to the shim's reload-start (journal), to its reload-done, and to the
-  command's return; the shim's CPU per reload, PSS/RSS per idle shim, idle
-  wakeups per second; the CPU of one `unicorn-shim reload` and `status` call.
+  reload` to the shim's `signal` event (when ExecReload= signals it), to its
+  reload-start (journal), to its reload-done, and to the command's return; the
+  shim's CPU per reload, PSS/RSS per idle shim, idle wakeups per second; the CPU
+  of one `unicorn-shim reload` and `status` call, and of one reload's
+  ExecReload= lines as the template has them.
 
 --compare REV runs the same on the shim of git revision REV (its `run`, its
 client and its template's ExecReload= lines, from `git archive`) side by side: both hosts are up at once, each
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -189,6 +192,28 @@ def client_cpu(host: Host, argv_tail: list, calls: int) -> float:
     return statistics.median(cpu) * 1000
 
 
+def exec_reload_cpu(host: Host, calls: int) -> float:
+    """Median CPU of one reload's ExecReload= lines, each run as systemd would run it
+    (specifiers and $$ resolved, RUNTIME_DIRECTORY set), from their own rusage."""
+    cpu = []
+    for i in range(calls):
+        name = host.names[i % len(host.names)]
+        host.apps[name].release()
+        runtime = os.path.dirname(host.control(name))
+        env = dict(os.environ, RUNTIME_DIRECTORY=runtime)
+        total = 0.0
+        for line in host.reload_lines.splitlines():
+            command = line.partition("=")[2].lstrip("-").replace("%t", host.m.runtime_dir).replace("%i", name)
+            argv = shlex.split(command.replace("$$", "$"))
+            pid = os.posix_spawn(argv[0], argv, env,
+                                 file_actions=[(os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)])
+            _, status, usage = os.wait4(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0, line
+            total += usage.ru_utime + usage.ru_stime
+        cpu.append(total)
+    return statistics.median(cpu) * 1000
+
+
 def events(host: Host, event: str) -> dict:
     """{app: [wall times]} of one SHIM_EVENT."""
     out: dict = {}
@@ -257,12 +282,16 @@ class Setup:
         self.res["failures"] = [f"{e.get('_SYSTEMD_USER_UNIT')}: {e.get('REASON')}"
                                 for e in self.host.m.journal("SHIM_EVENT=reload-failed")]
         starts, dones = events(self.host, "reload-start"), events(self.host, "reload-done")
+        signals = events(self.host, "signal")      # a tree whose ExecReload= signals the shim
         for kind in ("parallel", "sequence"):
-            to_start, to_done, to_return = [], [], []
+            to_signal, to_start, to_done, to_return = [], [], [], []
             for k, per_app in self.res["rounds"]:
                 if k != kind:
                     continue
                 for n, (_gen, t0, t1, rc) in per_app.items():
+                    signalled = first_within(signals.get(n, []), t0, t1 + 1)
+                    if signalled is not None:
+                        to_signal.append(signalled - t0)
                     started = first_within(starts.get(n, []), t0, t1 + 1)
                     if started is not None:
                         to_start.append(started - t0)
@@ -270,7 +299,7 @@ class Setup:
                     if done is not None and rc == 0:
                         to_done.append(done - t0)
                         to_return.append(t1 - t0)
-            self.res[kind] = {"to_start": to_start, "to_done": to_done, "to_return": to_return}
+            self.res[kind] = {"to_signal": to_signal, "to_start": to_start, "to_done": to_done, "to_return": to_return}
 
 
 def run(setups: list, args: argparse.Namespace) -> None:
@@ -291,9 +320,11 @@ def run(setups: list, args: argparse.Namespace) -> None:
     for i in range(args.client_calls):
         each(lambda s: s.res.setdefault("reload_cpu", []).append(client_cpu(s.host, ["reload"], 1)), i)
         each(lambda s: s.res.setdefault("status_cpu", []).append(client_cpu(s.host, ["status"], 1)), i)
+        each(lambda s: s.res.setdefault("exec_reload_cpu", []).append(exec_reload_cpu(s.host, 1)), i)
     for s in setups:
         s.res["client_reload_cpu_ms"] = statistics.median(s.res["reload_cpu"])
         s.res["client_status_cpu_ms"] = statistics.median(s.res["status_cpu"])
+        s.res["exec_reload_cpu_ms"] = statistics.median(s.res["exec_reload_cpu"])
     time.sleep(2)
     each(lambda s: s.res.__setitem__("idle_after", idle(s.host, args.idle)))
     each(lambda s: s.latencies())
@@ -312,12 +343,15 @@ def table(results: list) -> str:
             ("deploys that took effect", lambda r: r["took_effect"]),
             ("reloads that failed", lambda r: str(r["failed_reloads"]))]
     for kind in ("parallel", "sequence"):
-        for key, what in (("to_start", "reload-start"), ("to_done", "reload-done"),
+        for key, what in (("to_signal", "the shim's `signal` event"),
+                          ("to_start", "reload-start"), ("to_done", "reload-done"),
                           ("to_return", "command returns")):
-            rows.append((f"{kind}: `systemctl reload` -> {what}, median / p90 ms" + (" (ok ones)" if key != "to_start" else ""),
+            rows.append((f"{kind}: `systemctl reload` -> {what}, median / p90 ms" + (" (ok ones)" if key in ("to_done", "to_return") else ""),
                          lambda r, k=kind, key=key: f"{med(r[k][key])} / {p90(r[k][key])}"))
     rows += [("shim CPU per reload, ms (median over apps)", lambda r: f"{r['shim_cpu_per_reload_ms']:.0f}"),
              ("`unicorn-shim reload` client CPU, ms (median)", lambda r: f"{r['client_reload_cpu_ms']:.1f}"),
+             ("the unit's ExecReload= lines, CPU per reload, ms (median)",
+              lambda r: f"{r['exec_reload_cpu_ms']:.1f}"),
              ("`unicorn-shim status` client CPU, ms (median)", lambda r: f"{r['client_status_cpu_ms']:.1f}"),
              ("idle shim PSS / RSS, MiB (median), at start", lambda r: f"{r['idle']['pss']:.1f} / {r['idle']['rss']:.1f}"),
              ("idle shim PSS / RSS, MiB (median), after the reloads",
