@@ -11,7 +11,8 @@ reloads all of them in parallel (`systemctl --user reload` at once); then one
 round reloads them in sequence. Reported, per setup:
 
   failed requests, deploys that took effect, and the time from `systemctl
-  reload` to the shim's `signal` event (when ExecReload= signals it), to its
+  reload` to the manager's "Reloading" line (its reload job begins: the floor),
+  to the shim's `signal` event (when ExecReload= signals it), to its
   reload-start (journal), to its reload-done, and to the command's return; the
   shim's CPU per reload, PSS/RSS per idle shim, idle wakeups per second; the CPU
   of one `unicorn-shim reload` and `status` call, and of one reload's
@@ -235,11 +236,16 @@ def exec_reload_cpu(host: Host, calls: int) -> float:
     return statistics.median(cpu) * 1000
 
 
-def events(host: Host, event: str) -> dict:
-    """{app: [wall times]} of one SHIM_EVENT."""
+# The manager's "Reloading UNIT..." line: it starts the reload job (ExecReload= follows).
+UNIT_RELOADING = "MESSAGE_ID=d34d037fff1847e6ae669a370e694725"
+
+
+def events(host: Host, match: str) -> dict:
+    """{app: [wall times]} of one SHIM_EVENT, or of the manager's entries matching `match`."""
     out: dict = {}
-    for e in host.m.journal(f"SHIM_EVENT={event}"):
-        name = e.get("_SYSTEMD_USER_UNIT", "").partition("@")[2].rpartition(".")[0]
+    for e in host.m.journal(match if "=" in match else f"SHIM_EVENT={match}"):
+        unit = e.get("USER_UNIT") or e.get("_SYSTEMD_USER_UNIT", "")
+        name = unit.partition("@")[2].rpartition(".")[0]
         out.setdefault(name, []).append(int(e["__REALTIME_TIMESTAMP"]) / 1e6)
     return out
 
@@ -298,12 +304,16 @@ class Setup:
                                 for e in self.host.m.journal("SHIM_EVENT=reload-failed")]
         starts, dones = events(self.host, "reload-start"), events(self.host, "reload-done")
         signals = events(self.host, "signal")      # a tree whose ExecReload= signals the shim
+        jobs = events(self.host, UNIT_RELOADING)
         for kind in ("parallel", "sequence"):
-            to_signal, to_start, to_done, to_return = [], [], [], []
+            to_job, to_signal, to_start, to_done, to_return = [], [], [], [], []
             for k, per_app in self.res["rounds"]:
                 if k != kind:
                     continue
                 for n, (_gen, t0, t1, rc) in per_app.items():
+                    job = first_within(jobs.get(n, []), t0, t1 + 1)
+                    if job is not None:
+                        to_job.append(job - t0)
                     signalled = first_within(signals.get(n, []), t0, t1 + 1)
                     if signalled is not None:
                         to_signal.append(signalled - t0)
@@ -314,7 +324,7 @@ class Setup:
                     if done is not None and rc == 0:
                         to_done.append(done - t0)
                         to_return.append(t1 - t0)
-            self.res[kind] = {"to_signal": to_signal, "to_start": to_start, "to_done": to_done, "to_return": to_return}
+            self.res[kind] = {"to_job": to_job, "to_signal": to_signal, "to_start": to_start, "to_done": to_done, "to_return": to_return}
 
 
 def run(setups: list, args: argparse.Namespace) -> None:
@@ -358,7 +368,8 @@ def table(results: list) -> str:
             ("deploys that took effect", lambda r: r["took_effect"]),
             ("reloads that failed", lambda r: str(r["failed_reloads"]))]
     for kind in ("parallel", "sequence"):
-        for key, what in (("to_signal", "the shim's `signal` event"),
+        for key, what in (("to_job", "the manager's `Reloading` line"),
+                          ("to_signal", "the shim's `signal` event"),
                           ("to_start", "reload-start"), ("to_done", "reload-done"),
                           ("to_return", "command returns")):
             rows.append((f"{kind}: `systemctl reload` -> {what}, median / p90 ms" + (" (ok ones)" if key in ("to_done", "to_return") else ""),
