@@ -197,43 +197,32 @@ def idle(host: Host, seconds: float) -> dict:
             "pss": statistics.median(m["Pss"] for m in mem), "rss": statistics.median(m["Rss"] for m in mem)}
 
 
-def client_cpu(host: Host, argv_tail: list, calls: int) -> float:
-    """Median CPU (user+sys) of client processes, from their own rusage: the wait
-    for the hand-over is not CPU."""
-    shim = [sys.executable, os.path.join(host.tree, "bin", "unicorn-shim")]
-    cpu = []
-    for i in range(calls):
-        name = host.names[i % len(host.names)]
-        if argv_tail[0] == "reload":
-            host.apps[name].release()
-        pid = os.posix_spawn(shim[0], [*shim, *argv_tail, "--control", host.control(name)], os.environ,
-                             file_actions=[(os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)])
-        _, status, usage = os.wait4(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0, argv_tail
-        cpu.append(usage.ru_utime + usage.ru_stime)
-    return statistics.median(cpu) * 1000
+def cpu_of(argv: list, env: "dict | os._Environ[str]") -> float:
+    """CPU seconds (user+sys) of one process from its own rusage: a wait is not CPU."""
+    pid = os.posix_spawn(argv[0], argv, env, file_actions=[(os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)])
+    _, status, usage = os.wait4(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, argv
+    return usage.ru_utime + usage.ru_stime
 
 
-def exec_reload_cpu(host: Host, calls: int) -> float:
-    """Median CPU of one reload's ExecReload= lines, each run as systemd would run it
-    (specifiers and $$ resolved, RUNTIME_DIRECTORY set), from their own rusage."""
-    cpu = []
-    for i in range(calls):
-        name = host.names[i % len(host.names)]
+def client_cpu(host: Host, argv_tail: list, i: int) -> float:
+    """CPU of one client call, ms, on the i-th app."""
+    name = host.names[i % len(host.names)]
+    if argv_tail[0] == "reload":
         host.apps[name].release()
-        runtime = os.path.dirname(host.control(name))
-        env = dict(os.environ, RUNTIME_DIRECTORY=runtime)
-        total = 0.0
-        for line in host.reload_lines.splitlines():
-            command = line.partition("=")[2].lstrip("-").replace("%t", host.m.runtime_dir).replace("%i", name)
-            argv = shlex.split(command.replace("$$", "$"))
-            pid = os.posix_spawn(argv[0], argv, env,
-                                 file_actions=[(os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)])
-            _, status, usage = os.wait4(pid, 0)
-            assert os.waitstatus_to_exitcode(status) == 0, line
-            total += usage.ru_utime + usage.ru_stime
-        cpu.append(total)
-    return statistics.median(cpu) * 1000
+    shim = [sys.executable, os.path.join(host.tree, "bin", "unicorn-shim")]
+    return cpu_of([*shim, *argv_tail, "--control", host.control(name)], os.environ) * 1000
+
+
+def exec_reload_cpu(host: Host, i: int) -> float:
+    """CPU of one reload's ExecReload= lines on the i-th app, ms, each run as systemd
+    would run it (specifiers and $$ resolved, RUNTIME_DIRECTORY set)."""
+    name = host.names[i % len(host.names)]
+    host.apps[name].release()
+    env = dict(os.environ, RUNTIME_DIRECTORY=os.path.dirname(host.control(name)))
+    lines = [line.partition("=")[2].lstrip("-").replace("%t", host.m.runtime_dir).replace("%i", name)
+             for line in host.reload_lines.splitlines()]
+    return sum(cpu_of(shlex.split(line.replace("$$", "$")), env) for line in lines) * 1000
 
 
 # The manager's "Reloading UNIT..." line: it starts the reload job (ExecReload= follows).
@@ -343,9 +332,9 @@ def run(setups: list, args: argparse.Namespace) -> None:
         each(lambda s: s.round(kind), i)
     each(lambda s: s.stop_load(len(kinds)))
     for i in range(args.client_calls):
-        each(lambda s: s.res.setdefault("reload_cpu", []).append(client_cpu(s.host, ["reload"], 1)), i)
-        each(lambda s: s.res.setdefault("status_cpu", []).append(client_cpu(s.host, ["status"], 1)), i)
-        each(lambda s: s.res.setdefault("exec_reload_cpu", []).append(exec_reload_cpu(s.host, 1)), i)
+        each(lambda s: s.res.setdefault("reload_cpu", []).append(client_cpu(s.host, ["reload"], i)), i)
+        each(lambda s: s.res.setdefault("status_cpu", []).append(client_cpu(s.host, ["status"], i)), i)
+        each(lambda s: s.res.setdefault("exec_reload_cpu", []).append(exec_reload_cpu(s.host, i)), i)
     for s in setups:
         s.res["client_reload_cpu_ms"] = statistics.median(s.res["reload_cpu"])
         s.res["client_status_cpu_ms"] = statistics.median(s.res["status_cpu"])
