@@ -95,7 +95,9 @@ class Supervisor(Masters):
             self.control = ControlServer(self.config.control_path, self.config.control_mode,
                                          self.handle_request, self._on_refused)
             await self.control.start()
-        procs.write_pid_file(os.path.join(self.config.runtime_dir, SHIM_PID_FILE), os.getpid())
+        # With its start time: the kill line checks it, so that a pid reused after a crash is never signalled.
+        procs.write_atomically(os.path.join(self.config.runtime_dir, SHIM_PID_FILE),
+                               f"{os.getpid()} {procs.start_time(os.getpid())}\n", mode=0o644)
         watchdog = loop.create_task(self._watchdog()) if self.notifier.watchdog_usec else None
         try:
             try:

@@ -28,6 +28,11 @@ def shim_pid_file(manager) -> str:
     return os.path.join(manager.runtime_dir, "app", "shim.pid")
 
 
+def shim_pid(manager) -> int:
+    with open(shim_pid_file(manager)) as f:
+        return int(f.read().split()[0])
+
+
 def wait_for_events(manager, event: str, count: int, timeout: float = 60) -> list:
     deadline = time.monotonic() + timeout
     while True:
@@ -46,8 +51,7 @@ def client(manager, *args: str) -> subprocess.CompletedProcess:
 def test_systemctl_reload_through_the_signal_deploys_once_and_reports(deploy, manager):
     d = deploy(service_extra=trigger_lines())
     d.start()
-    with open(shim_pid_file(manager)) as f:
-        pid = int(f.read())
+    pid = shim_pid(manager)
     assert pid in manager.unit_processes() and "unicorn-shim" in open(f"/proc/{pid}/cmdline").read()
     with Load(d.port, clients=2) as load:
         name = d.app.release()
@@ -79,8 +83,7 @@ def test_a_reload_over_before_the_client_asks_is_reported_once(unicorn_deploy, m
     d = unicorn_deploy(service_extra=trigger_lines())
     d.start()
     first = d.app.release()
-    with open(shim_pid_file(manager)) as f:
-        os.kill(int(f.read()), signal.SIGHUP)
+    os.kill(shim_pid(manager), signal.SIGHUP)
     assert len(wait_for_events(manager, "reload-done", 1)) == 1
     r = client(manager)
     assert r.returncode == 0, r.stderr
@@ -108,6 +111,30 @@ def test_without_the_pid_file_the_client_reloads_itself(unicorn_deploy, manager)
     assert [e["GENERATION"] for e in manager.events("reload-done")] == ["2"]
 
 
+def test_a_pid_reused_after_a_crash_is_not_signalled(unicorn_deploy, manager):
+    """shim.pid names a process that is not the shim any more (the shim crashed and
+    its pid went to another process): the kill line leaves it alone, and the
+    client asks for the reload itself."""
+    d = unicorn_deploy(service_extra=trigger_lines())
+    d.start()
+    other = subprocess.Popen(["sleep", "600"])        # SIGHUP would end it
+    try:
+        with open(shim_pid_file(manager)) as f:
+            start = f.read().split()[1]
+        with open(shim_pid_file(manager), "w") as f:
+            f.write(f"{other.pid} {start}\n")
+        name = d.app.release()
+        r = d.reload()
+        assert r.returncode == 0, r.stderr + manager.journal_text()[-3000:]
+        assert other.poll() is None
+        assert get(d.port).release == name
+        assert manager.events("signal") == []
+        assert [e["GENERATION"] for e in manager.events("reload-done")] == ["2"]
+    finally:
+        other.kill()
+        other.wait()
+
+
 def test_a_signalled_reload_refused_while_starting_is_reported(unicorn_deploy, manager):
     d = unicorn_deploy(service_extra=trigger_lines())
     d.app.release(extra=d.app.slow_boot(8))
@@ -117,8 +144,7 @@ def test_a_signalled_reload_refused_while_starting_is_reported(unicorn_deploy, m
     deadline = time.monotonic() + 30
     while not os.path.exists(shim_pid_file(manager)) and time.monotonic() < deadline:
         time.sleep(0.05)
-    with open(shim_pid_file(manager)) as f:
-        os.kill(int(f.read()), signal.SIGHUP)
+    os.kill(shim_pid(manager), signal.SIGHUP)
     r = client(manager)
     assert r.returncode == 10 and "still starting" in r.stderr, (r.stdout, r.stderr)
     assert manager.wait_for("app.service", timeout=60, ActiveState="active")["ActiveState"] == "active"
