@@ -27,8 +27,8 @@ from shim.handover import Outcome, hand_over
 from shim.upgrade import STRATEGIES
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
-# The shim's own pid, for a trigger that costs next to no CPU: ExecReload= signals
-# the shim (its MAINPID is the master) and then `reload --signalled` reports the outcome.
+# The shim's own pid and start time, for a trigger that costs next to no CPU: ExecReload=
+# signals the shim (its MAINPID is the master), then `reload --signalled` reports the outcome.
 SHIM_PID_FILE = "shim.pid"
 # Signals whose default action would end or freeze the shim. `systemctl kill -s SIG`
 # signals every process of the unit: the master and its workers get them from
