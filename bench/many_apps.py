@@ -11,12 +11,15 @@ reloads all of them in parallel (`systemctl --user reload` at once); then one
 round reloads them in sequence. Reported, per setup:
 
   failed requests, deploys that took effect, and the time from `systemctl
-  reload` to the shim's reload-start (journal), to its reload-done, and to the
-  command's return; the shim's CPU per reload, PSS/RSS per idle shim, idle
-  wakeups per second; the CPU of one `unicorn-shim reload` and `status` call.
+  reload` to the manager's "Reloading" line (its reload job begins: the floor),
+  to the shim's `signal` event (when ExecReload= signals it), to its
+  reload-start (journal), to its reload-done, and to the command's return; the
+  shim's CPU per reload, PSS/RSS per idle shim, idle wakeups per second; the CPU
+  of one `unicorn-shim reload` and `status` call, and of one reload's
+  ExecReload= lines as the template has them.
 
---compare REV runs the same on the shim of git revision REV (its `run` and its
-client, from `git archive`) side by side: both hosts are up at once, each
+--compare REV runs the same on the shim of git revision REV (its `run`, its
+client and its template's ExecReload= lines, from `git archive`) side by side: both hosts are up at once, each
 under its own manager, and every step runs on one and then the other, in turns,
 so that a shared machine's changing load falls on both. Debian's Python
 (/usr/bin/python3).
@@ -24,13 +27,14 @@ so that a shared machine's changing load falls on both. Debian's Python
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
@@ -42,14 +46,41 @@ from support.load import Load, get  # noqa: E402
 from support.systemd import UserManager, proc_cmdline  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
-# What the bench's manager changes in the packaged template: the shim from a checkout,
-# and no /etc/unicorn-shim/APP.conf on this host (the conf is turned into drop-ins here).
+# What the bench's manager changes in the packaged template: the shim from a checkout
+# (in the template's own ExecReload= lines), and no /etc/unicorn-shim/APP.conf on this
+# host (the conf is turned into drop-ins here).
 BENCH_DROPIN = """[Unit]
 ConditionPathExists=
 [Service]
 ExecReload=
-ExecReload={python} {shim} reload
+{reload_lines}"""
+
+
+# Starts the `systemctl reload`s and times them from a process of its own: in the
+# bench's, the load's client threads hold the GIL, and a reload thread waited for it
+# (hundreds of ms with 20 apps) between its timestamp and its systemctl.
+RELOADER = """
+import json, os, sys, time
+quiet = [(os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0), (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0)]
+running = {}
+for unit in sys.argv[1:]:
+    t0 = time.time()
+    running[os.posix_spawnp("systemctl", ["systemctl", "--user", "reload", unit], os.environ,
+                            file_actions=quiet)] = (unit, t0)
+out = {}
+while running:
+    pid, status = os.wait()
+    unit, t0 = running.pop(pid)
+    out[unit] = (t0, time.time(), os.waitstatus_to_exitcode(status))
+json.dump(out, sys.stdout)
 """
+
+
+def reload_lines(template: str, shim_command: str) -> str:
+    """The template's ExecReload= lines, running the shim of the tree under test."""
+    with open(template) as f:
+        return "".join(line.replace("/usr/bin/unicorn-shim", shim_command)
+                       for line in f if line.startswith("ExecReload="))
 
 
 def shim_tree(rev: str, base: str) -> str:
@@ -59,7 +90,7 @@ def shim_tree(rev: str, base: str) -> str:
         root = REPO
     else:
         root = tempfile.mkdtemp(dir=base, prefix="rev.")
-        archive = subprocess.run(["git", "-C", REPO, "archive", rev, "shim", "bin"], check=True,
+        archive = subprocess.run(["git", "-C", REPO, "archive", rev, "shim", "bin", "units"], check=True,
                                  capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", root], input=archive, check=True)
     subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(root, "shim")], check=True,
@@ -101,8 +132,10 @@ class Host:
         self.ports = {}
         units = self.m.unit_dir
         for template in ("unicorn-shim@.service", "unicorn-shim@.socket"):
-            shutil.copy(os.path.join(REPO, "units", template), units)
+            shutil.copy(os.path.join(tree, "units", template), units)
         shim = os.path.join(tree, "bin", "unicorn-shim")
+        self.reload_lines = reload_lines(os.path.join(tree, "units", "unicorn-shim@.service"),
+                                         f"{sys.executable} {shim}")
         for name in self.names:
             runtime = os.path.join(self.m.runtime_dir, "unicorn-shim", name)
             app = App(os.path.join(self.root, name), os.path.join(runtime, "server.pid"))
@@ -114,7 +147,7 @@ class Host:
                 text = text.replace("/usr/bin/unicorn-shim", f"{sys.executable} {shim}")
                 self._write(os.path.join(units, rel), text)
             self._write(os.path.join(units, f"unicorn-shim@{name}.service.d", "90-bench.conf"),
-                        BENCH_DROPIN.format(python=sys.executable, shim=shim))
+                        BENCH_DROPIN.format(reload_lines=self.reload_lines))
             self._write(os.path.join(units, f"unicorn-shim@{name}.socket.d", "90-bench.conf"),
                         "[Unit]\nConditionPathExists=\n")
             app.release()
@@ -142,10 +175,11 @@ class Host:
     def control(self, name: str) -> str:
         return os.path.join(self.m.runtime_dir, "unicorn-shim", name, "control.sock")
 
-    def reload(self, name: str, out: dict) -> None:
-        t0 = time.time()
-        r = self.m.systemctl("reload", f"unicorn-shim@{name}.service")
-        out[name] = (t0, time.time(), r.returncode)
+    def reload(self, names: list) -> dict:
+        """`systemctl reload` of these apps at once: {app: (start, return, exit status)}."""
+        out = subprocess.run([sys.executable, "-c", RELOADER, *[f"unicorn-shim@{n}.service" for n in names]],
+                             env=self.m.env, check=True, capture_output=True, text=True).stdout
+        return {unit.partition("@")[2].rpartition(".")[0]: tuple(times) for unit, times in json.loads(out).items()}
 
     def down(self) -> None:
         self.m.systemctl("stop", *[f"unicorn-shim@{n}.socket" for n in self.names],
@@ -163,28 +197,44 @@ def idle(host: Host, seconds: float) -> dict:
             "pss": statistics.median(m["Pss"] for m in mem), "rss": statistics.median(m["Rss"] for m in mem)}
 
 
-def client_cpu(host: Host, argv_tail: list, calls: int) -> float:
-    """Median CPU (user+sys) of client processes, from their own rusage: the wait
-    for the hand-over is not CPU."""
+def cpu_of(argv: list, env: "dict | os._Environ[str]") -> float:
+    """CPU seconds (user+sys) of one process from its own rusage: a wait is not CPU."""
+    pid = os.posix_spawn(argv[0], argv, env, file_actions=[(os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)])
+    _, status, usage = os.wait4(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, argv
+    return usage.ru_utime + usage.ru_stime
+
+
+def client_cpu(host: Host, argv_tail: list, i: int) -> float:
+    """CPU of one client call, ms, on the i-th app."""
+    name = host.names[i % len(host.names)]
+    if argv_tail[0] == "reload":
+        host.apps[name].release()
     shim = [sys.executable, os.path.join(host.tree, "bin", "unicorn-shim")]
-    cpu = []
-    for i in range(calls):
-        name = host.names[i % len(host.names)]
-        if argv_tail[0] == "reload":
-            host.apps[name].release()
-        pid = os.posix_spawn(shim[0], [*shim, *argv_tail, "--control", host.control(name)], os.environ,
-                             file_actions=[(os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)])
-        _, status, usage = os.wait4(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0, argv_tail
-        cpu.append(usage.ru_utime + usage.ru_stime)
-    return statistics.median(cpu) * 1000
+    return cpu_of([*shim, *argv_tail, "--control", host.control(name)], os.environ) * 1000
 
 
-def events(host: Host, event: str) -> dict:
-    """{app: [wall times]} of one SHIM_EVENT."""
+def exec_reload_cpu(host: Host, i: int) -> float:
+    """CPU of one reload's ExecReload= lines on the i-th app, ms, each run as systemd
+    would run it (specifiers and $$ resolved, RUNTIME_DIRECTORY set)."""
+    name = host.names[i % len(host.names)]
+    host.apps[name].release()
+    env = dict(os.environ, RUNTIME_DIRECTORY=os.path.dirname(host.control(name)))
+    lines = [line.partition("=")[2].lstrip("-").replace("%t", host.m.runtime_dir).replace("%i", name)
+             for line in host.reload_lines.splitlines()]
+    return sum(cpu_of(shlex.split(line.replace("$$", "$")), env) for line in lines) * 1000
+
+
+# The manager's "Reloading UNIT..." line: it starts the reload job (ExecReload= follows).
+UNIT_RELOADING = "MESSAGE_ID=d34d037fff1847e6ae669a370e694725"
+
+
+def events(host: Host, match: str) -> dict:
+    """{app: [wall times]} of one SHIM_EVENT, or of the manager's entries matching `match`."""
     out: dict = {}
-    for e in host.m.journal(f"SHIM_EVENT={event}"):
-        name = e.get("_SYSTEMD_USER_UNIT", "").partition("@")[2].rpartition(".")[0]
+    for e in host.m.journal(match if "=" in match else f"SHIM_EVENT={match}"):
+        unit = e.get("USER_UNIT") or e.get("_SYSTEMD_USER_UNIT", "")
+        name = unit.partition("@")[2].rpartition(".")[0]
         out.setdefault(name, []).append(int(e["__REALTIME_TIMESTAMP"]) / 1e6)
     return out
 
@@ -216,16 +266,10 @@ class Setup:
     def round(self, kind: str) -> None:
         host = self.host
         releases = {n: host.apps[n].release() for n in host.names}
-        done: dict = {}
         if kind == "parallel":
-            threads = [threading.Thread(target=host.reload, args=(n, done)) for n in host.names]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            done = host.reload(host.names)
         else:
-            for n in host.names:
-                host.reload(n, done)
+            done = {n: host.reload([n])[n] for n in host.names}
         for n in host.names:
             self.generation[n] += 1
             self.reloads += 1
@@ -248,12 +292,20 @@ class Setup:
         self.res["failures"] = [f"{e.get('_SYSTEMD_USER_UNIT')}: {e.get('REASON')}"
                                 for e in self.host.m.journal("SHIM_EVENT=reload-failed")]
         starts, dones = events(self.host, "reload-start"), events(self.host, "reload-done")
+        signals = events(self.host, "signal")      # a tree whose ExecReload= signals the shim
+        jobs = events(self.host, UNIT_RELOADING)
         for kind in ("parallel", "sequence"):
-            to_start, to_done, to_return = [], [], []
+            to_job, to_signal, to_start, to_done, to_return = [], [], [], [], []
             for k, per_app in self.res["rounds"]:
                 if k != kind:
                     continue
                 for n, (_gen, t0, t1, rc) in per_app.items():
+                    job = first_within(jobs.get(n, []), t0, t1 + 1)
+                    if job is not None:
+                        to_job.append(job - t0)
+                    signalled = first_within(signals.get(n, []), t0, t1 + 1)
+                    if signalled is not None:
+                        to_signal.append(signalled - t0)
                     started = first_within(starts.get(n, []), t0, t1 + 1)
                     if started is not None:
                         to_start.append(started - t0)
@@ -261,7 +313,7 @@ class Setup:
                     if done is not None and rc == 0:
                         to_done.append(done - t0)
                         to_return.append(t1 - t0)
-            self.res[kind] = {"to_start": to_start, "to_done": to_done, "to_return": to_return}
+            self.res[kind] = {"to_job": to_job, "to_signal": to_signal, "to_start": to_start, "to_done": to_done, "to_return": to_return}
 
 
 def run(setups: list, args: argparse.Namespace) -> None:
@@ -280,11 +332,13 @@ def run(setups: list, args: argparse.Namespace) -> None:
         each(lambda s: s.round(kind), i)
     each(lambda s: s.stop_load(len(kinds)))
     for i in range(args.client_calls):
-        each(lambda s: s.res.setdefault("reload_cpu", []).append(client_cpu(s.host, ["reload"], 1)), i)
-        each(lambda s: s.res.setdefault("status_cpu", []).append(client_cpu(s.host, ["status"], 1)), i)
+        each(lambda s: s.res.setdefault("reload_cpu", []).append(client_cpu(s.host, ["reload"], i)), i)
+        each(lambda s: s.res.setdefault("status_cpu", []).append(client_cpu(s.host, ["status"], i)), i)
+        each(lambda s: s.res.setdefault("exec_reload_cpu", []).append(exec_reload_cpu(s.host, i)), i)
     for s in setups:
         s.res["client_reload_cpu_ms"] = statistics.median(s.res["reload_cpu"])
         s.res["client_status_cpu_ms"] = statistics.median(s.res["status_cpu"])
+        s.res["exec_reload_cpu_ms"] = statistics.median(s.res["exec_reload_cpu"])
     time.sleep(2)
     each(lambda s: s.res.__setitem__("idle_after", idle(s.host, args.idle)))
     each(lambda s: s.latencies())
@@ -303,12 +357,16 @@ def table(results: list) -> str:
             ("deploys that took effect", lambda r: r["took_effect"]),
             ("reloads that failed", lambda r: str(r["failed_reloads"]))]
     for kind in ("parallel", "sequence"):
-        for key, what in (("to_start", "reload-start"), ("to_done", "reload-done"),
+        for key, what in (("to_job", "the manager's `Reloading` line"),
+                          ("to_signal", "the shim's `signal` event"),
+                          ("to_start", "reload-start"), ("to_done", "reload-done"),
                           ("to_return", "command returns")):
-            rows.append((f"{kind}: `systemctl reload` -> {what}, median / p90 ms" + (" (ok ones)" if key != "to_start" else ""),
+            rows.append((f"{kind}: `systemctl reload` -> {what}, median / p90 ms" + (" (ok ones)" if key in ("to_done", "to_return") else ""),
                          lambda r, k=kind, key=key: f"{med(r[k][key])} / {p90(r[k][key])}"))
     rows += [("shim CPU per reload, ms (median over apps)", lambda r: f"{r['shim_cpu_per_reload_ms']:.0f}"),
              ("`unicorn-shim reload` client CPU, ms (median)", lambda r: f"{r['client_reload_cpu_ms']:.1f}"),
+             ("the unit's ExecReload= lines, CPU per reload, ms (median)",
+              lambda r: f"{r['exec_reload_cpu_ms']:.1f}"),
              ("`unicorn-shim status` client CPU, ms (median)", lambda r: f"{r['client_status_cpu_ms']:.1f}"),
              ("idle shim PSS / RSS, MiB (median), at start", lambda r: f"{r['idle']['pss']:.1f} / {r['idle']['rss']:.1f}"),
              ("idle shim PSS / RSS, MiB (median), after the reloads",
@@ -346,6 +404,8 @@ def main() -> None:
         shutil.rmtree(base, ignore_errors=True)
     print(f"\n{args.apps} apps per setup, {args.rounds} parallel rounds + 1 in sequence, one client per app:\n")
     print(table([s.res for s in setups]))
+    for s in setups:
+        print(f"{s.res['label']}: " + " | ".join(s.host.reload_lines.strip().splitlines()))
     for s in setups:
         for failure in s.res.get("failures", []):
             print(f"{s.res['label']}: reload failed: {failure}")

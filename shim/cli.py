@@ -120,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
                                            "(the unit's ExecReload=)")
     reload.add_argument("--timeout", type=_seconds, metavar="SEC",
                         help="give up waiting after SEC (the reload itself goes on)")
+    reload.add_argument("--signalled", action="store_true",
+                        help="report the outcome of the reload a SIGHUP to the shim started (the "
+                             "shipped units' first ExecReload= line sends it to the pid in shim.pid of "
+                             "the runtime directory: no Python start before the reload begins); when no "
+                             "such reload awaits a report, ask for one")
     _add_target(reload)
 
     check = sub.add_parser("check", help="pre-flight: known mistakes in a setup and the server's config",

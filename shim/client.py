@@ -46,6 +46,7 @@ class Invocation:
         self.user = False
         self.timeout: Optional[float] = None
         self.json = False
+        self.signalled = False
 
 
 def seconds(text: str) -> float:
@@ -57,7 +58,7 @@ def seconds(text: str) -> float:
 
 
 _VALUED = {"reload": ("--timeout", "--control", "--unit"), "status": ("--control", "--unit")}
-_FLAGS = {"reload": ("--user",), "status": ("--user", "--json")}
+_FLAGS = {"reload": ("--user", "--signalled"), "status": ("--user", "--json")}
 
 
 def parse(argv: List[str]) -> Optional[Invocation]:
@@ -103,7 +104,7 @@ def run(args: Any) -> int:
     """Carry out a parsed `reload` or `status` (an Invocation or argparse's Namespace)."""
     where = locate(args)
     if args.subcommand == "reload":
-        answer = where.request({"command": "reload"}, args.timeout)
+        answer = reload(where, args.signalled, args.timeout)
         if answer.get("ok"):
             print(f"reloaded: generation {answer['generation']}, master {answer['master_pid']} serving "
                   f"{answer.get('release')}, old master {answer['old_master_pid']} retired "
@@ -122,6 +123,18 @@ def run(args: Any) -> int:
     else:
         complain(f"unicorn-shim: {answer.get('error')}")
     return 0 if answer.get("ok") else EXIT_RELOAD
+
+
+def reload(where: Target, signalled: bool, timeout: Optional[float]) -> Dict[str, Any]:
+    """Ask for a reload, or with `signalled` report the one the unit's previous
+    ExecReload= started with SIGHUP (waiting for it if it still runs). When no
+    signalled reload awaits a report (the trigger did not reach the shim; a shim
+    started before `reload-wait` existed answers "unknown command"), ask for one."""
+    if signalled:
+        answer = where.request({"command": "reload-wait"}, timeout)
+        if not (answer.get("no_signalled_reload") or str(answer.get("error")).startswith("unknown command")):
+            return answer
+    return where.request({"command": "reload"}, timeout)
 
 
 def main(argv: List[str]) -> Optional[int]:

@@ -94,3 +94,58 @@ def test_control_mode_0660_admits_the_group_and_only_it(unicorn_deploy, manager)
     assert r.returncode == 0, r.stderr
     assert get(d.port).release == name
     shutil.rmtree(public)
+
+
+def test_signalled_is_parsed_as_argparse_parses_it():
+    from shim.cli import build_parser
+    from shim.client import parse
+    for argv in (["reload", "--signalled"], ["reload", "--signalled", "--timeout", "3", "shop"]):
+        fast, full = parse(argv), build_parser().parse_args(argv)
+        assert fast is not None and fast.signalled is full.signalled is True
+        assert (fast.app, fast.timeout) == (full.app, full.timeout)
+    assert parse(["status", "--signalled"]) is None       # argparse refuses it
+
+
+def answering(path: str, answers: list) -> "tuple":
+    """A fake shim (unit test only): answers each connection with the next answer,
+    recording the requests."""
+    import json
+    import socket
+    import threading
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(4)
+    requests = []
+
+    def serve():
+        for answer in answers:
+            conn, _ = listener.accept()
+            with conn, conn.makefile("rb") as f:
+                requests.append(json.loads(f.readline()))
+                conn.sendall(json.dumps(answer).encode() + b"\n")
+        listener.close()
+    thread = threading.Thread(target=serve)
+    thread.start()
+    return thread, requests
+
+
+DONE = {"ok": True, "master_pid": 2, "old_master_pid": 1, "generation": 2, "release": "r2", "duration_ms": 5}
+
+
+def test_signalled_falls_back_to_asking_when_no_signalled_reload_waits(tmp_path):
+    """An older shim ("unknown command") or no signal received: the client asks for
+    the reload itself; a signalled reload's answer is reported as it is."""
+    from shim.client import Target, reload
+    path = str(tmp_path / "control.sock")
+    for first in ({"ok": False, "error": "unknown command 'reload-wait'"},
+                  {"ok": False, "error": "no signalled reload to report", "no_signalled_reload": True}):
+        thread, requests = answering(path, [first, DONE])
+        assert reload(Target(path), True, 10) == DONE
+        thread.join()
+        os.unlink(path)
+        assert [r["command"] for r in requests] == ["reload-wait", "reload"]
+    refused = {"ok": False, "error": "the service is still starting"}
+    thread, requests = answering(path, [refused])
+    assert reload(Target(path), True, 10) == refused
+    thread.join()
+    assert [r["command"] for r in requests] == ["reload-wait"]

@@ -142,6 +142,9 @@ def test_deb_installs_and_runs_an_app_through_the_templates(deb, container):
     assert {"ready", "reload-start", "reload-done", "reload-failed", "retired"} <= set(events)
     assert events["reload-done"]["GENERATION"] == "2" and events["reload-done"]["RELEASE"].endswith("/r2")
     assert "exited" in events["reload-failed"]["REASON"]
+    # the template's kill line reached the shim, and each `systemctl reload` was one reload
+    assert events["signal"]["SIGNAL"] == "SIGHUP"
+    assert [e["GENERATION"] for e in entries if e.get("SHIM_EVENT") == "reload-start"] == ["2", "3"]
     new_master = run("systemctl", "show", "-p", "MainPID", "--value", "unicorn-shim@myapp.service").stdout.strip()
     assert events["reload-done"]["MASTER_PID"] == new_master
 
