@@ -113,6 +113,11 @@ class Loop:
             if not timer.cancelled:
                 self._call(timer.callback, timer.args)
 
+    def pending_signals(self) -> None:
+        """Make the calls for signals already received, now (not at the next poll)."""
+        if self._wakeup:
+            self._read_signals(self._wakeup[0])
+
     def _read_signals(self, fd: int) -> None:
         try:
             numbers = os.read(fd, 4096)

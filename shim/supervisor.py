@@ -361,6 +361,8 @@ class Supervisor(Masters):
             reply({"ok": True, **self.status()})
         elif command == "reload-wait":
             # The outcome of the last signalled reload, for one client: it may still run or be over.
+            # The kill came before the client connected: its signal is taken first.
+            self.loop.pending_signals()
             signalled, self.signalled = self.signalled, None
             if signalled is None:
                 reply({"ok": False, "error": "no signalled reload to report", "no_signalled_reload": True})
