@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Optional
 from shim import config_eval
 from shim.check import CANNOT, ERROR, WARNING
 from shim.check_rules import Context, inside, writable_dir
+from shim.release import config_through
 
 # Unicorn's own check that the pid/log directories are writable runs after the
 # whole config loaded: failing it leaves every value known (checked by our rules).
@@ -17,8 +18,9 @@ SHIM_ENV = ("UNICORN_SHIM_", "RACK_ENV")
 
 class ConfigRules:
     def __init__(self, ctx: Context, run_as: Optional[config_eval.RunAs], evaluation: config_eval.Evaluation,
-                 env_uncertain: bool) -> None:
+                 env_uncertain: bool, env: Optional[Dict[str, str]] = None) -> None:
         self.ctx = ctx
+        self.env = env or {}
         self.run_as = run_as
         self.e = evaluation
         self.v: Dict[str, Any] = evaluation.values
@@ -80,6 +82,23 @@ class ConfigRules:
                            "reload can collide with it",
                            "remove the `listen` line and give the address to the shim (LISTEN= in the "
                            "packaged conf, ListenStream= or --listen); the shim passes its sockets with -l")
+            elif self.ctx.chdir and address.startswith(self.ctx.chdir + "/") and not self.ctx.shim.no_fallback \
+                    and address not in self._listeners_read_through(os.path.realpath(self.ctx.chdir), address):
+                # The classic APP_PATH-from-__FILE__ config: read through releases/rN, it names the socket
+                # through rN, a string Unicorn does not match with the socket the shim holds.
+                self.ctx.add(WARNING, f"the config names its socket {address} through --chdir (the config's own "
+                             "path): the last good release's master, which a boot falls back to when the "
+                             "deployed one fails, reads it through that release and names another path, fails "
+                             "to bind it (in use), and nothing serves",
+                             "remove the `listen` line: the shim passes its sockets with -l, and every master "
+                             "serves them whatever its release")
+
+    def _listeners_read_through(self, release: str, address: str) -> List[str]:
+        """The config's listeners when its path is named through `release`, as the shim names it
+        for a master of the last good release (`address` among them if that cannot be told)."""
+        command = config_through(self.ctx.command, self.ctx.profile.config_flags, release)
+        values = config_eval.evaluate(self.ctx.profile, command, self.ctx.start_dir, self.env, self.run_as).values
+        return values["listeners"] if values.get("listeners") and not values.get("error") else [address]
 
     def bundler(self) -> None:
         words = [os.path.basename(w) for w in self.ctx.command]

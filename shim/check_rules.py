@@ -158,7 +158,7 @@ def host_rules(ctx: Context) -> List[Finding]:
         writable_dir(ctx, run_as, ctx.shim.pid_file, "--pid-file")
     if ctx.app_dir is None or os.path.isdir(ctx.app_dir):
         evaluation = config_eval.evaluate(ctx.profile, ctx.server_command, ctx.start_dir, env, run_as)
-        ConfigRules(ctx, run_as, evaluation, env_uncertain).run()
+        ConfigRules(ctx, run_as, evaluation, env_uncertain, env).run()
     _last_release(ctx)
     return ctx.found
 

@@ -54,6 +54,18 @@ def test_classic_guide_config_passes(layout, relative, options):
     assert "QUITs the .oldbin master" in r.stdout            # warnings kept
     assert "readiness hook is not loaded" in r.stdout
     assert "cannot tell: the unicorn config" not in r.stdout   # it was evaluated, as nobody
+    # Read through the last good release (a boot's fallback), APP_PATH names the socket another way.
+    assert ("names its socket" in r.stdout) == relative, r.stdout
+
+
+def test_a_config_without_listen_keeps_the_fallback_possible(layout):
+    layout.unicorn_release("r1", "\n".join(line for line in CLASSIC_UNICORN_RB.splitlines()
+                                           if not line.startswith("listen ")) + "\n")
+    unit = write_unit(layout, "bundle exec --keep-file-descriptors unicorn -c config/unicorn.rb -E production",
+                      pid_file=f"{layout.current}/tmp/pids/unicorn.pid",
+                      socket=f"{layout.current}/tmp/sockets/unicorn.sock")
+    r = run_check(unit)
+    assert r.returncode == 0 and not errors(r) and "names its socket" not in r.stdout, r.stdout
 
 
 def pinned_release(layout: Layout, current_on: str) -> str:

@@ -179,3 +179,23 @@ def test_gunicorn_master_loads_lazy_code_and_templates_from_its_own_release(mana
             assert out == f"code={good} lazymod={good} template={good}", out
     finally:
         d.stop()
+
+
+def test_the_classic_config_without_listen_falls_back_to_the_last_good_release(classic):
+    """The migration guide's config: the classic one with its `listen` line removed. After a
+    rejected deploy a restart boots the last good release, read through that release, and it
+    serves the socket the shim holds (with `listen APP_PATH + ...` it would name another path)."""
+    d = classic(listen=False)
+    d.shim_args = f"--state-dir {d.root}/shared"
+    d.start()
+    good = d.release()
+    assert d.reload().returncode == 0, d.journal_text()[-3000:]
+    bad = d.release(broken=True)
+    assert d.reload().returncode != 0
+    r = d.m.systemctl("restart", "app.service")
+    assert r.returncode == 0, r.stderr + d.journal_text()[-3000:]
+    assert f"release={good}" in d.unix_get(), d.journal_text()[-3000:]
+    st = d.state()
+    assert (st["ActiveState"], st["SubState"]) == ("active", "running"), st
+    assert st["StatusText"].startswith("degraded: serving last good release") and bad in st["StatusText"], st
+

@@ -116,7 +116,8 @@ def ensure_user() -> pwd.struct_passwd:
 
 class ClassicDeployment:
     def __init__(self, manager: UserManager, *, bundler: bool = True, before_exec: bool = True,
-                 preload: bool = True, absolute_config: bool = False, shim_args: str = "") -> None:
+                 preload: bool = True, absolute_config: bool = False, shim_args: str = "",
+                 listen: bool = True) -> None:
         self.m = manager
         self.user = ensure_user()
         # The private manager's XDG_RUNTIME_DIR is root's 0700: the unit's user must reach
@@ -131,6 +132,7 @@ class ClassicDeployment:
         self.port = free_port()
         self.bundler, self.before_exec, self.preload = bundler, before_exec, preload
         self.absolute_config = absolute_config
+        self.listen = listen          # False: the config has no `listen` line (the shim names its sockets)
         self.shim_args = shim_args
         self.count = 0
         for d in ("releases", "shared/tmp/pids", "shared/tmp/sockets"):
@@ -159,8 +161,11 @@ class ClassicDeployment:
         _write(d, "config.ru", CONFIG_RU.format(name=name, broken=f'raise "release {name} is broken"'
                                                 if broken else ""))
         _write(d, "lib/lazy.txt", (lazy_text or name) + "\n")
-        _write(d, "config/unicorn.rb", CLASSIC_UNICORN_RB.format(
-            preload=str(self.preload).lower(), before_exec=BEFORE_EXEC if self.before_exec else ""))
+        config = CLASSIC_UNICORN_RB.format(preload=str(self.preload).lower(),
+                                           before_exec=BEFORE_EXEC if self.before_exec else "")
+        if not self.listen:
+            config = "".join(line for line in config.splitlines(True) if not line.startswith("listen "))
+        _write(d, "config/unicorn.rb", config)
         os.symlink(os.path.join(self.root, "shared", "tmp"), os.path.join(d, "tmp"))
         if self.bundler:
             _write(d, "Gemfile", GEMFILE)
