@@ -165,6 +165,10 @@ def _unit_rules(setup: Setup, server_command: Optional[List[str]], host: bool) -
     return found
 
 
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" + ("" if n == 1 else "s")
+
+
 def report(label: str, findings: List[Finding]) -> Tuple[str, int]:
     """The printed report and the exit status: 1 on any error."""
     errors = sum(1 for f in findings if f.level == ERROR)
@@ -172,5 +176,5 @@ def report(label: str, findings: List[Finding]) -> Tuple[str, int]:
     cannot = len(findings) - errors - warnings
     order = {ERROR: 0, WARNING: 1, CANNOT: 2}
     lines = [str(f) for f in sorted(findings, key=lambda f: order[f.level])]
-    lines.append(f"{label}: {errors} errors, {warnings} warnings, {cannot} cannot tell")
+    lines.append(f"{label}: {_count(errors, 'error')}, {_count(warnings, 'warning')}, {cannot} cannot tell")
     return "\n".join(lines), 1 if errors else 0

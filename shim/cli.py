@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         formatter_class=Formatter,
         prog="unicorn-shim",
-        description="Run a Unicorn or Gunicorn master under systemd with zero-downtime reloads.")
+        description="Run a Unicorn, Gunicorn or Puma master under systemd with zero-downtime reloads.")
     parser.add_argument("--version", action="version", version=f"unicorn-shim {__version__}")
     sub = parser.add_subparsers(dest="subcommand", metavar="COMMAND", parser_class=functools.partial(
         argparse.ArgumentParser, formatter_class=Formatter))
