@@ -6,10 +6,13 @@ NAME=${1:?name}
 R=$SDH_BASE/ct/run/$NAME
 CG=sdh-ct-$NAME.scope
 . "$(dirname "$0")/cgroup-roots.sh"
+# A pid file outlives its process, and pids are reused: only a pid inside this
+# container's cgroup is ever signalled.
+ours() { cgroup_pids "$CG" | grep -qx "$1"; }
 alive() { local st; st=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1); [ -n "$st" ] && [ "$st" != Z ]; }
 if [ -f "$R/nspawn.pid" ]; then
     P=$(cat "$R/nspawn.pid")
-    if alive "$P"; then
+    if alive "$P" && ours "$P"; then
         kill -TERM "$P"                     # nspawn -> SIGRTMIN+4 to container init: orderly poweroff
         for _ in $(seq 750); do alive "$P" || break; sleep 0.02; done     # up to 15 s
         alive "$P" && { kill -TERM "$P"; sleep 1; }    # second TERM: immediate termination

@@ -11,10 +11,13 @@ CG=sdh-$NAME.slice
 # "gone" includes zombie: our pids get reparented to the host's PID 1, which
 # reaps lazily (~2 s here), so `kill -0` alone would wait for the reaper.
 alive() { local st; st=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) || return 1; [ -n "$st" ] && [ "$st" != Z ]; }
+# A pid file outlives its process, and pids are reused (pid_max may be 32768): only
+# a pid inside this instance's cgroup is ever signalled, never another job's process.
+ours() { cgroup_pids "$CG" | grep -qx "$1"; }
 waitgone() { for _ in $(seq "$2"); do alive "$1" || return 0; sleep 0.02; done; return 1; }
 stop_pid() { # pid, ticks of 20ms before SIGKILL
     local p=$1
-    [ -n "$p" ] && alive "$p" || return 0
+    [ -n "$p" ] && alive "$p" && ours "$p" || return 0
     kill -TERM "$p" 2>/dev/null
     waitgone "$p" "$2" || { kill -KILL "$p" 2>/dev/null; waitgone "$p" 100; }
 }
