@@ -2,7 +2,7 @@
 
 ExecReload= starts this once per deploy, for many apps at once on a busy host,
 so it imports only os, sys, socket, json and pwd/grp (for error messages): not
-asyncio, psutil, systemd-python, nor the argparse parser that `run` needs.
+psutil, systemd-python, nor the argparse parser that `run` needs.
 shim/cli.py calls parse() first and builds its full parser only when parse()
 cannot take the command line as it is (help, an error, an abbreviated option):
 argparse then parses it, with the same meaning, and calls run() all the same.
