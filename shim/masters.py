@@ -52,9 +52,10 @@ class Masters:
 
     def _of_the_unit(self, pid: int) -> bool:
         """A sender of the unit's own. One already gone (a master's last words are sent
-        right before it exits, and may be read after it was reaped) cannot be checked:
-        its report is kept; only a live process outside the unit is refused."""
-        return procs.cgroup_of(pid) is None or procs.in_cgroup(pid, self.cgroup)
+        right before it exits, and may be read after it exited) cannot be checked: its
+        report is kept; only a live process outside the unit is refused. (An exited
+        process not yet reaped shows the root cgroup in /proc: it counts as gone.)"""
+        return procs.cgroup_of(pid) is None or procs.is_zombie(pid) or procs.in_cgroup(pid, self.cgroup)
 
     def _on_master_exit(self, master: procs.Pinned) -> None:
         self.loop.remove_reader(master.pidfd)

@@ -70,6 +70,9 @@ class HookReports:
         self.hello: Set[int] = set()
         # the last error line reported by a process or by one of its children, by pid
         self.errors: Dict[int, str] = {}
+        # masters whose error line came from a worker: the root cause, which the master's
+        # own last words (Gunicorn: "HaltServer 'Worker failed to boot.'") must not replace
+        self.worker_errors: Set[int] = set()
         # master -> worker key (Unicorn: worker nr; Gunicorn: pid) -> (worker pid, workers
         # expected, monotonic time of the report)
         self.ready: Dict[int, Dict[int, Tuple[int, int, float]]] = {}
@@ -84,12 +87,22 @@ class HookReports:
                 self.hello.add(sender)
         elif words[0] == "error":
             line = text.split(None, 1)[1].strip() if len(words) > 1 else ""
+            said_parent = None
+            if line.startswith("ppid="):       # the reporter names its parent: it may be gone when read
+                first, _, line = line.partition(" ")
+                said_parent = int(first[5:]) if first[5:].isdigit() else None
             if len(self.errors) >= MAX_ERRORS:
-                self.errors.pop(next(iter(self.errors)))
-            self.errors[sender] = line
-            parent = procs.parent_of(sender)   # a worker's error is its master's too
+                gone = next(iter(self.errors))
+                self.errors.pop(gone)
+                self.worker_errors.discard(gone)
+            if sender not in self.worker_errors:
+                self.errors[sender] = line
+            # A worker's error is its master's too. The kernel's word first; the sender's own
+            # when it already exited (a failed worker is often reaped before this is read).
+            parent = procs.parent_of(sender) or said_parent
             if parent is not None and parent > 1:
                 self.errors[parent] = line
+                self.worker_errors.add(parent)
         elif words[0] == "ready":
             try:
                 key, of = int(args["worker"]), int(args["workers"])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import pytest
 
@@ -95,3 +96,22 @@ def test_a_failed_fork_leaks_no_pipe(monkeypatch):
     with pytest.raises(ShimError):
         spawn.spawn(["/bin/true"], {}, [])
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_the_last_words_of_a_master_not_yet_reaped_are_kept(monkeypatch):
+    """An exited process shows the root cgroup in /proc until its parent waits for it:
+    its report (sent while it ran) is kept; a live process outside the unit is refused."""
+    from shim.masters import Masters
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    try:
+        while not procs.is_zombie(pid):
+            time.sleep(0.01)
+        masters = Masters.__new__(Masters)
+        masters.cgroup = "/system.slice/app.service"
+        monkeypatch.setattr(procs, "cgroup_of", lambda p: "/")      # as /proc shows both here
+        assert masters._of_the_unit(pid)
+        assert not masters._of_the_unit(os.getpid())
+    finally:
+        os.waitpid(pid, 0)

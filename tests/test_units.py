@@ -255,6 +255,21 @@ def test_hook_readiness_is_exact(monkeypatch):
     assert 100 not in reports.hello and 100 not in reports.ready
 
 
+def test_a_workers_error_stays_its_masters_reason_after_the_master_s_last_words(monkeypatch):
+    """Gunicorn: the worker's traceback, then the master's HaltServer. The worker was reaped
+    before the shim read its line: its reported parent stands in for the kernel's."""
+    monkeypatch.setattr(procs, "parent_of", lambda pid: None)        # both gone when read
+    reports = readiness.HookReports()
+    reports.record(201, "error ppid=200 RuntimeError: release r2 is broken at app.py:3")
+    reports.record(200, "error ppid=1 gunicorn.errors.HaltServer: <HaltServer 'Worker failed to boot.' 3>")
+    assert reports.error_of(200) == "RuntimeError: release r2 is broken at app.py:3"
+    assert reports.error_of(201) == "RuntimeError: release r2 is broken at app.py:3"
+    reports.record(300, "error ppid=1 SyntaxError in config/unicorn.rb")   # a master's own: kept
+    assert reports.error_of(300) == "SyntaxError in config/unicorn.rb"
+    reports.record(400, "error an old reporter without ppid")
+    assert reports.error_of(400) == "an old reporter without ppid"
+
+
 def test_generator_writes_dropins_and_skips_bad_confs(tmp_path):
     from shim import generator
     conf, out = tmp_path / "etc", tmp_path / "out"

@@ -57,7 +57,7 @@ class _Reporter:
         import socket
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-                sock.sendto(("error " + text.strip()[:480]).encode(errors="replace"), _PATH)
+                sock.sendto(f"error ppid={os.getppid()} {text.strip()[:480]}".encode(errors="replace"), _PATH)
         except OSError:
             pass                 # the shim is gone or restarting; never disturb the server
 

@@ -18,7 +18,7 @@ module UnicornShimReport
       @sent += 1
       require "socket"
       sock = Socket.new(:UNIX, :DGRAM)
-      sock.send("error #{text.strip[0, 480]}", 0, Socket.sockaddr_un(PATH))
+      sock.send("error ppid=#{Process.ppid} #{text.strip[0, 480]}", 0, Socket.sockaddr_un(PATH))
     rescue StandardError, ScriptError
       # the shim is gone or restarting; never disturb the server
     ensure
