@@ -100,7 +100,9 @@ class HookReports:
             # A worker's error is its master's too. The kernel's word first; the sender's own
             # when it already exited (a failed worker is often reaped before this is read).
             parent = procs.parent_of(sender) or said_parent
-            if parent is not None and parent > 1:
+            if parent is not None and parent > 1 and parent not in self.worker_errors:
+                # the first worker's error is the cause; later ones are often its aftermath
+                # (a Puma worker stopped during the rollback: "deadlock; recursive locking")
                 self.errors[parent] = line
                 self.worker_errors.add(parent)
         elif words[0] == "ready":
@@ -121,6 +123,11 @@ class HookReports:
     def expected(self, master: int) -> Optional[int]:
         """How many workers the master's hook said to expect, if it said."""
         return max((of for _pid, of, _t in self.ready.get(master, {}).values()), default=None)
+
+    def clear_errors(self, master: int) -> None:
+        """Before a reload: what `master`'s workers said earlier is not about it."""
+        self.errors.pop(master, None)
+        self.worker_errors.discard(master)
 
     def error_of(self, master: int) -> Optional[str]:
         """The server's own last error line for `master` (it or one of its workers)."""

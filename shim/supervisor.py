@@ -296,6 +296,7 @@ class Supervisor(Masters):
         self.notifier.extend_timeout(self.config.ready_timeout + self.config.retire_timeout + 10)
         self.log.event("reload-start", f"reload to generation {gen} ({strategy.name}) from master {old.pid}",
                        OLD_MASTER_PID=old.pid, GENERATION=gen)
+        self.reports.clear_errors(old.pid)
         return self._apply(hand_over(self, old, gen, strategy))
 
     def _apply(self, out: Outcome) -> Dict[str, Any]:

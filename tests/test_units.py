@@ -264,6 +264,10 @@ def test_a_workers_error_stays_its_masters_reason_after_the_master_s_last_words(
     reports.record(200, "error ppid=1 gunicorn.errors.HaltServer: <HaltServer 'Worker failed to boot.' 3>")
     assert reports.error_of(200) == "RuntimeError: release r2 is broken at app.py:3"
     assert reports.error_of(201) == "RuntimeError: release r2 is broken at app.py:3"
+    reports.record(202, "error ppid=200 deadlock; recursive locking (ThreadError)")   # its aftermath
+    assert reports.error_of(200) == "RuntimeError: release r2 is broken at app.py:3"
+    reports.clear_errors(200)                                   # the next reload starts afresh
+    assert reports.error_of(200) is None
     reports.record(300, "error ppid=1 SyntaxError in config/unicorn.rb")   # a master's own: kept
     assert reports.error_of(300) == "SyntaxError in config/unicorn.rb"
     reports.record(400, "error an old reporter without ppid")
