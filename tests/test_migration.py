@@ -230,15 +230,20 @@ def runit_gone(host: Host) -> None:
     assert host.run("systemctl", "is-enabled", "unicorn-shim@app.socket").stdout.strip() == "enabled"
 
 
-def runit_switch_and_deploy(host: Host, switch: str, config: str, version: str = "") -> None:
-    """Under the client's eye: the switch-over, runit's service removed, the first deploy."""
+def switch_and_deploy(host: Host, switches: tuple, config: str, release_r2) -> None:
+    """Under the client's eye: the guide's switch-over blocks, then the first deploy."""
     stop = host.poll()
-    host.step(switch)
-    host.step("runit-remove")
-    unicorn_release(host, "r2", version)
+    for switch in switches:
+        host.step(switch)
+    release_r2()
     host.step(config)                # the config's change, made in the app's repository, is in r2 too
     host.step("deploy-app")
     served_throughout(host, stop, "unicorn-shim@app.service")
+
+
+def runit_switch_and_deploy(host: Host, switch: str, config: str, version: str = "") -> None:
+    """The switch-over, runit's service removed, the first deploy."""
+    switch_and_deploy(host, (switch, "runit-remove"), config, lambda: unicorn_release(host, "r2", version))
 
 
 def test_from_runit_and_unicornherder(host):
@@ -350,12 +355,7 @@ def test_from_a_type_forking_unit(host):
     check = host.step("herder-check")
     assert "0 errors" in check.stdout, check.stdout
 
-    stop = host.poll()
-    host.step("forking-switch")
-    ruby_release(host, "r2", bundler=True)
-    host.step("herder-pid")          # the config's change, made in the app's repository, is in r2 too
-    host.step("deploy-app")
-    served_throughout(host, stop, "unicorn-shim@app.service")
+    switch_and_deploy(host, ("forking-switch",), "herder-pid", lambda: ruby_release(host, "r2", bundler=True))
     # the deploy's master runs under Bundler with the new release's Gemfile
     assert "BUNDLE_GEMFILE=/srv/app/releases/r2/Gemfile\0" in host.master_env("unicorn-shim@app.service")
     assert host.run("kill", "-0", old_master, check=False).returncode != 0
@@ -390,12 +390,8 @@ def test_from_pumas_documented_unit(host):
     check = host.step("puma-check")
     assert "0 errors" in check.stdout, check.stdout
 
-    stop = host.poll()
-    host.step("puma-switch")
-    ruby_release(host, "r2", "RELEASE/config/puma.rb")
-    host.step("puma-config")         # the config's change, made in the app's repository, is in r2 too
-    host.step("deploy-app")
-    served_throughout(host, stop, "unicorn-shim@app.service")
+    switch_and_deploy(host, ("puma-switch",), "puma-config",
+                      lambda: ruby_release(host, "r2", "RELEASE/config/puma.rb"))
     assert host.run("kill", "-0", old_master, check=False).returncode != 0
     puma_gone(host)
     restart_and_reboot_keep_serving(host, "unicorn-shim@app.service", puma_gone)
