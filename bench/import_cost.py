@@ -20,9 +20,9 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 PYTHON = "/usr/bin/python3"
-RUN = ("import argparse; from systemd import _journal; from shim import cli, client, control, errors, handover, "
-       "health, journal, loop, masters, notify, procs, readiness, release, servers, sockets, spawn, state, "
-       "supervisor, upgrade; cli.build_parser()")
+RUN = ("import argparse; from systemd import _journal; from shim import cli, client, errors, options; "
+       "from shim.runtime import control, handover, health, journal, loop, masters, notify, procs, readiness, "
+       "release, servers, sockets, spawn, state, supervisor, upgrade; options.build_parser()")
 
 CASES = [
     ("bare interpreter (`python3 -c pass`)", "pass"),

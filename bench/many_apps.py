@@ -40,7 +40,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
 
-from shim.generator import dropins, parse_conf  # noqa: E402
+from shim.tooling.generator import dropins, parse_conf  # noqa: E402
 from support.apps import App, free_port  # noqa: E402
 from support.load import Load, get  # noqa: E402
 from support.systemd import UserManager, proc_cmdline  # noqa: E402

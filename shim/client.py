@@ -21,7 +21,7 @@ import os
 import socket
 import sys
 
-from shim.errors import EXIT_CONTROL, EXIT_RELOAD, EXIT_USAGE, ShimError
+from shim.errors import EXIT_CONTROL, EXIT_RELOAD, EXIT_USAGE, ShimError, complain
 
 TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (a few ms per call)
 if TYPE_CHECKING:
@@ -147,35 +147,6 @@ def main(argv: List[str]) -> Optional[int]:
     except ShimError as e:
         complain(f"unicorn-shim: {e}")
         return e.exit_status
-
-
-JOURNAL_SOCKET = "/run/systemd/journal/socket"
-
-
-def complain(line: str) -> None:
-    """An error line on stderr; as the unit's ExecReload=/ExecStart= (stderr is the
-    journal), straight to journald instead, tagged unicorn-shim and at priority err
-    rather than with the app's SyslogIdentifier= (journald's native protocol: one
-    datagram of KEY=value lines; no systemd-python needed)."""
-    if stderr_is_journal():
-        entry = f"SYSLOG_IDENTIFIER=unicorn-shim\nPRIORITY=3\nMESSAGE={line.replace(chr(10), ' ')}\n"
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-                sock.sendto(entry.encode(errors="replace"), JOURNAL_SOCKET)
-            return
-        except OSError:
-            pass
-    print(line, file=sys.stderr)
-
-
-def stderr_is_journal() -> bool:
-    """Is stderr the journal stream systemd connected (JOURNAL_STREAM=dev:inode)?"""
-    dev, _, ino = os.environ.get("JOURNAL_STREAM", "").partition(":")
-    try:
-        st = os.fstat(2)
-    except OSError:
-        return False
-    return dev.isdigit() and ino.isdigit() and (st.st_dev, st.st_ino) == (int(dev), int(ino))
 
 
 # -- where the shim is ---------------------------------------------------------

@@ -1,4 +1,9 @@
-"""Errors that end the shim with one clear line and a distinct exit status."""
+"""Errors that end the shim with one clear line and a distinct exit status, and how
+that line is said (shared by the running shim, the client and the tooling)."""
+import os
+import socket
+import sys
+
 
 # Exit statuses, stable for unit files and scripts (documented in the README).
 EXIT_USAGE = 2          # bad command line (argparse uses 2 as well)
@@ -32,3 +37,32 @@ class WrongRelease(ReloadFailed):
 
 class Stopping(Exception):
     """A stop was requested while a master was booting or a hand-over ran."""
+
+
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+
+
+def complain(line: str) -> None:
+    """An error line on stderr; as the unit's ExecReload=/ExecStart= (stderr is the
+    journal), straight to journald instead, tagged unicorn-shim and at priority err
+    rather than with the app's SyslogIdentifier= (journald's native protocol: one
+    datagram of KEY=value lines; no systemd-python needed)."""
+    if stderr_is_journal():
+        entry = f"SYSLOG_IDENTIFIER=unicorn-shim\nPRIORITY=3\nMESSAGE={line.replace(chr(10), ' ')}\n"
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                sock.sendto(entry.encode(errors="replace"), JOURNAL_SOCKET)
+            return
+        except OSError:
+            pass
+    print(line, file=sys.stderr)
+
+
+def stderr_is_journal() -> bool:
+    """Is stderr the journal stream systemd connected (JOURNAL_STREAM=dev:inode)?"""
+    dev, _, ino = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(2)
+    except OSError:
+        return False
+    return dev.isdigit() and ino.isdigit() and (st.st_dev, st.st_ino) == (int(dev), int(ino))

@@ -1,13 +1,13 @@
-"""shim.config_eval: the server's own code loads the config, within a time limit,
+"""shim.tooling.config_eval: the server's own code loads the config, within a time limit,
 and never starts a server (no hook that runs at boot, no app import)."""
 from __future__ import annotations
 
 import os
 import time
 
-from shim.config_eval import evaluate
-from shim.readiness import hook_environment
-from shim.servers import GUNICORN, UNICORN
+from shim.tooling.config_eval import evaluate
+from shim.runtime.readiness import hook_environment
+from shim.runtime.servers import GUNICORN, UNICORN
 
 ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", **hook_environment({})}
 

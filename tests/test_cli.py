@@ -82,7 +82,7 @@ def test_listen_unix_replaces_stale_socket_and_sets_mode(tmp_path):
     stale = socket.socket(socket.AF_UNIX)
     stale.bind(path)
     stale.close()                    # the file stays, nobody listens: stale
-    from shim import sockets
+    from shim.runtime import sockets
     held = sockets.bind(sockets.parse_address(f"unix:{path}"), 0o660)
     try:
         assert oct(os.stat(path).st_mode & 0o777) == "0o660"
@@ -197,7 +197,7 @@ def test_answer_read_even_when_the_shim_closes_before_reading(tmp_path):
 
 # -- the reload/status client: light, and the same command line as before ------
 
-HEAVY = ("asyncio", "psutil", "systemd", "argparse", "shim.supervisor", "shim.control", "sdnotify")
+HEAVY = ("asyncio", "psutil", "systemd", "argparse", "shim.runtime.supervisor", "shim.runtime.control", "sdnotify")
 LOADED = """
 import sys
 sys.path.insert(0, {repo!r})
@@ -237,7 +237,7 @@ def test_a_running_shim_loads_no_module_it_does_not_need(tmp_path):
                         "--ready-timeout", "5", "--server", "unicorn", "--", "/bin/true"], capture_output=True, text=True, timeout=60,
                        env=env)
     loaded = set(r.stdout.split())
-    assert "shim.supervisor" in loaded and "shim.loop" in loaded, (r.stdout, r.stderr)
+    assert "shim.runtime.supervisor" in loaded and "shim.runtime.loop" in loaded, (r.stdout, r.stderr)
     assert "start failed" in r.stderr, r.stderr
     assert not [m for m in loaded if m.split(".")[0] in NOT_IN_A_SHIM], r.stdout
 
@@ -249,7 +249,7 @@ def test_a_running_shim_loads_no_module_it_does_not_need(tmp_path):
     ["reload", "--user"],
 ])
 def test_fast_parse_means_what_argparse_means(argv):
-    from shim.cli import build_parser
+    from shim.options import build_parser
     from shim.client import parse
     fast, full = parse(argv), build_parser().parse_args(argv)
     assert fast is not None
@@ -309,7 +309,7 @@ def test_control_option_read_from_execstart():
 def test_control_socket_admits_its_group_only_when_the_mode_says_so(groups, mode, admitted):
     """A real peer (uid 65534, with or without the shim's group among its supplementary
     groups): the kernel's SO_PEERCRED/SO_PEERGROUPS decide."""
-    from shim import control
+    from shim.runtime import control
     public = tempfile.mkdtemp()
     os.chmod(public, 0o755)
     path = os.path.join(public, "c.sock")

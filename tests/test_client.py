@@ -97,7 +97,7 @@ def test_control_mode_0660_admits_the_group_and_only_it(unicorn_deploy, manager)
 
 
 def test_signalled_is_parsed_as_argparse_parses_it():
-    from shim.cli import build_parser
+    from shim.options import build_parser
     from shim.client import parse
     for argv in (["reload", "--signalled"], ["reload", "--signalled", "--timeout", "3", "shop"]):
         fast, full = parse(argv), build_parser().parse_args(argv)

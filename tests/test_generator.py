@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from shim import generator
+from shim.tooling import generator
 from support.deploy import REPO
 
 SHIM = os.path.join(REPO, "bin", "unicorn-shim")

@@ -1,11 +1,11 @@
-"""The supervisor's event loop (shim/loop.py): real signals, pipes and timers."""
+"""The supervisor's event loop (shim/runtime/loop.py): real signals, pipes and timers."""
 from __future__ import annotations
 
 import os
 import signal
 import time
 
-from shim.loop import Loop
+from shim.runtime.loop import Loop
 
 
 def test_a_signal_becomes_a_call_from_the_loop_and_close_puts_the_handler_back():

@@ -283,7 +283,7 @@ def test_rpm_builds_with_its_files():
                      "/usr/lib/systemd/system-generators/unicorn-shim-generator",
                      "/usr/share/man/man1/unicorn-shim.1.gz"):
         assert expected in files or expected[:-3] in files, (expected, files)
-    assert any(f.endswith("/shim/supervisor.py") for f in files)
+    assert any(f.endswith("/shim/runtime/supervisor.py") for f in files)
     assert any(f.endswith("/shim/hooks/ruby/unicorn_shim.rb") for f in files)
     assert any(f.endswith("/ruby/vendor_ruby/unicorn_shim.rb") for f in files)
     assert any(f.endswith("/ruby/vendor_ruby/unicorn_shim_puma.rb") for f in files)

@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from shim import generator, notify, procs
+from shim.runtime import notify, procs
+from shim.tooling import generator
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

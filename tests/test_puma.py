@@ -10,7 +10,8 @@ import time
 import psutil
 import pytest
 
-from shim import generator, servers
+from shim.runtime import servers
+from shim.tooling import generator
 from shim.errors import ShimError
 from support.apps import free_port
 from support.load import Load, get

@@ -11,14 +11,14 @@ from typing import Dict, List, Optional
 
 import pytest
 
-from shim import procs, spawn
-from shim.journal import Log
-from shim.loop import Loop
-from shim.notify import Notifier
-from shim.servers import UNICORN
-from shim.readiness import UNREAPED_LIMIT
-from shim.masters import WORKERLESS_GRACE
-from shim.supervisor import Config, Supervisor
+from shim.runtime import procs, spawn
+from shim.runtime.journal import Log
+from shim.runtime.loop import Loop
+from shim.runtime.notify import Notifier
+from shim.runtime.servers import UNICORN
+from shim.runtime.readiness import UNREAPED_LIMIT
+from shim.runtime.masters import WORKERLESS_GRACE
+from shim.runtime.supervisor import Config, Supervisor
 
 
 class FakeProcess:
@@ -274,7 +274,7 @@ def test_stop_during_a_hand_over_stops_every_master(fake):
 @pytest.mark.parametrize("phase", ["finding", "booting", "health-check", "draining", "rolling-back"])
 def test_stop_ends_a_hand_over_cleanly_from_every_phase(fake, monkeypatch, phase):
     """Every reload client gets an answer, no READY=1 follows the stop, nothing is left."""
-    from shim import health
+    from shim.runtime import health
     sup = supervisor(fake, ready_timeout=0.3 if phase == "rolling-back" else 5.0, retire_timeout=5.0)
     behaviour = {"finding": "slow-fork", "rolling-back": "hangs"}.get(phase, "healthy")
     if phase == "booting":

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from shim import procs, sockets
+from shim.runtime import procs, sockets
 from shim.errors import EXIT_ACTIVATION, EXIT_LISTEN, ShimError
 
 
@@ -87,7 +87,7 @@ def test_no_pidfd_is_a_clear_error(monkeypatch):
 
 
 def test_a_failed_fork_leaks_no_pipe(monkeypatch):
-    from shim import spawn
+    from shim.runtime import spawn
 
     def no_fork():
         raise OSError(11, "Resource temporarily unavailable")
@@ -101,7 +101,7 @@ def test_a_failed_fork_leaks_no_pipe(monkeypatch):
 def test_the_last_words_of_a_master_not_yet_reaped_are_kept(monkeypatch):
     """An exited process shows the root cgroup in /proc until its parent waits for it:
     its report (sent while it ran) is kept; a live process outside the unit is refused."""
-    from shim.masters import Masters
+    from shim.runtime.masters import Masters
     pid = os.fork()
     if pid == 0:
         os._exit(0)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from shim import procs, readiness, servers, sockets, spawn
+from shim.runtime import procs, readiness, servers, sockets, spawn
 from shim.errors import ShimError
 
 
@@ -275,7 +275,7 @@ def test_a_workers_error_stays_its_masters_reason_after_the_master_s_last_words(
 
 
 def test_generator_writes_dropins_and_skips_bad_confs(tmp_path):
-    from shim import generator
+    from shim.tooling import generator
     conf, out = tmp_path / "etc", tmp_path / "out"
     conf.mkdir()
     out.mkdir()
@@ -298,9 +298,10 @@ def test_generator_writes_dropins_and_skips_bad_confs(tmp_path):
 
 
 def test_man_page_covers_every_option():
-    from shim import cli, manpage
+    from shim.options import build_parser
+    from shim.tooling import manpage
     page = manpage.render()
-    parser = cli.build_parser()
+    parser = build_parser()
     subs = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices
     for name, sub in subs.items():
         assert f'.SS "unicorn\\-shim {name}"' in page

@@ -1,8 +1,8 @@
 """`unicorn-shim check APP|UNIT|UNIT_FILE [-- SERVER_COMMAND...]`: a pre-flight.
 
-Reads the service as systemd will run it (shim.check_setup), the server's
-config as the server sees it (shim.config_eval) and this machine's users and
-directories (shim.check_rules), and reports the known mistakes, each with its
+Reads the service as systemd will run it (shim.tooling.check_setup), the server's
+config as the server sees it (shim.tooling.config_eval) and this machine's users and
+directories (shim.tooling.check_rules), and reports the known mistakes, each with its
 fix. Three levels: errors make the check fail; warnings don't; "cannot tell"
 says what could not be known here, and never fails the check.
 """
@@ -14,31 +14,12 @@ import io
 import os
 import re
 import shlex
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-from shim import check_setup, servers
-from shim.check_setup import Setup
-
-ERROR, WARNING, CANNOT = "error", "warning", "cannot tell"
-
-
-@dataclass
-class Finding:
-    level: str        # ERROR, WARNING or CANNOT
-    what: str
-    fix: str = ""
-
-    def __str__(self) -> str:
-        if not self.fix:
-            return f"{self.level}: {self.what}"
-        return f"{self.level}: {self.what}\n    {'to tell' if self.level == CANNOT else 'fix'}: {self.fix}"
-
-
-def last(section: Dict[str, List[str]], key: str) -> Optional[str]:
-    values = section.get(key)
-    return values[-1] if values else None
-
+from shim.runtime import servers
+from shim.tooling import check_setup
+from shim.tooling.check_setup import Setup
+from shim.tooling.findings import CANNOT, ERROR, WARNING, Finding, last  # noqa: F401 (CANNOT: part of check's interface)
 
 def _command_words(value: str, env: Dict[str, str]) -> List[str]:
     """ExecStart= as systemd runs it: `${VAR}` replaced in a word, a lone `$VAR` split into words."""
@@ -58,7 +39,7 @@ def _command_words(value: str, env: Dict[str, str]) -> List[str]:
 
 def parse_run_options(words: List[str]) -> Tuple[Optional[argparse.Namespace], str]:
     """`unicorn-shim run`'s options, read by its own parser."""
-    from shim.cli import build_parser
+    from shim.options import build_parser
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
@@ -90,7 +71,7 @@ def check(target: str, server_command: Optional[List[str]] = None,
 
 
 def _unit_rules(setup: Setup, server_command: Optional[List[str]], host: bool) -> List[Finding]:
-    from shim import check_rules
+    from shim.tooling import check_config, check_rules
     service = setup.service.get("Service", {})
     found: List[Finding] = []
 
@@ -161,7 +142,7 @@ def _unit_rules(setup: Setup, server_command: Optional[List[str]], host: bool) -
                                   held_addresses(setup, shim.listen))
     found += check_rules.unit_rules(context)
     if host:
-        found += check_rules.host_rules(context)
+        found += check_rules.host_rules(context, check_config.ConfigRules)
     return found
 
 

@@ -17,7 +17,7 @@ import stat
 import struct
 
 from shim.errors import EXIT_CONTROL, ShimError
-from shim.loop import Loop, Timer
+from shim.runtime.loop import Loop, Timer
 
 TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see shim/client.py)
 if TYPE_CHECKING:

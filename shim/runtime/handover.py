@@ -14,15 +14,15 @@ import signal
 import time
 from collections import namedtuple
 
-from shim import health, procs, release
+from shim.runtime import health, procs, release
 from shim.errors import ReloadFailed, Stopping, WrongRelease
-from shim.masters import FAILED_MASTER_GRACE
+from shim.runtime.masters import FAILED_MASTER_GRACE
 
 TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see shim/client.py)
 if TYPE_CHECKING:
     from typing import Optional, Tuple
 
-    from shim.upgrade import Host, Strategy
+    from shim.runtime.upgrade import Host, Strategy
 
 OLD_MASTER_GOING = 3.0     # seconds an old master, maybe QUIT by a hook, gets to exit on its own
 

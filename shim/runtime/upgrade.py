@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from shim import procs, release
+from shim.runtime import procs, release
 from shim.errors import ReloadFailed, ShimError
 
 TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see shim/client.py)

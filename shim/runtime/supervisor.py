@@ -1,7 +1,7 @@
 """The supervisor: one event loop that owns all state.
 
 States: booting -> serving -> reloading -> serving ...; stopping at the end.
-Signals, control requests and pidfds reach it as calls from the loop (shim/loop.py)
+Signals, control requests and pidfds reach it as calls from the loop (shim/runtime/loop.py)
 that only record what happened or queue a request; run() and the lifecycle
 methods below (boot, reload, stop) make every decision, and wherever they wait
 they poll the loop, so a status request is answered during a hand-over and a
@@ -14,25 +14,25 @@ import signal
 import time
 from types import SimpleNamespace
 
-from shim import procs, release
-from shim.control import ControlServer, SignalledReload
+from shim.runtime import procs, release
+from shim.runtime.control import ControlServer, SignalledReload
 from shim.errors import EXIT_MASTER_EXIT, EXIT_START, ReloadFailed, ShimError, Stopping
-from shim.journal import ERR, WARNING, Log
-from shim.loop import Loop
-from shim.notify import Notifier
-from shim.masters import FAILED_MASTER_GRACE, Masters
-from shim.readiness import HookSocket, Verdict
-from shim.servers import ServerProfile
-from shim.sockets import HeldSocket
-from shim.state import State
-from shim.handover import Outcome, hand_over
-from shim.upgrade import STRATEGIES
+from shim.runtime.journal import ERR, WARNING, Log
+from shim.runtime.loop import Loop
+from shim.runtime.notify import Notifier
+from shim.runtime.masters import FAILED_MASTER_GRACE, Masters
+from shim.runtime.readiness import HookSocket, Verdict
+from shim.runtime.servers import ServerProfile
+from shim.runtime.sockets import HeldSocket
+from shim.runtime.state import State
+from shim.runtime.handover import Outcome, hand_over
+from shim.runtime.upgrade import STRATEGIES
 
 TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see shim/client.py)
 if TYPE_CHECKING:
     from typing import Any, Callable, Dict, List, Optional, Tuple
 
-    from shim.control import Reply
+    from shim.runtime.control import Reply
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 # The shim's own pid, for a trigger that costs next to no CPU: ExecReload= signals

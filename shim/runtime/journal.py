@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from shim.client import stderr_is_journal
+from shim.errors import stderr_is_journal
 
 TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see shim/client.py)
 if TYPE_CHECKING:

@@ -17,7 +17,7 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-from shim import generator
+from shim.tooling import generator
 
 Sections = Dict[str, Dict[str, List[str]]]
 TEMPLATE = "unicorn-shim@"

@@ -5,10 +5,10 @@ import os
 import pwd
 from typing import Any, Dict, List, Optional
 
-from shim import config_eval
-from shim.check import CANNOT, ERROR, WARNING
-from shim.check_rules import Context, inside, writable_dir
-from shim.release import config_through
+from shim.tooling import config_eval
+from shim.tooling.findings import CANNOT, ERROR, WARNING
+from shim.tooling.check_rules import Context, inside, writable_dir
+from shim.runtime.release import config_through
 
 # Unicorn's own check that the pid/log directories are writable runs after the
 # whole config loaded: failing it leaves every value known (checked by our rules).

@@ -19,8 +19,8 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from shim.readiness import HOOKS_DIR
-from shim.servers import ServerProfile
+from shim.runtime.readiness import HOOKS_DIR
+from shim.runtime.servers import ServerProfile
 
 MARK = "unicorn-shim-eval: "
 TIMEOUT = 20.0

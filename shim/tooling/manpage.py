@@ -1,7 +1,7 @@
 """unicorn-shim(1), rendered in roff from the command line's own definitions
-(shim.cli.build_parser), so the man page and --help never disagree.
+(shim.options.build_parser), so the man page and --help never disagree.
 
-    python3 -m shim.manpage > unicorn-shim.1
+    python3 -m shim.tooling.manpage > unicorn-shim.1
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import sys
 from typing import List
 
 from shim import __version__
-from shim.cli import build_parser
+from shim.options import build_parser
 
 EXTRA = r"""
 .SH DESCRIPTION

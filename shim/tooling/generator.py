@@ -32,7 +32,7 @@ import stat
 import sys
 from typing import Dict, List
 
-from shim import servers
+from shim.runtime import servers
 from shim.errors import ShimError
 
 try:

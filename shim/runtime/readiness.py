@@ -22,15 +22,15 @@ import struct
 import time
 from collections import namedtuple
 
-from shim import procs
-from shim.servers import ServerProfile
+from shim.runtime import procs
+from shim.runtime.servers import ServerProfile
 
 TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see shim/client.py)
 if TYPE_CHECKING:
     from typing import Callable, Dict, Optional, Set, Tuple
 
 HOOK_ENV = "UNICORN_SHIM_READY_SOCKET"
-HOOKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hooks")
+HOOKS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hooks")
 CRASH_LOOP_DEATHS = 3
 # A master that leaves its only (dead) workers unreaped this long is not running
 # its loop: Gunicorn 20.1 halting after "Worker failed to boot" does this for

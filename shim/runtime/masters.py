@@ -9,13 +9,13 @@ import os
 import signal
 import time
 
-from shim import procs, spawn
+from shim.runtime import procs, spawn
 from shim.errors import ReloadFailed, Stopping
-from shim.journal import WARNING, Log
-from shim.loop import Loop
-from shim.readiness import HOOK_ENV, HookReports, HookSocket, Verdict, WorkerWatch, hook_environment
-from shim.release import config_through
-from shim.sockets import HeldSocket
+from shim.runtime.journal import WARNING, Log
+from shim.runtime.loop import Loop
+from shim.runtime.readiness import HOOK_ENV, HookReports, HookSocket, Verdict, WorkerWatch, hook_environment
+from shim.runtime.release import config_through
+from shim.runtime.sockets import HeldSocket
 
 TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see shim/client.py)
 if TYPE_CHECKING:

@@ -1,7 +1,7 @@
 """The rules of `unicorn-shim check` that need more than the unit's own text:
 timeouts and sockets against systemd's behaviour, this machine's users and
 directories as the unit's user sees them, the server's config as the server
-evaluates it (shim.config_eval), and the shim's record of the last reload.
+evaluates it (shim.tooling.config_eval), and the shim's record of the last reload.
 """
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from shim import config_eval
-from shim.check import CANNOT, ERROR, WARNING, Finding, last
-from shim.check_setup import SYSTEMD_PATH, Setup, environment_files
-from shim.readiness import hook_environment
-from shim.release import config_through
-from shim.servers import ServerProfile
+from shim.tooling import config_eval
+from shim.tooling.findings import CANNOT, ERROR, WARNING, Finding, last
+from shim.tooling.check_setup import SYSTEMD_PATH, Setup, environment_files
+from shim.runtime.readiness import hook_environment
+from shim.runtime.release import config_through
+from shim.runtime.servers import ServerProfile
 
 DEFAULT_TIMEOUT_START = 90.0      # systemd's DefaultTimeoutStartSec=
 STATE_ROOT = "/var/lib/unicorn-shim"
@@ -147,8 +147,8 @@ def _sockets_in_runtime_directory(ctx: Context) -> None:
 
 # --- rules on this machine --------------------------------------------------------------------
 
-def host_rules(ctx: Context) -> List[Finding]:
-    from shim.check_config import ConfigRules
+def host_rules(ctx: Context, config_rules: Any) -> List[Finding]:
+    """`config_rules`: check_config.ConfigRules, the rules on the server's evaluated config."""
     ctx.found = []
     run_as = _run_as(ctx)
     env, env_uncertain = _environment(ctx, run_as)
@@ -158,7 +158,7 @@ def host_rules(ctx: Context) -> List[Finding]:
         writable_dir(ctx, run_as, ctx.shim.pid_file, "--pid-file")
     if ctx.app_dir is None or os.path.isdir(ctx.app_dir):
         evaluation = config_eval.evaluate(ctx.profile, ctx.server_command, ctx.start_dir, env, run_as)
-        ConfigRules(ctx, run_as, evaluation, env_uncertain, env).run()
+        config_rules(ctx, run_as, evaluation, env_uncertain, env).run()
     _last_release(ctx)
     return ctx.found
 

@@ -12,7 +12,7 @@ import json
 import os
 import time
 
-from shim import procs
+from shim.runtime import procs
 
 TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see shim/client.py)
 if TYPE_CHECKING:

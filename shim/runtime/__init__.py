@@ -1,0 +1,1 @@
+"""The running shim: what `unicorn-shim run` imports, and nothing else."""
