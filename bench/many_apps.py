@@ -43,7 +43,7 @@ sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
 from shim.tooling.generator import dropins, parse_conf  # noqa: E402
 from support.apps import App, free_port  # noqa: E402
 from support.load import Load, get  # noqa: E402
-from support.systemd import UserManager, proc_cmdline  # noqa: E402
+from support.systemd import UserManager, is_shim, proc_cmdline  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 # What the bench's manager changes in the packaged template: the shim from a checkout
@@ -170,7 +170,7 @@ class Host:
 
     def shim_pid(self, name: str) -> int:
         return next(p for p in self.m.unit_processes(f"unicorn-shim@{name}.service")
-                    if "unicorn-shim" in proc_cmdline(p) and " run " in proc_cmdline(p))
+                    if is_shim(p) and " run " in proc_cmdline(p))
 
     def control(self, name: str) -> str:
         return os.path.join(self.m.runtime_dir, "unicorn-shim", name, "control.sock")

@@ -20,7 +20,7 @@ sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
 
 from support.deploy import Deployment  # noqa: E402
 from support.load import Load  # noqa: E402
-from support.systemd import UserManager, proc_cmdline  # noqa: E402
+from support.systemd import UserManager, is_shim  # noqa: E402
 
 
 def resources(pid: int) -> dict:
@@ -42,7 +42,7 @@ def main() -> None:
     failed_reloads = 0
     try:
         d.start()
-        shim = next(p for p in manager.unit_processes() if "unicorn-shim" in proc_cmdline(p))
+        shim = next(p for p in manager.unit_processes() if is_shim(p))
         rows = [(0, resources(shim))]
         t0 = time.monotonic()
         with Load(d.port, clients=args.clients, max_seconds=7200) as load:

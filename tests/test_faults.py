@@ -15,7 +15,7 @@ import time
 import pytest
 
 from support.load import Load, get
-from support.systemd import exited, proc_cmdline, proc_parent
+from support.systemd import exited, is_shim, proc_cmdline, proc_parent
 
 
 def finish(d, manager):
@@ -61,7 +61,7 @@ def wait_new_master(d, old, timeout=10):
             # (the server's name: not a child of the manager that has not exec'd yet, as
             # ExecReload='s process for a moment, which a test that stops "new" would hang)
             cmdline = proc_cmdline(pid)
-            if pid != old and d.app.server in cmdline and "unicorn-shim" not in cmdline \
+            if pid != old and d.app.server in cmdline and not is_shim(pid) \
                     and proc_parent(pid) in (old, d.m.pid) and not WORKER_TITLE.search(cmdline) \
                     and pid not in d.app_workers(old):
                 return pid
@@ -211,7 +211,7 @@ def test_kill9_shim_in_steady_state(deploy, manager):
     d = deploy()
     d.start()
     master = d.assert_main_pid_is_live_master()
-    shim = [p for p in manager.unit_processes() if "unicorn-shim" in proc_cmdline(p)][0]
+    shim = [p for p in manager.unit_processes() if is_shim(p)][0]
     with Load(d.port) as load:
         os.kill(shim, signal.SIGKILL)
         time.sleep(0.5)
@@ -234,7 +234,7 @@ def test_kill9_shim_in_the_middle_of_a_hand_over(deploy, manager):
     d = deploy(service_extra=SHIM_EXIT_TIMEOUTS)
     d.start()
     old = d.assert_main_pid_is_live_master()
-    shim = [p for p in manager.unit_processes() if "unicorn-shim" in proc_cmdline(p)][0]
+    shim = [p for p in manager.unit_processes() if is_shim(p)][0]
     with Load(d.port) as load:
         d.app.release(extra=d.app.never_ready())
         t, result = reload_in_background(d)

@@ -9,11 +9,11 @@ import time
 import pytest
 
 from support.load import Load, get
-from support.systemd import proc_cmdline
+from support.systemd import is_shim
 
 
 def shim_pid(manager) -> int:
-    return [p for p in manager.unit_processes() if "unicorn-shim" in proc_cmdline(p)][0]
+    return [p for p in manager.unit_processes() if is_shim(p)][0]
 
 
 @pytest.mark.parametrize("sig", ["USR1", "TTIN", "TTOU", "WINCH"])

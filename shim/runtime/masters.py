@@ -9,7 +9,7 @@ import os
 import signal
 import time
 
-from shim.runtime import procs, spawn
+from shim.runtime import procs, sockets, spawn
 from shim.errors import ReloadFailed, Stopping
 from shim.runtime.journal import WARNING, Log
 from shim.runtime.loop import Loop
@@ -46,6 +46,7 @@ class Masters:
         self.stop_requested = False
         self.hook_socket: Optional[HookSocket] = None
         self.notifier = None                     # the supervisor's: systemd's timeouts follow ours
+        self.probes_made = 0                     # each master's probe socket has a name of its own
 
     def _on_hook_message(self) -> None:
         self.hook_socket.drain(self.reports, self._of_the_unit)
@@ -67,6 +68,7 @@ class Masters:
                            OLD_MASTER_PID=master.pid, GENERATION=master.generation)
         self.masters.pop(master.pid, None)
         self.reports.forget(master.pid)
+        sockets.unlink_probe(master.probe)
         master.close()     # one pidfd per generation: a long-lived shim must not collect them
 
     def gone(self, master: procs.Pinned) -> bool:
@@ -92,23 +94,33 @@ class Masters:
         comes from that release, never from the one `current` names later.
         Without, PWD names --chdir itself, which Unicorn's own re-exec follows.
         A relative config path is named through `link` (default --chdir)."""
-        fds = [s.fileno() for s in self.sockets]
+        self.probes_made += 1
+        probe = sockets.bind_probe(self.config.runtime_dir, self.probes_made)
+        held = self.sockets + [probe]          # the probe socket last, after the public ones
+        fds = [s.fileno() for s in held]
         fd_numbers = list(range(spawn.FD_START, spawn.FD_START + len(fds)))
         env = spawn.server_environment(self.environ, {**self.profile.socket_env(fd_numbers),
                                                       **hook_environment(self.environ),
                                                       HOOK_ENV: self.hook_socket.path})
         argv = config_through(self.config.command, self.profile.config_flags, link or self.config.chdir)
-        argv += self.profile.listen_args([s.name for s in self.sockets])
-        pid = spawn.spawn(argv, env, fds, chdir=release or self.config.chdir,
-                          set_listen_pid=self.profile.sets_listen_pid)
+        argv += self.profile.listen_args([s.name for s in held])
+        try:
+            pid = spawn.spawn(argv, env, fds, chdir=release or self.config.chdir,
+                              set_listen_pid=self.profile.sets_listen_pid)
+        except BaseException:
+            sockets.release([probe])
+            raise
+        probe.sock.close()          # the master holds it now: once the master is gone, a probe is refused
         try:
             master = procs.pin(pid, self.cgroup, not_before=not_before)
         except procs.UntrustedPid as e:
+            sockets.unlink_probe(probe.unlink_path)
             try:
                 os.kill(pid, signal.SIGKILL)   # our own grandchild, a moment old: no reuse possible
             except ProcessLookupError:
                 pass
             raise ReloadFailed(f"master {pid} cannot be watched: {e} (see the server's log)") from None
+        master.probe = probe.unlink_path
         self.watch(master)
         return master
 

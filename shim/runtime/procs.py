@@ -245,6 +245,7 @@ class Pinned:
         self.generation = generation
         self.role = role
         self.exit_text: Optional[str] = None
+        self.probe: Optional[str] = None     # a master's private probe socket (shim/runtime/probe.py)
 
     def __repr__(self) -> str:
         return f"Pinned(pid={self.pid}, role={self.role}, generation={self.generation})"

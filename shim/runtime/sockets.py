@@ -199,6 +199,39 @@ def hold(environ: "os._Environ[str] | dict[str, str]", listen: List[str],
     return held
 
 
+def bind_probe(directory: str, number: int) -> HeldSocket:
+    """A generation's private probe socket: a listening unix socket in the runtime
+    directory, mode 0600 (only the shim's user, the service's, can connect; the
+    server accepts on the fd it inherits and needs no access to the file), one name
+    per master. Handed over like the held sockets; the shim closes its own copy once
+    the master has it, so a probe of a generation whose master died is refused."""
+    path = os.path.join(directory, f"probe.{number}.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old_umask = os.umask(0o177)        # never reachable by others, not even between bind and chmod
+    try:
+        try:
+            os.unlink(path)            # left by an earlier run whose runtime directory was kept
+        except FileNotFoundError:
+            pass
+        sock.bind(path)
+        sock.listen(BACKLOG)
+    except OSError as e:
+        sock.close()
+        raise ShimError(f"cannot make the probe socket {path}: {e.strerror or e}", EXIT_LISTEN) from None
+    finally:
+        os.umask(old_umask)
+    return HeldSocket(sock, path, "probe", path)
+
+
+def unlink_probe(path: Optional[str]) -> None:
+    """Remove a probe socket's file once its master is gone (the server never does)."""
+    if path:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
 def release(held: List[HeldSocket]) -> None:
     for h in held:
         h.sock.close()

@@ -150,9 +150,11 @@ class Usr2(Strategy):
         orphaned = not old.alive()
         candidates = procs.children(old.pid)
         if orphaned:
-            # (not the shim, nor a `unicorn-shim reload` waiting in ExecReload=)
-            candidates += [p for p in procs.cgroup_members(self.host.cgroup)
-                           if p not in self.host.masters and "unicorn-shim" not in procs.title(p)]
+            # (not the shim, nor a `unicorn-shim reload` waiting in ExecReload=, told by the
+            # command, interpreter and script: a master's arguments name its probe socket,
+            # in a runtime directory that may be called unicorn-shim too)
+            candidates += [p for p in procs.cgroup_members(self.host.cgroup) if p not in self.host.masters
+                           and not any(os.path.basename(w) == "unicorn-shim" for w in procs.title(p).split()[:2])]
         parent_title = procs.title(old.pid)
         for pid in candidates:
             if pid in known or self.host.profile.worker_title.search(procs.title(pid)):

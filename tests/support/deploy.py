@@ -7,7 +7,7 @@ import subprocess
 import time
 
 from support.apps import App, free_port
-from support.systemd import UserManager, proc_cmdline, proc_parent
+from support.systemd import UserManager, is_shim, proc_cmdline, proc_parent
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHIM = os.path.join(REPO, "bin", "unicorn-shim")
@@ -146,7 +146,7 @@ class Deployment:
         """Masters: the unit's processes whose parent is not in the unit (the manager's
         children), other than the shim. Holds in steady state for every server."""
         pids = self.m.unit_processes()
-        return [p for p in pids if proc_parent(p) not in pids and "unicorn-shim" not in proc_cmdline(p)]
+        return [p for p in pids if proc_parent(p) not in pids and not is_shim(p)]
 
     def app_workers(self, master: int) -> list:
         """Unicorn's and Puma's worker titles say "worker"; Gunicorn's (no setproctitle) do not."""

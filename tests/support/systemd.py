@@ -128,6 +128,12 @@ def proc_cmdline(pid: int) -> str:
         return ""
 
 
+def is_shim(pid: int) -> bool:
+    """The shim or its client, by the command itself (interpreter and script): a master's
+    arguments name its probe socket, in a runtime directory that may be named unicorn-shim."""
+    return any(os.path.basename(word) == "unicorn-shim" for word in proc_cmdline(pid).split()[:2])
+
+
 def proc_environ(pid: int) -> Dict[str, str]:
     with open(f"/proc/{pid}/environ", "rb") as f:
         items = f.read().split(b"\0")
