@@ -33,6 +33,35 @@ def _mode(text: str) -> int:
     return value
 
 
+def _statuses(text: str) -> tuple:
+    import argparse
+
+    from shim.runtime import probe
+    try:
+        return probe.parse_statuses(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of statuses within 100-599 "
+                                         "such as 200-399,404") from None
+
+
+def _probe_path(text: str) -> str:
+    import argparse
+    if not text.startswith("/") or any(c in text for c in " \r\n"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a request path such as /up")
+    return text
+
+
+def _health_url(text: str) -> str:
+    import argparse
+
+    from shim.runtime import health
+    try:
+        health.request_for(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def _columns() -> int:
     """shutil.get_terminal_size().columns: $COLUMNS, else the terminal's, else 80."""
     try:
@@ -83,9 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--retire-timeout", type=_seconds, default=60.0, metavar="SEC",
                      help="how long an old master may take to finish its requests before it is "
                           "killed (default 60)")
-    run.add_argument("--health-check", metavar="URL",
+    run.add_argument("--health-check", metavar="URL", type=_health_url,
                      help="http://HOST:PORT/PATH that must answer 2xx/3xx from the new release "
-                          "before the old one is retired")
+                          "before the old one is retired; asked of the new generation alone, over "
+                          "its private probe socket, with PATH and HOST:PORT as the Host header")
+    run.add_argument("--probe-path", metavar="PATH", type=_probe_path, default="/",
+                     help="the request path of the readiness probe each new generation must answer "
+                          "over its private socket (default /; Rails 7.1 and later: /up)")
+    run.add_argument("--probe-status", metavar="LIST", type=_statuses, default="100-499",
+                     help="the probe's accepted statuses, e.g. 200-399,404 (default 100-499: any "
+                          "answer but a server error)")
     run.add_argument("--server", choices=sorted(servers.PROFILES),
                      help="the server, when it cannot be told from the command")
     run.add_argument("--upgrade", choices=["spawn", "usr2"],

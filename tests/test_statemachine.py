@@ -282,7 +282,7 @@ def test_stop_ends_a_hand_over_cleanly_from_every_phase(fake, monkeypatch, phase
     if phase == "health-check":
         sup.config.health_check = "http://127.0.0.1:1/"
 
-        def slow_check(url):
+        def slow_check(*args):
             time.sleep(0.5)       # the loop is held: the stop is seen right after the check
             return ""
         monkeypatch.setattr(health, "check", slow_check)

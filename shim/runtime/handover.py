@@ -136,8 +136,12 @@ def _health_check(host: "Host", old: procs.Pinned,
         deadline = time.monotonic() + 1.0
         while not all(_all_threads_stopped(w.pid) for w in paused) and time.monotonic() < deadline:
             host.tick(0.002)
+    # Over the new generation's own probe socket. Under usr2 the re-exec'd master inherited
+    # the old one's (its only probe socket), whose old workers are stopped by now.
+    target = new.probe or old.probe
     try:
-        return (health.check(host.config.health_check) or None), stopped
+        return (health.check(host.loop, target, host.config.health_check,
+                             lambda seconds: (host.tick(seconds), host.checkpoint())) or None), stopped
     finally:
         for worker in paused:
             worker.signal(signal.SIGCONT)

@@ -1,39 +1,44 @@
-"""The optional --health-check: one HTTP GET that must answer 2xx or 3xx.
+"""The optional --health-check URL, asked of one generation alone.
 
-It blocks the supervisor's loop for at most `timeout` twice (connect, answer):
-it runs once per reload, against workers just found ready, and signals or
-control requests that arrive meanwhile are handled right after it.
+It goes over that generation's private probe socket (shim/runtime/probe.py), not to
+the URL's address: the shared socket's queue is served by whichever generation's
+worker accepts first, so an answer there may be the old release's. The URL gives
+the path and query, and its host part is sent as the Host header (name-based
+routing, Rails' config.hosts). A 2xx or 3xx passes.
 """
 from __future__ import annotations
 
-import socket
+from shim.runtime import probe
+
+TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see shim/client.py)
+if TYPE_CHECKING:
+    from typing import Callable
+
+    from shim.runtime.loop import Loop
 
 TIMEOUT = 5.0
+PASSING = ((200, 399),)
 
 
-def check(url: str, timeout: float = TIMEOUT) -> str:
-    """'' when healthy, else the reason."""
+def request_for(url: str) -> probe.Request:
+    """The probe request a health-check URL stands for; ValueError when it is not http://HOST[:PORT]/PATH."""
     from urllib.parse import urlsplit     # only shims with a health check pay for it
 
     parts = urlsplit(url)
     if parts.scheme != "http" or not parts.hostname:
-        return f"health check URL {url!r} is not http://HOST[:PORT]/PATH"
+        raise ValueError(f"health check URL {url!r} is not http://HOST[:PORT]/PATH")
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    if any(c in path + parts.netloc for c in " \r\n"):
+        raise ValueError(f"health check URL {url!r} has a space or a line break")
+    return probe.Request(path, parts.netloc, PASSING)
+
+
+def check(loop: Loop, socket_path: str, url: str, wait: Callable[[float], None]) -> str:
+    """'' when the generation listening on `socket_path` passes, else the reason.
+    `wait` polls the loop (signals and control requests are handled meanwhile)."""
     try:
-        conn = socket.create_connection((parts.hostname, parts.port or 80), timeout)
-    except OSError as e:
-        return f"health check {url}: cannot connect: {e}"
-    try:
-        conn.sendall(f"GET {path} HTTP/1.0\r\nHost: {parts.netloc}\r\nUser-Agent: unicorn-shim\r\n"
-                     "Connection: close\r\n\r\n".encode())
-        status_line = conn.makefile("rb").readline(256)
-    except OSError as e:
-        return f"health check {url}: no answer: {e or 'timed out'}"
-    finally:
-        conn.close()
-    words = status_line.decode(errors="replace").split()
-    if len(words) < 2 or not (words[1].isascii() and words[1].isdigit()):
-        return f"health check {url}: not an HTTP answer: {status_line[:80]!r}"
-    if not 200 <= int(words[1]) < 400:
-        return f"health check {url}: HTTP {words[1]}"
-    return ""
+        request = request_for(url)
+    except ValueError as e:
+        return str(e)
+    result = probe.attempt(loop, socket_path, request, wait, TIMEOUT)
+    return "" if result.ok else f"health check {url}: {result.seen}"

@@ -179,18 +179,18 @@ def _io_error(e: OSError) -> str:
 
 
 def attempt(loop: Loop, path: str, request: Request, wait: Callable[[float], None],
-            timeout: float = TIMEOUT, keep_waiting: Callable[[], bool] = lambda: True) -> Optional[Result]:
+            timeout: float = TIMEOUT) -> Result:
     """One probe, waited for with `wait` (the loop's poll, through the caller, so that
-    everything else the loop watches is handled meanwhile). None when `keep_waiting`
-    said stop before the answer came (the probe is cancelled)."""
+    everything else the loop watches is handled meanwhile). What `wait` raises (a stop
+    requested meanwhile) ends the probe and goes on up."""
     results: list = []
     probe = Probe(loop, path, request, results.append, timeout)
     probe.start()
-    while not results:
-        if not keep_waiting():
-            probe.cancel()
-            return None
-        wait(0.05)
+    try:
+        while not results:
+            wait(0.05)
+    finally:
+        probe.cancel()
     return results[0]
 
 

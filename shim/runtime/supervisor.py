@@ -20,6 +20,7 @@ from shim.errors import EXIT_MASTER_EXIT, EXIT_START, ReloadFailed, ShimError, S
 from shim.runtime.journal import ERR, WARNING, Log
 from shim.runtime.loop import Loop
 from shim.runtime.notify import Notifier
+from shim.runtime.probe import Request
 from shim.runtime.masters import FAILED_MASTER_GRACE, Masters
 from shim.runtime.readiness import HookSocket, Verdict
 from shim.runtime.servers import ServerProfile
@@ -65,6 +66,7 @@ class Config(SimpleNamespace):
     runtime_dir: str
     state_dir: Optional[str] = None
     fallback: bool = True
+    probe: Optional[Request] = None      # what a new generation's probe asks (default: probe.Request())
 
 
 class Supervisor(Masters):

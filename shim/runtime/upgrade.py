@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
         config: Any
         profile: Any
+        loop: Any
         cgroup: Optional[str]
         masters: Dict[int, procs.Pinned]
         log: Any
