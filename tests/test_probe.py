@@ -235,3 +235,37 @@ def test_a_health_check_url_that_cannot_be_asked_is_refused(url):
     from shim.runtime import health
     with pytest.raises(ValueError):
         health.request_for(url)
+
+
+def test_a_prober_retries_until_an_answer_is_accepted_and_then_stops(loop, path):
+    """A master booting: the first attempts fail (a 503 while warming up), then it serves."""
+    answers = [b"HTTP/1.1 503 Warming Up", b"HTTP/1.1 503 Warming Up", b"HTTP/1.1 200 OK"]
+
+    def warming(server, conn):
+        answer(answers.pop(0) if answers else b"HTTP/1.1 200 OK")(server, conn)
+    server = Server(path, warming)
+    prober = probe.Prober(loop, path, probe.Request(), timeout=2.0, retry=0.05).start()
+    deadline = time.monotonic() + 10
+    while prober.answer is None and time.monotonic() < deadline:
+        loop.poll(0.5)
+    assert prober.answer is not None and prober.answer.seen == "HTTP 200"
+    assert prober.failed == 2 and prober.last.seen == "HTTP 503"
+    assert prober.describe() == "answered GET /: HTTP 200"
+    loop.poll(0.2)
+    assert len(server.requests) == 3, "it went on probing after the answer"
+    assert len(loop.selector.get_map()) == 0
+    server.close()
+
+
+def test_a_prober_of_a_hung_generation_says_what_it_saw_and_stops_cleanly(loop, path):
+    server = Server(path)                 # workers that never accept: a hang at import
+    prober = probe.Prober(loop, path, probe.Request("/up"), timeout=0.3, retry=0.05).start()
+    deadline = time.monotonic() + 1.2
+    while time.monotonic() < deadline:
+        loop.poll(0.1)
+    assert prober.answer is None and prober.failed >= 2
+    described = prober.describe()
+    assert described.startswith("no answer to GET /up in 1 s (") and "last: timeout" in described, described
+    prober.stop()
+    assert len(loop.selector.get_map()) == 0 and all(t.cancelled for t in loop.timers)
+    server.close()

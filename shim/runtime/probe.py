@@ -23,7 +23,7 @@ from collections import namedtuple
 
 TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see shim/client.py)
 if TYPE_CHECKING:
-    from typing import Callable, Optional, Sequence, Tuple
+    from typing import Callable, Optional, Tuple
 
     from shim.runtime.loop import Loop, Timer
 
@@ -85,7 +85,7 @@ class Probe:
     def start(self) -> None:
         self.started = time.monotonic()
         self.timer = self.loop.call_later(self.timeout, self._finish, False,
-                                          f"timeout (no answer in {self.timeout:g} s)")
+                                          f"timeout: no answer in {self.timeout:g} s")
         sock = self.sock = socket.socket(socket.AF_UNIX,
                                          socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         code = sock.connect_ex(self.path)
@@ -160,6 +160,60 @@ class Probe:
             self.sock = None
 
 
+class Prober:
+    """Probes one generation until a probe is answered as accepted, one attempt at a
+    time, each up to `timeout`, the next `retry` seconds after a failed one; driven by
+    the loop alone. Started with the master: until a worker accepts, the first attempt
+    waits in the socket's listen queue and is answered the moment one does."""
+
+    def __init__(self, loop: Loop, path: str, request: Request, timeout: float = TIMEOUT,
+                 retry: float = 0.1) -> None:
+        self.loop, self.path, self.request, self.timeout, self.retry = loop, path, request, timeout, retry
+        self.answer: Optional[Result] = None     # the accepted answer, once there is one
+        self.last: Optional[Result] = None       # the last failed attempt's
+        self.failed = 0
+        self.started = 0.0
+        self.current: Optional[Probe] = None
+        self.timer: Optional[Timer] = None
+
+    def start(self) -> "Prober":
+        self.started = time.monotonic()
+        self._attempt()
+        return self
+
+    def _attempt(self) -> None:
+        self.timer = None
+        self.current = Probe(self.loop, self.path, self.request, self._done, self.timeout)
+        self.current.start()
+
+    def _done(self, result: Result) -> None:
+        self.current = None
+        if result.ok:
+            self.answer = result
+            return
+        self.last, self.failed = result, self.failed + 1
+        self.timer = self.loop.call_later(self.retry, self._attempt)
+
+    def stop(self) -> None:
+        if self.current is not None:
+            self.current.cancel()
+            self.current = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def describe(self) -> str:
+        """What was seen, for a reason: 'no answer to GET / in 12 s (3 attempts, last: HTTP 500)'."""
+        if self.answer is not None:
+            return f"answered GET {self.request.path}: {self.answer.seen}"
+        waited = time.monotonic() - self.started
+        pending = " (one still waiting)" if self.current is not None else ""
+        last = f", last: {self.last.seen}" if self.last else ""
+        attempts = self.failed + (self.current is not None)
+        return (f"no answer to GET {self.request.path} in {waited:.0f} s "
+                f"({attempts} attempt{'s' if attempts != 1 else ''}{last}{pending})")
+
+
 def _connect_error(code: int) -> str:
     if code == errno.ECONNREFUSED:
         return "refused (no master listens)"
@@ -193,10 +247,3 @@ def attempt(loop: Loop, path: str, request: Request, wait: Callable[[float], Non
         probe.cancel()
     return results[0]
 
-
-def describe(results: Sequence[Result]) -> str:
-    """What a series of failed attempts saw, in a few words: '3 attempts, last: timeout'."""
-    if not results:
-        return "no probe was made"
-    last = results[-1].seen
-    return f"last: {last}" if len(results) == 1 else f"{len(results)} attempts, last: {last}"
