@@ -7,7 +7,8 @@ systemd with real Unicorn and load running.
 
 Columns: the readiness hook vs the heuristic (no `require "unicorn_shim"`),
 and spawn vs usr2 with the classic `before_fork` hook that QUITs the .oldbin
-master. Rows come from the shim's own `reload-done` journal fields (the
+master (Unicorn's example config: TTOU per worker, QUIT at the last; and the widely
+copied variant that QUITs at the first worker, then sleeps 1 s). Rows come from the shim's own `reload-done` journal fields (the
 server's boot, the old master's drain, the shim's overhead beyond both) and
 from the clients (failed requests, worst latency in a reload window).
 Debian's Python (/usr/bin/python3): it sees python3-systemd and python3-psutil.
@@ -36,6 +37,8 @@ COLUMNS = {
     "heuristic, usr2": dict(ready_hook=False, shim_args="--upgrade usr2"),
     "classic hook, spawn": dict(ready_hook=False, seed_hook=True),
     "classic hook, usr2": dict(ready_hook=False, seed_hook=True, shim_args="--upgrade usr2"),
+    "QUIT-first hook, spawn": dict(ready_hook=False, seed_hook="quit-first"),
+    "QUIT-first hook, usr2": dict(ready_hook=False, seed_hook="quit-first", shim_args="--upgrade usr2"),
     "gunicorn hook": dict(server="gunicorn", ready_hook=True),
     "gunicorn heuristic": dict(server="gunicorn", ready_hook=False),
 }

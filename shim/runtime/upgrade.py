@@ -5,8 +5,9 @@ usr2:  the server re-execs itself; the new master is the old one's child
 spawn: the shim starts the next master exactly as at boot, from the sockets
        it holds. The new master is the manager's child from the start.
 
-Both move the pid file the same way Unicorn's own USR2 does (to .oldbin), so
-the common `before_fork` hook that QUITs the `.oldbin` master keeps working.
+usr2 moves the pid file to .oldbin (Unicorn does it), so the common
+`before_fork` hook QUITs the old master; spawn removes it, so that hook finds no
+.oldbin and the old master serves until the shim retires it.
 """
 from __future__ import annotations
 
@@ -183,12 +184,18 @@ class Spawn(Strategy):
                    intended: Optional[str]) -> procs.Pinned:
         self.prepare_pid_files(old)
         if self.pid_file:
+            # Unicorn and Gunicorn refuse to start over a pid file naming a live master.
+            # Removed, not moved to .oldbin as Unicorn's USR2 does: the common before_fork
+            # hook QUITs whatever .oldbin names as the new master forks its first worker,
+            # and then nothing accepts until that worker runs (a 1 s stall with the hook's
+            # sleep 1). The shim retires the old master itself, once the new one is proven;
+            # a rollback writes the old master's pid back.
             try:
-                os.rename(self.pid_file, self.oldbin)   # both servers refuse a pid file naming a live master
+                os.unlink(self.pid_file)
             except FileNotFoundError:
                 pass
             except OSError as e:
-                raise ReloadFailed(f"cannot move pid file {self.pid_file} aside: {e.strerror}") from None
+                raise ReloadFailed(f"cannot remove pid file {self.pid_file}: {e.strerror}") from None
         try:
             return self.host.start_master(started, intended)
         except ShimError as e:       # e.g. the release's own bin/unicorn is missing

@@ -44,6 +44,23 @@ before_fork do |server, worker|
 end
 """
 
+# The widely copied variant (blog posts, many apps' configs): QUIT the .oldbin master
+# as the first worker is forked, then sleep. Under a USR2 upgrade nothing accepts
+# from the QUIT until that first worker runs, a second later.
+QUIT_FIRST_HOOK = """\
+before_fork do |server, worker|
+  old_pid = "#{server.config[:pid]}.oldbin"
+  if File.exist?(old_pid) && server.pid != old_pid
+    begin
+      Process.kill("QUIT", File.read(old_pid).to_i)
+    rescue Errno::ENOENT, Errno::ESRCH
+    end
+  end
+  sleep 1
+end
+"""
+SEED_HOOKS = {True: SEED_HOOK, "quit-first": QUIT_FIRST_HOOK}
+
 UNICORN_RB = """\
 worker_processes {workers}
 preload_app {preload}
@@ -113,7 +130,7 @@ class App:
     """/.../app/{releases/rN, current -> releases/rN}"""
 
     def __init__(self, root: str, pid_file: str, workers: int = 2, preload: bool = True,
-                 seed_hook: bool = False, ready_hook: bool = True, server: str = "unicorn",
+                 seed_hook: "bool | str" = False, ready_hook: bool = True, server: str = "unicorn",
                  queue_requests: Optional[bool] = None) -> None:
         self.server = server
         # Puma: without the hook its graceful stop closes a connection it accepted just
@@ -145,7 +162,7 @@ class App:
             self._write(d, "config/unicorn.rb", UNICORN_RB.format(
                 workers=self.workers, preload=str(preload).lower(), pid_file=self.pid_file,
                 require_hook='require "unicorn_shim"' if self.ready_hook else "",
-                seed_hook=SEED_HOOK if self.seed_hook else "", extra=extra))
+                seed_hook=SEED_HOOKS[self.seed_hook] if self.seed_hook else "", extra=extra))
         elif self.server == "puma":
             self._write(d, "config/puma.rb", PUMA_RB.format(
                 workers=self.workers, preload="preload_app!" if preload else "", pid_file=self.pid_file,

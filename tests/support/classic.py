@@ -33,6 +33,8 @@ run lambda {{ |env|
   if env["PATH_INFO"] == "/lazy"
     body = File.read(File.join(Dir.pwd, "lib", "lazy.txt")).strip
     [200, {{"content-type" => "text/plain"}}, ["code=#{{RELEASE}} lazy=#{{body}}\\n"]]
+  elsif env["PATH_INFO"] == "/health"
+    [{health_status}, {{"content-type" => "text/plain"}}, ["health release=#{{RELEASE}} cwd=#{{Dir.pwd}}\\n"]]
   else
     [200, {{"content-type" => "text/plain"}}, ["release=#{{RELEASE}} pid=#{{Process.pid}}\\n"]]
   end
@@ -151,15 +153,15 @@ class ClassicDeployment:
         server = f"unicorn -c {config} -E production"
         return f"bundle exec --keep-file-descriptors {server}" if self.bundler else server
 
-    def release(self, broken: bool = False, lazy_text: Optional[str] = None) -> str:
+    def release(self, broken: bool = False, lazy_text: Optional[str] = None, health_status: int = 200) -> str:
         """Write releases/rN as a deploy tool does and flip `current` to it."""
         self.count += 1
         name = f"r{self.count}"
         d = os.path.join(self.root, "releases", name)
         os.makedirs(os.path.join(d, "config"))
         os.makedirs(os.path.join(d, "lib"))
-        _write(d, "config.ru", CONFIG_RU.format(name=name, broken=f'raise "release {name} is broken"'
-                                                if broken else ""))
+        _write(d, "config.ru", CONFIG_RU.format(name=name, health_status=health_status,
+                                                broken=f'raise "release {name} is broken"' if broken else ""))
         _write(d, "lib/lazy.txt", (lazy_text or name) + "\n")
         config = CLASSIC_UNICORN_RB.format(preload=str(self.preload).lower(),
                                            before_exec=BEFORE_EXEC if self.before_exec else "")

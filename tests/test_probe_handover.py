@@ -1,0 +1,140 @@
+"""Issue 21: a new generation is proven by real requests over its own probe socket
+before it replaces the old one (real systemd, real servers, load running)."""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from support.deploy import Deployment
+from support.load import Load, get
+
+HANG_AT_IMPORT = "import time\ntime.sleep(100000)\n"
+READY_TIMEOUT = 10
+FAILED_MASTER_GRACE = 10       # the shim's bound on stopping a failed master (shim/runtime/masters.py)
+GTHREAD = 'worker_class = "gthread"\nthreads = 2'
+
+
+@pytest.mark.parametrize("workers", ["sync", "gthread"])
+@pytest.mark.parametrize("preload", [False, True], ids=["preload-off", "preload-on"])
+def test_gunicorn_release_that_hangs_at_import_is_rolled_back(manager, tmp_path, preload, workers):
+    """Issue 21's first finding: the hung workers looked ready (asleep, using no CPU), the
+    reload returned 0, the old master was retired and nothing served."""
+    extra = GTHREAD if workers == "gthread" else ""
+    d = Deployment(manager, str(tmp_path), server="gunicorn", preload=preload,
+                   shim_args=f"--ready-timeout {READY_TIMEOUT}")
+    d.app.release(extra=extra)
+    d.start()
+    old = d.assert_main_pid_is_live_master()
+    with Load(d.port, clients=4) as load:
+        time.sleep(0.3)
+        d.app.release(extra=extra)
+        app_py = os.path.join(d.app.current, "app.py")
+        with open(app_py) as f:
+            text = f.read()
+        with open(app_py, "w") as f:
+            f.write(HANG_AT_IMPORT + text)
+        t0 = time.monotonic()
+        r = d.reload()
+        took = time.monotonic() - t0
+        time.sleep(0.5)
+    assert r.returncode != 0, manager.journal_text()[-3000:]
+    assert READY_TIMEOUT - 1 < took < READY_TIMEOUT + FAILED_MASTER_GRACE + 10, took
+    [failed] = manager.events("reload-failed")
+    assert "no answer to GET /" in failed["REASON"], failed["REASON"]
+    assert failed["RESULT"] == "rolled-back"
+    assert load.failures() == [], load.failure_kinds()
+    assert {x.release for x in load.results} == {"r1"}
+    assert get(d.port, timeout=5).release == "r1"
+    assert d.assert_main_pid_is_live_master() == old
+    st = d.state()
+    assert (st["ActiveState"], st["SubState"]) == ("active", "running"), st
+    assert "no answer to GET /" in st["StatusText"] or "failed" in st["StatusText"], st
+    assert not manager.events("reload-done")
+
+
+@pytest.mark.parametrize("preload", [False, True], ids=["preload-off", "preload-on"])
+def test_unicorn_failed_health_check_on_the_guides_config_keeps_the_old_release_exactly(manager, preload):
+    """Issue 21's second finding: the rollback's HUP made the old master re-read its config,
+    now the new release's, and serve from it. The check no longer needs the old workers
+    stopped, so nothing is sent to the old master: it serves its own release throughout."""
+    from support.classic import ClassicDeployment
+    d = ClassicDeployment(manager, preload=preload, listen=False,
+                          shim_args="--health-check http://shop.example/health")
+    try:
+        d.start()
+        old = manager.main_pid()
+        old_cwd = os.readlink(f"/proc/{old}/cwd")
+        assert old_cwd.endswith("/releases/r1")
+        with Load(d.port, clients=2) as load:
+            d.release(health_status=500)
+            r = d.reload()
+            assert r.returncode != 0
+            [failed] = manager.events("reload-failed")
+            assert "health check http://shop.example/health: HTTP 500" in failed["REASON"], failed["REASON"]
+            time.sleep(2)       # a config reload (HUP) would have moved the old master by now
+            t = time.monotonic()
+            for _ in range(10):
+                assert get(d.port, timeout=5).release == "r1"
+                assert d.unix_get("/health") == f"health release=r1 cwd={old_cwd}"
+        assert load.failures() == [], load.failure_kinds()
+        assert {x.release for x in load.results} == {"r1"}
+        assert load.releases_since(t) == {"r1"}
+        assert manager.main_pid() == old and os.readlink(f"/proc/{old}/cwd") == old_cwd
+        assert "keeps serving the old release" in failed["MESSAGE"]
+    finally:
+        d.stop()
+
+
+def test_health_check_runs_at_boot_and_a_failing_release_is_not_last_good(deploy, manager):
+    """Issue 21: a release that failed its check at reload was booted unchecked by the next
+    restart and recorded as the last good one, which erased the fallback."""
+    d = deploy(service_extra="StateDirectory=app", shim_args="--health-check http://app.example/health")
+    d.start()
+    good = d.app.release()
+    assert d.reload().returncode == 0
+    bad = d.app.release(health_status=500)
+    assert d.reload().returncode != 0
+    with Load(d.port) as load:
+        r = manager.systemctl("restart", "app.service")
+        assert r.returncode == 0, r.stderr + manager.journal_text()[-2000:]
+        assert get(d.port, timeout=10).release == good
+        time.sleep(0.3)
+    assert load.failures() == [], load.failure_kinds()
+    st = d.state()
+    assert st["StatusText"].startswith("degraded: serving last good release"), st
+    event = manager.events("fallback")[-1]
+    assert event["RELEASE"].endswith(good) and event["FAILED_RELEASE"].endswith(bad)
+    assert "HTTP 500" in event["REASON"], event
+    # restarted again: the bad release is still not the last good one
+    assert manager.systemctl("restart", "app.service").returncode == 0
+    assert get(d.port, timeout=10).release == good
+    assert manager.events("fallback")[-1]["RELEASE"].endswith(good)
+
+
+def test_the_classic_quit_hook_costs_no_stall_under_spawn(unicorn_deploy, manager):
+    """Issue 21 item 5: with the widely copied before_fork hook verbatim (QUIT the .oldbin
+    master at the first worker, then sleep 1), every reload window's worst latency was
+    about 1,010 ms: the old master was gone a second before a new worker accepted. With no
+    .oldbin presented, the old master serves until the shim retires it."""
+    d = unicorn_deploy(ready_hook=False, seed_hook="quit-first")
+    d.start()
+    worst = []
+    with Load(d.port, clients=4) as load:
+        time.sleep(0.5)
+        for _ in range(10):
+            name = d.app.release()
+            t0 = time.monotonic()
+            r = d.reload()
+            t1 = time.monotonic()
+            assert r.returncode == 0, r.stderr + manager.journal_text()[-2000:]
+            assert get(d.port, timeout=5).release == name
+            assert not os.path.exists(d.app.pid_file + ".oldbin")
+            time.sleep(0.5)
+            worst.append(max(x.latency for x in load.results if t0 <= x.start <= t1 + 0.2))
+    assert load.failures() == [], load.failure_kinds()
+    # A stall is the hook's sleep: 1 s. Anything well below is a loaded host's noise.
+    assert max(worst) < 0.6, [round(w * 1000) for w in worst]
+    # The shim retired each old master (the hook never reached it): each drain took time.
+    assert all(int(e["RETIRE_MS"]) > 0 for e in manager.events("reload-done")), manager.events("reload-done")
