@@ -44,11 +44,9 @@ before_fork do |server, worker|
 end
 """
 
-# The widely copied variant (blog posts, many apps' configs): QUIT the .oldbin master
-# as the first worker is forked, then sleep. Under a USR2 upgrade nothing accepts
-# from the QUIT until that first worker runs, a second later.
-QUIT_FIRST_HOOK = """\
-before_fork do |server, worker|
+# The widely copied before_fork body (blog posts, deployment guides, many apps' configs):
+# QUIT the .oldbin master as the first worker is forked.
+QUIT_OLDBIN = """\
   old_pid = "#{server.config[:pid]}.oldbin"
   if File.exist?(old_pid) && server.pid != old_pid
     begin
@@ -56,9 +54,10 @@ before_fork do |server, worker|
     rescue Errno::ENOENT, Errno::ESRCH
     end
   end
-  sleep 1
-end
 """
+# ... then sleep: under a USR2 upgrade nothing accepts from the QUIT until that first
+# worker runs, a second later.
+QUIT_FIRST_HOOK = "before_fork do |server, worker|\n" + QUIT_OLDBIN + "  sleep 1\nend\n"
 SEED_HOOKS = {True: SEED_HOOK, "quit-first": QUIT_FIRST_HOOK}
 
 UNICORN_RB = """\

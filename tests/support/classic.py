@@ -19,7 +19,7 @@ import subprocess
 import tempfile
 from typing import Optional
 
-from support.apps import free_port
+from support.apps import QUIT_OLDBIN, free_port
 from support.deploy import REPO
 from support.systemd import UserManager
 
@@ -55,14 +55,7 @@ preload_app {preload}
 {before_exec}
 before_fork do |server, worker|
   defined?(ActiveRecord::Base) and ActiveRecord::Base.connection.disconnect!
-  old_pid = "#{{server.config[:pid]}}.oldbin"
-  if File.exist?(old_pid) && server.pid != old_pid
-    begin
-      Process.kill("QUIT", File.read(old_pid).to_i)
-    rescue Errno::ENOENT, Errno::ESRCH
-    end
-  end
-end
+{quit_oldbin}end
 after_fork do |server, worker|
   defined?(ActiveRecord::Base) and ActiveRecord::Base.establish_connection
 end
@@ -163,7 +156,7 @@ class ClassicDeployment:
         _write(d, "config.ru", CONFIG_RU.format(name=name, health_status=health_status,
                                                 broken=f'raise "release {name} is broken"' if broken else ""))
         _write(d, "lib/lazy.txt", (lazy_text or name) + "\n")
-        config = CLASSIC_UNICORN_RB.format(preload=str(self.preload).lower(),
+        config = CLASSIC_UNICORN_RB.format(preload=str(self.preload).lower(), quit_oldbin=QUIT_OLDBIN,
                                            before_exec=BEFORE_EXEC if self.before_exec else "")
         if not self.listen:
             config = "".join(line for line in config.splitlines(True) if not line.startswith("listen "))
