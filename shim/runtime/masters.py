@@ -153,18 +153,22 @@ class Masters:
                 extended = waited
             if now > deadline + waited:
                 lost = f", and {waited:.0f} s more it spent waiting for a CPU" if waited >= 1 else ""
+                # What was seen: a master that hangs loading the app logs nothing to point at.
+                error = self.server_error(master.pid, pointer=False)
                 raise ReloadFailed(f"{what} {master.pid} not ready within {self.config.ready_timeout:g} s"
-                                   f"{lost} ({verdict.workers} workers up)" + self.server_error(master.pid))
+                                   f"{lost} ({verdict.detail}){error}")
             self.tick()
 
-    def server_error(self, pid: int) -> str:
+    def server_error(self, pid: int, pointer: bool = True) -> str:
         """': <the server's own error line>' for `pid` or its workers, as its
-        reporter sent it (read now: it may still sit in the socket), or a
-        pointer to the server's log."""
+        reporter sent it (read now: it may still sit in the socket), or (with
+        `pointer`) a pointer to the server's log."""
         if self.hook_socket:
             self.hook_socket.drain(self.reports, self._of_the_unit)
         error = self.reports.error_of(pid)
-        return f": {error}" if error else " (the server's own log in the journal says why)"
+        if error:
+            return f": {error}"
+        return " (the server's own log in the journal says why)" if pointer else ""
 
     def wait_exit(self, proc: procs.Pinned, timeout: float, stoppable: bool = False) -> bool:
         deadline = time.monotonic() + timeout

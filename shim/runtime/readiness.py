@@ -283,7 +283,8 @@ class WorkerWatch:
                 return Verdict("ready", n, f"heuristic: {n} workers waiting for connections; the hook's "
                                            f"worker reports never arrived ({len(live)} of {n})",
                                self.all_waiting_since)
-            return Verdict("booting", n)
+            return Verdict("booting", n, self._seen() + f", {len(live)} of {expected or n} reported ready "
+                                                        "by the readiness hook")
         if heuristic_ready:
             return Verdict("ready", n, f"heuristic: {n} workers waiting for connections",
                            max(self.changed, self.all_waiting_since))
@@ -291,4 +292,15 @@ class WorkerWatch:
             # Workers too busy to be seen waiting (a saturated host, every worker
             # serving): the same workers alive for STEADY seconds have booted.
             return Verdict("ready", n, f"heuristic: {n} workers unchanged for {STEADY:g} s", self.set_changed)
-        return Verdict("booting", n)
+        return Verdict("booting", n, self._seen())
+
+    def _seen(self) -> str:
+        """While booting, what was seen of the workers, for a reason: '2 workers up, 0 seen
+        waiting for connections' (a hang at import looks like that), '0 workers up, 1 died'."""
+        n = len(self.alive)
+        seen = f"{n} worker{'' if n == 1 else 's'} up"
+        if self.deaths:
+            seen += f", {self.deaths} died"
+        if n:
+            seen += f", {len(self.waited & self.alive)} seen waiting for connections"
+        return seen
