@@ -9,12 +9,10 @@ old one is gone and the new one has been reparented to the manager).
 """
 from __future__ import annotations
 
-import os
-import signal
 import time
 from collections import namedtuple
 
-from shim.runtime import health, procs, release
+from shim.runtime import procs, release
 from shim.errors import ReloadFailed, Stopping, WrongRelease
 from shim.runtime.masters import FAILED_MASTER_GRACE
 
@@ -27,13 +25,15 @@ if TYPE_CHECKING:
 OLD_MASTER_GOING = 3.0     # seconds an old master, maybe QUIT by a hook, gets to exit on its own
 
 
-class Outcome(namedtuple("Outcome", "result old new generation intended duration reason workers timings",
-                         defaults=("", None, None))):
+class Outcome(namedtuple("Outcome", "result old new generation intended duration reason workers timings checked",
+                         defaults=("", None, None, None))):
     """What a hand-over did. result: done (the new master serves, the old one is
     gone), rolled-back (the old one serves on), not-deployed (the new master serves
     the old release: the old one was gone already), nothing-serving, stopped.
     old, new: the masters (new may be None); intended: the release deployed;
-    workers: the new master's, when done; timings: where the time went (ms)."""
+    workers: the new master's, when done; timings: where the time went (ms);
+    checked: after a rollback, what the old master's own probe saw ('' when it
+    answered; None when no probe is configured)."""
 
     __slots__ = ()
 
@@ -67,6 +67,10 @@ def hand_over(host: "Host", old: procs.Pinned, gen: int, strategy: "Strategy") -
             if reason:
                 raise ReloadFailed(reason)
             host.checkpoint()
+        if new.probe is None:
+            # usr2: the new master serves on the old one's probe socket, its only one: the
+            # file must outlive the old master
+            new.probe, old.probe = old.probe, None
         retire_start = time.monotonic()
         host.retire(old, keep=new.pid, stoppable=True)
         retire_end = time.monotonic()
@@ -82,17 +86,19 @@ def hand_over(host: "Host", old: procs.Pinned, gen: int, strategy: "Strategy") -
             # serves the old release as well as it did: keep it, fail the deploy.
             strategy.finish(new)
             return outcome("not-deployed", str(e))
-        return outcome(_roll_back(host, old, new, workers_stopped, strategy), str(e))
+        result, checked = _roll_back(host, old, new, workers_stopped, strategy)
+        return outcome(result, str(e), checked=checked)
     except ReloadFailed as e:
-        return outcome(_roll_back(host, old, new, workers_stopped, strategy), str(e))
+        result, checked = _roll_back(host, old, new, workers_stopped, strategy)
+        return outcome(result, str(e), checked=checked)
     except Stopping:
         if workers_stopped and old.alive():
             old.signal(host.profile.respawn_workers)    # serve on while the stop drains it
         return outcome("stopped", "the service is stopping")
     except Exception as e:   # a bug must not leave MAINPID on the shim and the state "reloading"
         host.log.error("internal-error", f"reload: {type(e).__name__}: {e}")
-        return outcome(_roll_back(host, old, new, workers_stopped, strategy),
-                       f"internal error: {type(e).__name__}: {e}")
+        result, checked = _roll_back(host, old, new, workers_stopped, strategy)
+        return outcome(result, f"internal error: {type(e).__name__}: {e}", checked=checked)
 
     strategy.finish(new)
     duration = time.monotonic() - t0
@@ -107,62 +113,33 @@ def hand_over(host: "Host", old: procs.Pinned, gen: int, strategy: "Strategy") -
 
 def _health_check(host: "Host", old: procs.Pinned,
                   new: procs.Pinned) -> Tuple[Optional[str], bool]:
-    """Check the new release alone: the old master's workers must not answer.
+    """Check the new release alone. Returns the failure (or None) and whether the old
+    master's workers were stopped (to be brought back on a rollback).
 
-    Unicorn: WINCH stops them gracefully (HUP brings them back on a rollback).
-    A server without such a signal (Gunicorn: WINCH only acts when daemonized):
-    its workers are paused with SIGSTOP for the check's few milliseconds, so the
-    shared socket's queue goes to the new workers; requests in flight on the old
-    ones wait, none fails. Returns the failure (or None) and whether the old
-    workers were stopped (to be brought back on a rollback).
+    A new master of its own (spawn) is asked over its own probe socket: the old
+    workers serve on, untouched, so a rollback needs nothing of the old master (a
+    HUP would make Unicorn re-read its config, now the new release's, and move the
+    old master into the release that failed). A usr2 master shares the old one's
+    probe socket: the old workers are stopped gracefully first (WINCH) and
+    respawned with HUP on a rollback (usr2 is Unicorn's alone).
     """
-    paused, stopped = [], False
+    if new.probe:
+        return host.health_failure(new.probe), False
+    stopped = False
     if old.alive() and host.profile.stop_workers is not None:
         old.signal(host.profile.stop_workers)
         stopped = True
         deadline = time.monotonic() + host.config.retire_timeout
         while [p for p in procs.children(old.pid) if p != new.pid] and time.monotonic() < deadline:
             host.tick()
-    elif old.alive():
-        for pid in procs.children(old.pid):
-            try:
-                worker = procs.pin(pid, host.cgroup, parent=old.pid, role="worker")
-            except procs.UntrustedPid:
-                continue
-            worker.signal(signal.SIGSTOP)
-            paused.append(worker)
-        # SIGSTOP takes effect thread by thread, when each next runs: a Puma worker's
-        # accept thread was seen taking the check's connection after it was sent.
-        deadline = time.monotonic() + 1.0
-        while not all(_all_threads_stopped(w.pid) for w in paused) and time.monotonic() < deadline:
-            host.tick(0.002)
-    # Over the new generation's own probe socket. Under usr2 the re-exec'd master inherited
-    # the old one's (its only probe socket), whose old workers are stopped by now.
-    target = new.probe or old.probe
-    try:
-        return (health.check(host.loop, target, host.config.health_check,
-                             lambda seconds: (host.tick(seconds), host.checkpoint())) or None), stopped
-    finally:
-        for worker in paused:
-            worker.signal(signal.SIGCONT)
-            worker.close()
-
-
-def _all_threads_stopped(pid: int) -> bool:
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] not in ("T", "t", "Z", "X"):   # stopped or gone
-                    return False
-    except (OSError, IndexError):
-        pass      # gone: nothing of it runs
-    return True
+    return host.health_failure(old.probe), stopped
 
 
 def _roll_back(host: "Host", old: procs.Pinned, new: Optional[procs.Pinned],
-               workers_stopped: bool, strategy: "Strategy") -> str:
-    """Put the old master back in charge; "rolled-back", or "nothing-serving"
-    when it is gone too."""
+               workers_stopped: bool, strategy: "Strategy") -> Tuple[str, Optional[str]]:
+    """Put the old master back in charge: ("rolled-back", what its own probe saw:
+    '' when it answered, None when no probe is configured), or ("nothing-serving",
+    None) when it is gone too."""
     if workers_stopped and old.alive():
         old.signal(host.profile.respawn_workers)
         try:
@@ -174,4 +151,9 @@ def _roll_back(host: "Host", old: procs.Pinned, new: Optional[procs.Pinned],
     if new is not None and new.alive():
         host.retire(new, grace=min(FAILED_MASTER_GRACE, host.config.retire_timeout))
     strategy.restore(old)
-    return "rolled-back" if old.alive() else "nothing-serving"
+    if not old.alive():
+        return "nothing-serving", None
+    try:
+        return "rolled-back", host.verify_serving(old)
+    except Stopping:
+        return "rolled-back", None       # the stop that follows retires every master anyway

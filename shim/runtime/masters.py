@@ -9,7 +9,7 @@ import os
 import signal
 import time
 
-from shim.runtime import procs, sockets, spawn
+from shim.runtime import health, probe, procs, sockets, spawn
 from shim.errors import ReloadFailed, Stopping
 from shim.runtime.journal import WARNING, Log
 from shim.runtime.loop import Loop
@@ -129,7 +129,26 @@ class Masters:
         self.loop.add_reader(master.pidfd, self._on_master_exit, master)
 
     def wait_ready(self, master: procs.Pinned, deadline: float, what: str) -> Verdict:
-        """Wait until `master`'s workers are ready, or raise ReloadFailed."""
+        """Wait until `master`'s workers are ready and it answers a probe over its own
+        socket, or raise ReloadFailed. The hook and the heuristic say when its workers
+        are up and how many; only an answer proves they serve (a worker hung importing
+        the app sleeps like one waiting for connections)."""
+        prober = self.prober(master)
+        try:
+            return self._wait_ready(master, deadline, what, prober)
+        finally:
+            if prober is not None:
+                prober.stop()
+
+    def prober(self, master: procs.Pinned) -> Optional[probe.Prober]:
+        """Probing `master` from now on; None without a probe socket of its own (a master
+        re-exec'd by usr2 shares its parent's) or with no probe configured."""
+        if not (master.probe and self.config.probe):
+            return None
+        return probe.Prober(self.loop, master.probe, self.config.probe).start()
+
+    def _wait_ready(self, master: procs.Pinned, deadline: float, what: str,
+                    prober: Optional[probe.Prober]) -> Verdict:
         watch = WorkerWatch(master.pid, self.profile, self.reports, self.config.settle, time.monotonic())
         waits = CpuWait(master.pid)
         extended = 0.0
@@ -142,7 +161,7 @@ class Masters:
             now = time.monotonic()
             watch.sample(now)
             verdict = watch.verdict(now)
-            if verdict.state == "ready":
+            if verdict.state == "ready" and (prober is None or prober.answer is not None):
                 return verdict
             if verdict.state == "failed":
                 raise ReloadFailed(f"{what} {master.pid}: {verdict.detail}" + self.server_error(master.pid))
@@ -154,10 +173,33 @@ class Masters:
             if now > deadline + waited:
                 lost = f", and {waited:.0f} s more it spent waiting for a CPU" if waited >= 1 else ""
                 # What was seen: a master that hangs loading the app logs nothing to point at.
+                seen = (f"{verdict.workers} workers ready by {verdict.detail}" if verdict.state == "ready"
+                        else verdict.detail) + (f"; {prober.describe()}" if prober else "")
                 error = self.server_error(master.pid, pointer=False)
                 raise ReloadFailed(f"{what} {master.pid} not ready within {self.config.ready_timeout:g} s"
-                                   f"{lost} ({verdict.detail}){error}")
+                                   f"{lost} ({seen}){error}")
             self.tick()
+
+    def health_failure(self, socket_path: Optional[str]) -> Optional[str]:
+        """The --health-check asked of the generation listening on `socket_path`: None
+        when it passes, else the reason. A stop requested meanwhile raises Stopping."""
+        if not socket_path:
+            return f"health check {self.config.health_check}: no probe socket to ask it over"
+        return health.check(self.loop, socket_path, self.config.health_check, self._wait) or None
+
+    def verify_serving(self, master: procs.Pinned) -> Optional[str]:
+        """After a rollback: '' when `master` answers a probe over its own socket now, else
+        what was seen; None when no probe is configured."""
+        if not self.config.probe:
+            return None
+        if not master.probe:
+            return "it has no probe socket of its own"
+        result = probe.attempt(self.loop, master.probe, self.config.probe, self._wait)
+        return "" if result.ok else result.seen
+
+    def _wait(self, seconds: float) -> None:
+        self.tick(seconds)
+        self.checkpoint()
 
     def server_error(self, pid: int, pointer: bool = True) -> str:
         """': <the server's own error line>' for `pid` or its workers, as its

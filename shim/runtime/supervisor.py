@@ -66,7 +66,9 @@ class Config(SimpleNamespace):
     runtime_dir: str
     state_dir: Optional[str] = None
     fallback: bool = True
-    probe: Optional[Request] = None      # what a new generation's probe asks (default: probe.Request())
+    # What each generation must answer over its probe socket before it counts as ready;
+    # None: no probe (readiness is then the hook's or the heuristic's word alone)
+    probe: Optional[Request] = None
 
 
 class Supervisor(Masters):
@@ -230,7 +232,12 @@ class Supervisor(Masters):
                 master = self.start_master(born_after, fallback, link=fallback)
             else:
                 master = self.start_master(born_after, self.strategy.release_to_pin())
-            return master, self.wait_ready(master, deadline, "master")
+            ready = self.wait_ready(master, deadline, "master")
+            # At boot as at a reload: a release that fails its check is not the last good one.
+            failure = self.config.health_check and self.health_failure(master.probe)
+            if failure:
+                raise ReloadFailed(failure)
+            return master, ready
         except ReloadFailed as e:
             if master is not None:
                 self.retire(master, grace=min(FAILED_MASTER_GRACE, self.config.retire_timeout))
@@ -339,10 +346,17 @@ class Supervisor(Masters):
             return {"ok": False, "error": f"{out.reason}; {kept}"}
         if out.result == "rolled-back":
             old.role, self.state = "master", "serving"
+            if out.checked:
+                # Said as seen, never "keeps serving": its own probe did not answer.
+                kept = f"master {old.pid} is back in charge but did not answer its probe ({out.checked})"
+                self.degraded = f"degraded: after a failed reload, {kept}"
+            else:
+                kept = f"master {old.pid} keeps serving the old release" + (
+                    " (answered its probe)" if out.checked == "" else "")
             self.notifier.ready(old.pid, self.status_line())
-            self.log.event("reload-failed", f"reload to generation {gen} failed: {out.reason}; "
-                           f"master {old.pid} keeps serving the old release", ERR, **fields)
-            return {"ok": False, "error": f"{out.reason}; the old release keeps serving (master {old.pid})"}
+            self.log.event("reload-failed", f"reload to generation {gen} failed: {out.reason}; {kept}", ERR,
+                           **fields)
+            return {"ok": False, "error": f"{out.reason}; {kept}"}
         self.state = "failed"          # nothing-serving: the run loop exits, systemd restarts
         self.log.event("reload-failed", f"reload to generation {gen} failed: {out.reason}; the old master is "
                        "gone too, nothing serves: exiting so that systemd restarts the service", ERR, **fields)
