@@ -8,9 +8,11 @@ systemd with real Unicorn and load running.
 Columns: the readiness hook vs the heuristic (no `require "unicorn_shim"`),
 and spawn vs usr2 with the classic `before_fork` hook that QUITs the .oldbin
 master (Unicorn's example config: TTOU per worker, QUIT at the last; and the widely
-copied variant that QUITs at the first worker, then sleeps 1 s). Rows come from the shim's own `reload-done` journal fields (the
-server's boot, the old master's drain, the shim's overhead beyond both) and
-from the clients (failed requests, worst latency in a reload window).
+copied variant that QUITs at the first worker, then sleeps 1 s). Rows come from
+the shim's own `reload-done` journal fields (the server's boot, the old
+master's drain, the shim's overhead beyond both, and within it the wait for the
+new generation's answer over its probe socket once its workers were seen
+ready) and from the clients (failed requests, worst latency in a reload window).
 Debian's Python (/usr/bin/python3): it sees python3-systemd and python3-psutil.
 """
 from __future__ import annotations
@@ -65,8 +67,8 @@ def run_column(kw: dict, reloads: int, clients: int, base: str) -> dict:
                 out["worst_ms"].append(max(window, default=0) * 1000)
             out["failed"] = len(load.failures())
         events = manager.events("reload-done")
-        for field in ("SERVER_BOOT_MS", "RETIRE_MS", "SHIM_OVERHEAD_MS", "DURATION_MS"):
-            out[field] = [int(e[field]) for e in events]
+        for field in ("SERVER_BOOT_MS", "RETIRE_MS", "SHIM_OVERHEAD_MS", "DURATION_MS", "PROBE_WAIT_MS"):
+            out[field] = [int(e[field]) for e in events if field in e]    # (no probe before issue 21)
     finally:
         d.stop()
         manager.down()
@@ -101,6 +103,8 @@ def main() -> int:
         ("old master's drain (median ms)", lambda r: med(r["RETIRE_MS"])),
         ("shim overhead (median / max ms)", lambda r: f"{med(r['SHIM_OVERHEAD_MS'])} / "
                                                       f"{max(r['SHIM_OVERHEAD_MS'], default=0)}"),
+        ("of which waiting for the probe's answer (median / max ms)",
+         lambda r: f"{med(r['PROBE_WAIT_MS'])} / {max(r['PROBE_WAIT_MS'], default='-')}"),
         ("reload duration (median ms)", lambda r: med(r["DURATION_MS"])),
         ("systemctl reload returns (median ms)", lambda r: med(r["return_ms"])),
         ("worst latency in a reload window (median / max ms)",

@@ -106,7 +106,8 @@ def hand_over(host: "Host", old: procs.Pinned, gen: int, strategy: "Strategy") -
     # where the time went: the server's own boot and the old master's drain are
     # the server's; the rest is the shim's
     timings = {"new_master_found_ms": found_ms, "server_boot_ms": int(server_boot * 1000),
-               "ready_seen_ms": ready_ms, "retire_ms": int(retire * 1000),
+               "ready_seen_ms": ready_ms, "probe_wait_ms": int(ready.probe_wait * 1000),
+               "retire_ms": int(retire * 1000),
                "shim_overhead_ms": int((duration - server_boot - retire) * 1000)}
     return outcome("done", workers=ready.workers, timings=timings)
 

@@ -152,6 +152,7 @@ class Masters:
         watch = WorkerWatch(master.pid, self.profile, self.reports, self.config.settle, time.monotonic())
         waits = CpuWait(master.pid)
         extended = 0.0
+        workers_ready: Optional[float] = None    # when the hook or the heuristic said so
         while True:
             if self.stop_requested:
                 raise Stopping()
@@ -161,8 +162,10 @@ class Masters:
             now = time.monotonic()
             watch.sample(now)
             verdict = watch.verdict(now)
-            if verdict.state == "ready" and (prober is None or prober.answer is not None):
-                return verdict
+            if verdict.state == "ready":
+                workers_ready = workers_ready or now
+                if prober is None or prober.answer is not None:
+                    return verdict._replace(probe_wait=now - workers_ready)
             if verdict.state == "failed":
                 raise ReloadFailed(f"{what} {master.pid}: {verdict.detail}" + self.server_error(master.pid))
             waited = min(waits.seconds(), CPU_WAIT_LIMIT * self.config.ready_timeout)

@@ -179,9 +179,10 @@ class HookSocket:
             pass
 
 
-class Verdict(namedtuple("Verdict", "state workers detail since", defaults=("", 0.0))):
+class Verdict(namedtuple("Verdict", "state workers detail since probe_wait", defaults=("", 0.0, 0.0))):
     """state: "ready", "booting" or "failed"; workers counted; detail: by what it was
-    judged; since: when the server became ready, as far as can be known (monotonic)."""
+    judged; since: when the server became ready, as far as can be known (monotonic);
+    probe_wait: seconds from then until its probe was answered (the probe's cost)."""
 
     __slots__ = ()
 
