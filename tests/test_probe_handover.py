@@ -3,6 +3,7 @@ before it replaces the old one (real systemd, real servers, load running)."""
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import pytest
@@ -138,3 +139,33 @@ def test_the_classic_quit_hook_costs_no_stall_under_spawn(unicorn_deploy, manage
     assert max(worst) < 0.6, [round(w * 1000) for w in worst]
     # The shim retired each old master (the hook never reached it): each drain took time.
     assert all(int(e["RETIRE_MS"]) > 0 for e in manager.events("reload-done")), manager.events("reload-done")
+
+
+def test_an_old_master_that_does_not_answer_after_a_rollback_is_not_said_to_serve(unicorn_deploy, manager):
+    """Issue 21 item 3: 'keeps serving the old release' only once the old generation answered
+    its own probe; else the reload says what was seen and the unit's status reads degraded."""
+    d = unicorn_deploy(preload=True)
+    d.start()
+    old = d.assert_main_pid_is_live_master()
+    workers = d.app_workers(old)
+    assert workers
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)       # they accept nothing more: the old generation is stuck
+    try:
+        d.app.release(broken=True)
+        r = d.reload()
+        assert r.returncode != 0
+        [failed] = manager.events("reload-failed")
+        assert "did not answer its probe (timeout" in failed["MESSAGE"], failed["MESSAGE"]
+        assert "keeps serving" not in failed["MESSAGE"]
+        st = d.state()
+        assert st["StatusText"].startswith(f"degraded: after a failed reload, master {old} is back in charge "
+                                           "but did not answer its probe"), st
+        assert int(st["MainPID"]) == old
+    finally:
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
+    good = d.app.release()                 # the next good deploy ends it
+    assert d.reload().returncode == 0
+    assert get(d.port, timeout=5).release == good
+    assert not d.state()["StatusText"].startswith("degraded"), d.state()

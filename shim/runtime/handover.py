@@ -45,6 +45,7 @@ def hand_over(host: "Host", old: procs.Pinned, gen: int, strategy: "Strategy") -
     workers_stopped = False      # the old master's, for a health check; undone on rollback
     old.role = "old"
     intended = release.resolve(host.config.chdir)
+    old_release = procs.cwd(old.pid)     # what a rollback must find it serving again
 
     def outcome(result: str, reason: str = "", **kw: object) -> Outcome:
         return Outcome(result, old, new, gen, intended, time.monotonic() - t0, reason, **kw)
@@ -86,10 +87,10 @@ def hand_over(host: "Host", old: procs.Pinned, gen: int, strategy: "Strategy") -
             # serves the old release as well as it did: keep it, fail the deploy.
             strategy.finish(new)
             return outcome("not-deployed", str(e))
-        result, checked = _roll_back(host, old, new, workers_stopped, strategy)
+        result, checked = _roll_back(host, old, new, workers_stopped, strategy, old_release)
         return outcome(result, str(e), checked=checked)
     except ReloadFailed as e:
-        result, checked = _roll_back(host, old, new, workers_stopped, strategy)
+        result, checked = _roll_back(host, old, new, workers_stopped, strategy, old_release)
         return outcome(result, str(e), checked=checked)
     except Stopping:
         if workers_stopped and old.alive():
@@ -97,7 +98,7 @@ def hand_over(host: "Host", old: procs.Pinned, gen: int, strategy: "Strategy") -
         return outcome("stopped", "the service is stopping")
     except Exception as e:   # a bug must not leave MAINPID on the shim and the state "reloading"
         host.log.error("internal-error", f"reload: {type(e).__name__}: {e}")
-        result, checked = _roll_back(host, old, new, workers_stopped, strategy)
+        result, checked = _roll_back(host, old, new, workers_stopped, strategy, old_release)
         return outcome(result, f"internal error: {type(e).__name__}: {e}", checked=checked)
 
     strategy.finish(new)
@@ -136,8 +137,8 @@ def _health_check(host: "Host", old: procs.Pinned,
     return host.health_failure(old.probe), stopped
 
 
-def _roll_back(host: "Host", old: procs.Pinned, new: Optional[procs.Pinned],
-               workers_stopped: bool, strategy: "Strategy") -> Tuple[str, Optional[str]]:
+def _roll_back(host: "Host", old: procs.Pinned, new: Optional[procs.Pinned], workers_stopped: bool,
+               strategy: "Strategy", old_release: Optional[str]) -> Tuple[str, Optional[str]]:
     """Put the old master back in charge: ("rolled-back", what its own probe saw:
     '' when it answered, None when no probe is configured), or ("nothing-serving",
     None) when it is gone too."""
@@ -155,6 +156,6 @@ def _roll_back(host: "Host", old: procs.Pinned, new: Optional[procs.Pinned],
     if not old.alive():
         return "nothing-serving", None
     try:
-        return "rolled-back", host.verify_serving(old)
+        return "rolled-back", host.verify_serving(old, old_release)
     except Stopping:
         return "rolled-back", None       # the stop that follows retires every master anyway

@@ -190,11 +190,15 @@ class Masters:
             return f"health check {self.config.health_check}: no probe socket to ask it over"
         return health.check(self.loop, socket_path, self.config.health_check, self._wait) or None
 
-    def verify_serving(self, master: procs.Pinned) -> Optional[str]:
-        """After a rollback: '' when `master` answers a probe over its own socket now, else
-        what was seen; None when no probe is configured."""
+    def verify_serving(self, master: procs.Pinned, release: Optional[str]) -> Optional[str]:
+        """After a rollback: '' when `master` still runs in `release` (its working
+        directory before the hand-over) and answers a probe over its own socket now,
+        else what was seen; None when no probe is configured."""
         if not self.config.probe:
             return None
+        now_in = procs.cwd(master.pid)
+        if release and now_in != release:
+            return f"it now runs in {now_in}, not in {release}"
         if not master.probe:
             return "it has no probe socket of its own"
         result = probe.attempt(self.loop, master.probe, self.config.probe, self._wait)
