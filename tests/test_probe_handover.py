@@ -169,3 +169,24 @@ def test_an_old_master_that_does_not_answer_after_a_rollback_is_not_said_to_serv
     assert d.reload().returncode == 0
     assert get(d.port, timeout=5).release == good
     assert not d.state()["StatusText"].startswith("degraded"), d.state()
+
+
+def test_usr2_health_check_rollback_brings_the_old_workers_back_without_a_config_reload(unicorn_deploy, manager):
+    """Under usr2 the generations share a probe socket, so the old workers are stopped
+    (WINCH) for the check; the rollback brings them back one TTIN at a time. A HUP would
+    re-read the config through `current`: r2's, which asks for 3 workers."""
+    d = unicorn_deploy(shim_args="--upgrade usr2 --health-check http://app.example/health")
+    d.start()
+    old = d.assert_main_pid_is_live_master()
+    with Load(d.port, clients=2) as load:
+        d.app.release(health_status=500, extra="worker_processes 3")
+        r = d.reload()
+        assert r.returncode != 0
+        [failed] = manager.events("reload-failed")
+        assert "HTTP 500" in failed["REASON"] and "keeps serving the old release" in failed["MESSAGE"], failed
+        t = time.monotonic()
+        time.sleep(1.5)
+    assert load.failures() == [], load.failure_kinds()
+    assert load.releases_since(t) == {"r1"}
+    assert d.assert_main_pid_is_live_master() == old
+    assert len(d.app_workers(old)) == 2, d.app_workers(old)

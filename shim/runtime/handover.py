@@ -42,7 +42,7 @@ def hand_over(host: "Host", old: procs.Pinned, gen: int, strategy: "Strategy") -
     t0, started = time.monotonic(), procs.now_ticks()
     deadline = t0 + host.config.ready_timeout
     new: Optional[procs.Pinned] = None
-    workers_stopped = False      # the old master's, for a health check; undone on rollback
+    workers_stopped = 0          # how many of the old master's, for a usr2 health check; undone on rollback
     old.role = "old"
     intended = release.resolve(host.config.chdir)
     old_release = procs.cwd(old.pid)     # what a rollback must find it serving again
@@ -114,7 +114,7 @@ def hand_over(host: "Host", old: procs.Pinned, gen: int, strategy: "Strategy") -
 
 
 def _health_check(host: "Host", old: procs.Pinned,
-                  new: procs.Pinned) -> Tuple[Optional[str], bool]:
+                  new: procs.Pinned) -> Tuple[Optional[str], int]:
     """Check the new release alone. Returns the failure (or None) and whether the old
     master's workers were stopped (to be brought back on a rollback).
 
@@ -122,28 +122,44 @@ def _health_check(host: "Host", old: procs.Pinned,
     workers serve on, untouched, so a rollback needs nothing of the old master (a
     HUP would make Unicorn re-read its config, now the new release's, and move the
     old master into the release that failed). A usr2 master shares the old one's
-    probe socket: the old workers are stopped gracefully first (WINCH) and
-    respawned with HUP on a rollback (usr2 is Unicorn's alone).
+    probe socket: the old workers are stopped gracefully first (WINCH) and brought
+    back one by one on a rollback (TTIN; usr2 is Unicorn's alone). The count
+    returned is how many they were.
     """
     if new.probe:
-        return host.health_failure(new.probe), False
-    stopped = False
+        return host.health_failure(new.probe), 0
+    stopped = 0
     if old.alive() and host.profile.stop_workers is not None:
+        stopped = len(_workers(host, old))
         old.signal(host.profile.stop_workers)
-        stopped = True
         deadline = time.monotonic() + host.config.retire_timeout
         while [p for p in procs.children(old.pid) if p != new.pid] and time.monotonic() < deadline:
             host.tick()
     return host.health_failure(old.probe), stopped
 
 
-def _roll_back(host: "Host", old: procs.Pinned, new: Optional[procs.Pinned], workers_stopped: bool,
+def _workers(host: "Host", master: procs.Pinned) -> list:
+    return [p for p in procs.children(master.pid) if host.profile.worker_title.search(procs.title(p))]
+
+
+def _respawn_workers(host: "Host", old: procs.Pinned, count: int) -> None:
+    """Bring back `count` workers of `old`, one TTIN at a time, each waited for (signals
+    of one kind sent at once may merge into one). Never HUP: Unicorn would re-read its
+    config, which names the new release when it is read through `current`."""
+    for n in range(1, count + 1):
+        old.signal(host.profile.respawn_workers)
+        deadline = time.monotonic() + 10
+        while len(_workers(host, old)) < n and old.alive() and time.monotonic() < deadline:
+            host.tick()
+
+
+def _roll_back(host: "Host", old: procs.Pinned, new: Optional[procs.Pinned], workers_stopped: int,
                strategy: "Strategy", old_release: Optional[str]) -> Tuple[str, Optional[str]]:
     """Put the old master back in charge: ("rolled-back", what its own probe saw:
     '' when it answered, None when no probe is configured), or ("nothing-serving",
     None) when it is gone too."""
     if workers_stopped and old.alive():
-        old.signal(host.profile.respawn_workers)
+        _respawn_workers(host, old, workers_stopped)
         try:
             host.wait_ready(old, time.monotonic() + host.config.ready_timeout, "old master")
         except ReloadFailed as e:

@@ -32,7 +32,7 @@ class ServerProfile(SimpleNamespace):
     graceful_stop: int               # finish requests in flight, then exit (the unit's KillSignal=)
     reexec: int                      # the server's own re-exec (usr2 upgrade)
     stop_workers: Optional[int]      # stop workers, keep the master (None: not supported)
-    respawn_workers: Optional[int]   # bring workers back after stop_workers
+    respawn_workers: Optional[int]   # one worker back after stop_workers (sent once per worker)
     default_upgrade: str             # "usr2" or "spawn"
     usr2_carries_sockets: bool       # can its own re-exec keep a socket it inherited?
     worker_title: "re.Pattern[str]"  # how a worker's title reads (the readiness heuristic)
@@ -73,7 +73,9 @@ UNICORN = ServerProfile(
     graceful_stop=signal.SIGQUIT,
     reexec=signal.SIGUSR2,
     stop_workers=signal.SIGWINCH,
-    respawn_workers=signal.SIGHUP,
+    # One more worker per signal; never HUP, which re-reads the config (through
+    # `current`, the new release's) and would move the old master into it.
+    respawn_workers=signal.SIGTTIN,
     # spawn: each master starts in the release `current` names, with a fresh
     # environment. Unicorn's own USR2 re-execs with the first master's config
     # path, working_directory and BUNDLE_GEMFILE: the classic config pins
