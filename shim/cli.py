@@ -81,7 +81,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         health_check=args.health_check, chdir=args.chdir,
         control_path=args.control or client.default_path(environ), control_mode=args.control_mode,
         runtime_dir=runtime, fallback=not args.no_fallback,
-        probe=probe.Request(args.probe_path, probe.DEFAULT_HOST, args.probe_status),
+        probe=probe.Request(args.probe_path, probe.DEFAULT_HOST, args.probe_status), probation=args.probation,
         state_dir=args.state_dir or environ.get("STATE_DIRECTORY", "").split(":")[0] or None)
     log = Log()
     if not config.control_path:

@@ -190,3 +190,46 @@ def test_usr2_health_check_rollback_brings_the_old_workers_back_without_a_config
     assert load.releases_since(t) == {"r1"}
     assert d.assert_main_pid_is_live_master() == old
     assert len(d.app_workers(old)) == 2, d.app_workers(old)
+
+
+STALL_AFTER_BOOT = """
+_BOOT = time.monotonic()
+_serve = application
+
+
+def application(environ, start_response):
+    if time.monotonic() - _BOOT > 1.0:     # a second after boot, every request hangs
+        time.sleep(100)
+    return _serve(environ, start_response)
+"""
+
+
+def test_a_release_that_stalls_after_ready_is_rolled_back_in_probation(manager, tmp_path):
+    """Issue 21: a Gunicorn release whose workers stalled shortly after boot reloaded with
+    rc 0 and then timed out requests for minutes. With --probation it is watched, with the
+    old master still serving, and rolled back when a probe is not answered."""
+    d = Deployment(manager, str(tmp_path), server="gunicorn", preload=False,
+                   shim_args="--probation 6 --ready-timeout 20")
+    d.start()
+    old = d.assert_main_pid_is_live_master()
+    good = d.app.release()
+    t0 = time.monotonic()
+    assert d.reload().returncode == 0               # a good release passes its probation
+    assert time.monotonic() - t0 >= 6
+    old = d.assert_main_pid_is_live_master()
+    with Load(d.port, clients=4) as load:
+        d.app.release()
+        with open(os.path.join(d.app.current, "app.py"), "a") as f:
+            f.write(STALL_AFTER_BOOT)
+        r = d.reload()
+        t = time.monotonic()
+        time.sleep(1)
+    assert r.returncode != 0
+    [failed] = manager.events("reload-failed")
+    assert "failed a probe during probation (GET /: timeout" in failed["REASON"], failed["REASON"]
+    assert "keeps serving the old release" in failed["MESSAGE"]
+    assert d.assert_main_pid_is_live_master() == old
+    assert load.releases_since(t) == {good}
+    # Requests a stalled worker had accepted are cut when its master is stopped: at most
+    # one per sync worker; the rest of the load never failed.
+    assert len(load.failures()) <= d.app.workers, load.failure_kinds()

@@ -68,6 +68,13 @@ def hand_over(host: "Host", old: procs.Pinned, gen: int, strategy: "Strategy") -
             if reason:
                 raise ReloadFailed(reason)
             host.checkpoint()
+        if host.config.probation:
+            # The old master serves on beside it: a failure needs nothing of the old one.
+            host.notifier.status(f"reloading: new master {new.pid} on probation for "
+                                 f"{host.config.probation:g} s, old master {old.pid} serving")
+            failure = host.probation(new, host.config.probation)
+            if failure:
+                raise ReloadFailed(failure)
         if new.probe is None:
             # usr2: the new master serves on the old one's probe socket, its only one: the
             # file must outlive the old master

@@ -29,6 +29,9 @@ FAILED_MASTER_GRACE = 10.0
 # --ready-timeout counts a booting master's own time: seconds it spent waiting for a
 # CPU (many apps reloaded at once on a few cores) extend it, up to this many times.
 CPU_WAIT_LIMIT = 4
+# During --probation: a probe every this often, each to be answered within the timeout.
+PROBATION_PROBE_INTERVAL = 0.25
+PROBATION_PROBE_TIMEOUT = 1.0
 
 
 class Masters:
@@ -203,6 +206,38 @@ class Masters:
             return "it has no probe socket of its own"
         result = probe.attempt(self.loop, master.probe, self.config.probe, self._wait)
         return "" if result.ok else result.seen
+
+    def probation(self, master: procs.Pinned, seconds: float) -> Optional[str]:
+        """Watch `master` for `seconds` after it was found ready, while the old master
+        serves on beside it: None when nothing went wrong, else what was seen. Wrong:
+        the master exits, a worker dies (a server kills one that timed out), or a probe
+        over its socket is not answered in PROBATION_PROBE_TIMEOUT or not accepted."""
+        watch = WorkerWatch(master.pid, self.profile, self.reports, self.config.settle, time.monotonic())
+        watch.sample(time.monotonic())
+        watcher = None
+        if master.probe and self.config.probe:
+            watcher = probe.Watcher(self.loop, master.probe, self.config.probe, PROBATION_PROBE_TIMEOUT,
+                                    PROBATION_PROBE_INTERVAL).start()
+        deadline = time.monotonic() + seconds
+        try:
+            while time.monotonic() < deadline:
+                self.checkpoint()
+                if self.gone(master):
+                    return f"new master {master.pid} {master.exit_text or 'exited'} during probation" + \
+                        self.server_error(master.pid)
+                watch.sample(time.monotonic())
+                if watch.deaths:
+                    return (f"{watch.deaths} worker{'s' if watch.deaths > 1 else ''} of new master "
+                            f"{master.pid} died during probation" + self.server_error(master.pid))
+                if watcher is not None and watcher.failure is not None:
+                    return (f"new master {master.pid} failed a probe during probation "
+                            f"(GET {self.config.probe.path}: {watcher.failure.seen}; "
+                            f"{watcher.answered} answered before)")
+                self.tick(min(SAMPLE, max(0.0, deadline - time.monotonic())))
+        finally:
+            if watcher is not None:
+                watcher.stop()
+        return None
 
     def _wait(self, seconds: float) -> None:
         self.tick(seconds)

@@ -160,39 +160,28 @@ class Probe:
             self.sock = None
 
 
-class Prober:
-    """Probes one generation until a probe is answered as accepted, one attempt at a
-    time, each up to `timeout`, the next `retry` seconds after a failed one; driven by
-    the loop alone. Started with the master: until a worker accepts, the first attempt
-    waits in the socket's listen queue and is answered the moment one does."""
+class _Attempts:
+    """Probes of one generation one after another, driven by the loop alone."""
 
-    def __init__(self, loop: Loop, path: str, request: Request, timeout: float = TIMEOUT,
-                 retry: float = 0.1) -> None:
-        self.loop, self.path, self.request, self.timeout, self.retry = loop, path, request, timeout, retry
-        self.answer: Optional[Result] = None     # the accepted answer, once there is one
-        self.last: Optional[Result] = None       # the last failed attempt's
-        self.failed = 0
-        self.started = 0.0
+    def __init__(self, loop: Loop, path: str, request: Request, timeout: float) -> None:
+        self.loop, self.path, self.request, self.timeout = loop, path, request, timeout
         self.current: Optional[Probe] = None
         self.timer: Optional[Timer] = None
 
-    def start(self) -> "Prober":
-        self.started = time.monotonic()
-        self._attempt()
-        return self
-
     def _attempt(self) -> None:
         self.timer = None
-        self.current = Probe(self.loop, self.path, self.request, self._done, self.timeout)
+        self.current = Probe(self.loop, self.path, self.request, self._finished, self.timeout)
         self.current.start()
 
-    def _done(self, result: Result) -> None:
+    def _finished(self, result: Result) -> None:
         self.current = None
-        if result.ok:
-            self.answer = result
-            return
-        self.last, self.failed = result, self.failed + 1
-        self.timer = self.loop.call_later(self.retry, self._attempt)
+        delay = self._done(result)
+        if delay is not None:
+            self.timer = self.loop.call_later(delay, self._attempt)
+
+    def _done(self, result: Result) -> Optional[float]:
+        """Record `result`; the delay before the next attempt, or None to stop."""
+        raise NotImplementedError
 
     def stop(self) -> None:
         if self.current is not None:
@@ -201,6 +190,34 @@ class Prober:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+
+
+class Prober(_Attempts):
+    """Probes one generation until a probe is answered as accepted, one attempt at a
+    time, each up to `timeout`, the next `retry` seconds after a failed one. Started
+    with the master: until a worker accepts, the first attempt waits in the socket's
+    listen queue and is answered the moment one does."""
+
+    def __init__(self, loop: Loop, path: str, request: Request, timeout: float = TIMEOUT,
+                 retry: float = 0.1) -> None:
+        super().__init__(loop, path, request, timeout)
+        self.retry = retry
+        self.answer: Optional[Result] = None     # the accepted answer, once there is one
+        self.last: Optional[Result] = None       # the last failed attempt's
+        self.failed = 0
+        self.started = 0.0
+
+    def start(self) -> "Prober":
+        self.started = time.monotonic()
+        self._attempt()
+        return self
+
+    def _done(self, result: Result) -> Optional[float]:
+        if result.ok:
+            self.answer = result
+            return None
+        self.last, self.failed = result, self.failed + 1
+        return self.retry
 
     def describe(self) -> str:
         """What was seen, for a reason: 'no answer to GET / in 12 s (3 attempts, last: HTTP 500)'."""
@@ -212,6 +229,28 @@ class Prober:
         attempts = self.failed + (self.current is not None)
         return (f"no answer to GET {self.request.path} in {waited:.0f} s "
                 f"({attempts} attempt{'s' if attempts != 1 else ''}{last}{pending})")
+
+
+class Watcher(_Attempts):
+    """Probes one generation every `interval` until stopped, each attempt up to
+    `timeout`; `failure` is the first attempt not answered as accepted (then it stops)."""
+
+    def __init__(self, loop: Loop, path: str, request: Request, timeout: float, interval: float) -> None:
+        super().__init__(loop, path, request, timeout)
+        self.interval = interval
+        self.failure: Optional[Result] = None
+        self.answered = 0
+
+    def start(self) -> "Watcher":
+        self._attempt()
+        return self
+
+    def _done(self, result: Result) -> Optional[float]:
+        if not result.ok:
+            self.failure = result
+            return None
+        self.answered += 1
+        return self.interval
 
 
 def _connect_error(code: int) -> str:

@@ -69,6 +69,7 @@ class Config(SimpleNamespace):
     # What each generation must answer over its probe socket before it counts as ready;
     # None: no probe (readiness is then the hook's or the heuristic's word alone)
     probe: Optional[Request] = None
+    probation: float = 0.0       # seconds a new generation is watched before the old one is retired
 
 
 class Supervisor(Masters):
