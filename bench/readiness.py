@@ -42,6 +42,7 @@ COLUMNS = {
     "QUIT-first hook, spawn": dict(ready_hook=False, seed_hook="quit-first"),
     "QUIT-first hook, usr2": dict(ready_hook=False, seed_hook="quit-first", shim_args="--upgrade usr2"),
     "gunicorn hook": dict(server="gunicorn", ready_hook=True),
+    "hook, spawn, probation 2 s": dict(ready_hook=True, shim_args="--probation 2"),
     "gunicorn heuristic": dict(server="gunicorn", ready_hook=False),
 }
 
