@@ -55,7 +55,7 @@ preload_app {preload}
 {before_exec}
 before_fork do |server, worker|
   defined?(ActiveRecord::Base) and ActiveRecord::Base.connection.disconnect!
-{quit_oldbin}end
+""" + QUIT_OLDBIN.replace("{", "{{").replace("}", "}}") + """end
 after_fork do |server, worker|
   defined?(ActiveRecord::Base) and ActiveRecord::Base.establish_connection
 end
@@ -156,7 +156,7 @@ class ClassicDeployment:
         _write(d, "config.ru", CONFIG_RU.format(name=name, health_status=health_status,
                                                 broken=f'raise "release {name} is broken"' if broken else ""))
         _write(d, "lib/lazy.txt", (lazy_text or name) + "\n")
-        config = CLASSIC_UNICORN_RB.format(preload=str(self.preload).lower(), quit_oldbin=QUIT_OLDBIN,
+        config = CLASSIC_UNICORN_RB.format(preload=str(self.preload).lower(),
                                            before_exec=BEFORE_EXEC if self.before_exec else "")
         if not self.listen:
             config = "".join(line for line in config.splitlines(True) if not line.startswith("listen "))
