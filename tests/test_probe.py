@@ -185,21 +185,22 @@ def test_a_socket_nobody_listens_on_is_refused_and_a_missing_one_named(loop, pat
     assert run(loop, path).seen == "no probe socket"
 
 
-def test_attempt_waits_through_the_callers_wait_and_what_that_raises_ends_the_probe(loop, path):
+def test_an_attempt_is_a_step_the_loop_waits_for_and_an_interruption_ends_the_probe(loop, path):
     server = Server(path, answer(b"HTTP/1.1 204 No Content"))
     waits = []
-    result = probe.attempt(loop, path, probe.Request(), lambda s: (waits.append(s), loop.poll(s)))
-    assert result.ok and waits
-    hung = Server(path + "2")
-    calls = []
 
-    def wait_then_stop(seconds):
-        calls.append(seconds)
-        if len(calls) == 3:
-            raise KeyboardInterrupt("a stop requested meanwhile")
-        loop.poll(seconds)
+    def never(wait):
+        waits.append(wait)
+    result = loop.run(probe.attempt(loop, path, probe.Request()), never)
+    assert result.ok and result.seen == "HTTP 204" and waits
+    hung = Server(path + "2")
+
+    def stop_at_once(wait):
+        waits.append(wait)
+        return KeyboardInterrupt("a stop requested meanwhile")
+    waits.clear()
     with pytest.raises(KeyboardInterrupt):
-        probe.attempt(loop, path + "2", probe.Request(), wait_then_stop)
+        loop.run(probe.attempt(loop, path + "2", probe.Request()), stop_at_once)
     assert len(loop.selector.get_map()) == 0, "an abandoned probe left its socket in the loop"
     server.close()
     hung.close()
@@ -219,14 +220,14 @@ def test_bad_statuses_are_refused(text):
 def test_the_health_check_asks_over_the_probe_socket_with_the_urls_path_and_host(loop, path):
     from shim.runtime import health
     server = Server(path, answer(b"HTTP/1.1 503 Service Unavailable"))
-    reason = health.check(loop, path, "http://shop.example:8080/health?deep=1", loop.poll)
+    reason = loop.run(health.check(loop, path, "http://shop.example:8080/health?deep=1"), lambda wait: None)
     assert reason == "health check http://shop.example:8080/health?deep=1: HTTP 503"
     request = server.requests[0]
     assert request.startswith(b"GET /health?deep=1 HTTP/1.1\r\n") and b"\r\nHost: shop.example:8080\r\n" in request
     server.close()
     os.unlink(path)
     server = Server(path, answer(b"HTTP/1.1 302 Found"))
-    assert health.check(loop, path, "http://127.0.0.1/", loop.poll) == ""
+    assert loop.run(health.check(loop, path, "http://127.0.0.1/"), lambda wait: None) == ""
     server.close()
 
 

@@ -14,12 +14,14 @@ from collections import namedtuple
 
 from shim.runtime import procs, release
 from shim.errors import ReloadFailed, Stopping, WrongRelease
-from shim.runtime.masters import FAILED_MASTER_GRACE
+from shim.runtime.loop import Wait
+from shim.runtime.masters import FAILED_MASTER_GRACE, SAMPLE
 
 TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see shim/client.py)
 if TYPE_CHECKING:
     from typing import Optional, Tuple
 
+    from shim.runtime.masters import Steps
     from shim.runtime.upgrade import Host, Strategy
 
 OLD_MASTER_GOING = 3.0     # seconds an old master, maybe QUIT by a hook, gets to exit on its own
@@ -38,7 +40,8 @@ class Outcome(namedtuple("Outcome", "result old new generation intended duration
     __slots__ = ()
 
 
-def hand_over(host: "Host", old: procs.Pinned, gen: int, strategy: "Strategy") -> Outcome:
+def hand_over(host: "Host", old: procs.Pinned, gen: int, strategy: "Strategy") -> Steps[Outcome]:
+    """The hand-over's steps (the loop drives them, shim/runtime/loop.py)."""
     t0, started = time.monotonic(), procs.now_ticks()
     deadline = t0 + host.config.ready_timeout
     new: Optional[procs.Pinned] = None
@@ -50,21 +53,24 @@ def hand_over(host: "Host", old: procs.Pinned, gen: int, strategy: "Strategy") -
     def outcome(result: str, reason: str = "", **kw: object) -> Outcome:
         return Outcome(result, old, new, gen, intended, time.monotonic() - t0, reason, **kw)
     try:
-        new = strategy.start_next(old, started, deadline, intended)
+        new = yield from strategy.start_next(old, started, deadline, intended)
         new.generation = gen
         if new.pid not in host.masters:
             host.watch(new)
+        mixed = intended and release.gemfile_mismatch(new.pid, intended)
+        if mixed:
+            raise WrongRelease(mixed)
         host.checkpoint()
         host.notifier.status(f"reloading: new master {new.pid} booting, old master {old.pid} serving")
         found_ms = int((time.monotonic() - t0) * 1000)
-        ready = host.wait_ready(new, deadline, "new master")
+        ready = yield from host.wait_ready(new, deadline, "new master")
         ready_ms = int((time.monotonic() - t0) * 1000)
         wrong_release = intended and release.mismatch(new.pid, intended)
         if wrong_release:
             raise WrongRelease(wrong_release)
         host.checkpoint()
         if host.config.health_check:
-            reason, workers_stopped = _health_check(host, old, new)
+            reason, workers_stopped = yield from _health_check(host, old, new)
             if reason:
                 raise ReloadFailed(reason)
             host.checkpoint()
@@ -72,15 +78,17 @@ def hand_over(host: "Host", old: procs.Pinned, gen: int, strategy: "Strategy") -
             # The old master serves on beside it: a failure needs nothing of the old one.
             host.notifier.status(f"reloading: new master {new.pid} on probation for "
                                  f"{host.config.probation:g} s, old master {old.pid} serving")
-            failure = host.probation(new, host.config.probation)
+            failure = yield from host.probation(new, host.config.probation)
             if failure:
                 raise ReloadFailed(failure)
+            host.checkpoint()
         if new.probe is None:
             # usr2: the new master serves on the old one's probe socket, its only one: the
             # file must outlive the old master
             new.probe, old.probe = old.probe, None
+        host.commit()       # from here on the old master goes: no client leaving can undo it
         retire_start = time.monotonic()
-        host.retire(old, keep=new.pid, stoppable=True)
+        yield from host.retire(old, keep=new.pid, interruptible=True)
         retire_end = time.monotonic()
         host.checkpoint()
     except WrongRelease as e:
@@ -88,16 +96,16 @@ def hand_over(host: "Host", old: procs.Pinned, gen: int, strategy: "Strategy") -
             # The config's before_fork hook may have QUIT the old master a moment ago
             # (it is finishing its requests): rolling back now would stop the only
             # master left. Give it the time to go if it is going.
-            host.wait_exit(old, OLD_MASTER_GOING)
+            yield from host.wait_exit(old, OLD_MASTER_GOING)
         if not old.alive() and new is not None and new.alive():
             # The config's own hook already retired the old master; the new one
             # serves the old release as well as it did: keep it, fail the deploy.
             strategy.finish(new)
             return outcome("not-deployed", str(e))
-        result, checked = _roll_back(host, old, new, workers_stopped, strategy, old_release)
+        result, checked = yield from _roll_back(host, old, new, workers_stopped, strategy, old_release)
         return outcome(result, str(e), checked=checked)
     except ReloadFailed as e:
-        result, checked = _roll_back(host, old, new, workers_stopped, strategy, old_release)
+        result, checked = yield from _roll_back(host, old, new, workers_stopped, strategy, old_release)
         return outcome(result, str(e), checked=checked)
     except Stopping:
         if workers_stopped and old.alive():
@@ -105,7 +113,7 @@ def hand_over(host: "Host", old: procs.Pinned, gen: int, strategy: "Strategy") -
         return outcome("stopped", "the service is stopping")
     except Exception as e:   # a bug must not leave MAINPID on the shim and the state "reloading"
         host.log.error("internal-error", f"reload: {type(e).__name__}: {e}")
-        result, checked = _roll_back(host, old, new, workers_stopped, strategy, old_release)
+        result, checked = yield from _roll_back(host, old, new, workers_stopped, strategy, old_release)
         return outcome(result, f"internal error: {type(e).__name__}: {e}", checked=checked)
 
     strategy.finish(new)
@@ -121,64 +129,63 @@ def hand_over(host: "Host", old: procs.Pinned, gen: int, strategy: "Strategy") -
 
 
 def _health_check(host: "Host", old: procs.Pinned,
-                  new: procs.Pinned) -> Tuple[Optional[str], int]:
-    """Check the new release alone. Returns the failure (or None) and whether the old
-    master's workers were stopped (to be brought back on a rollback).
+                  new: procs.Pinned) -> Steps[Tuple[Optional[str], int]]:
+    """Check the new release alone. Returns the failure (or None) and how many of the
+    old master's workers were stopped (to be brought back on a rollback).
 
     A new master of its own (spawn) is asked over its own probe socket: the old
     workers serve on, untouched, so a rollback needs nothing of the old master (a
     HUP would make Unicorn re-read its config, now the new release's, and move the
     old master into the release that failed). A usr2 master shares the old one's
     probe socket: the old workers are stopped gracefully first (WINCH) and brought
-    back one by one on a rollback (TTIN; usr2 is Unicorn's alone). The count
-    returned is how many they were.
+    back one by one on a rollback (TTIN; usr2 is Unicorn's alone).
     """
     if new.probe:
-        return host.health_failure(new.probe), 0
+        return (yield from host.health_failure(new.probe)), 0
     stopped = 0
     if old.alive() and host.profile.stop_workers is not None:
         stopped = len(_workers(host, old))
         old.signal(host.profile.stop_workers)
-        deadline = time.monotonic() + host.config.retire_timeout
-        while [p for p in procs.children(old.pid) if p != new.pid] and time.monotonic() < deadline:
-            host.tick()
-    return host.health_failure(old.probe), stopped
+        yield Wait(f"the old master {old.pid}'s workers to stop",
+                   lambda wait: None if [p for p in procs.children(old.pid) if p != new.pid] else True,
+                   deadline=time.monotonic() + host.config.retire_timeout, every=SAMPLE)
+    return (yield from host.health_failure(old.probe)), stopped
 
 
 def _workers(host: "Host", master: procs.Pinned) -> list:
     return [p for p in procs.children(master.pid) if host.profile.worker_title.search(procs.title(p))]
 
 
-def _respawn_workers(host: "Host", old: procs.Pinned, count: int) -> None:
+def _respawn_workers(host: "Host", old: procs.Pinned, count: int) -> Steps[None]:
     """Bring back `count` workers of `old`, one TTIN at a time, each waited for (signals
     of one kind sent at once may merge into one). Never HUP: Unicorn would re-read its
     config, which names the new release when it is read through `current`."""
     for n in range(1, count + 1):
         old.signal(host.profile.respawn_workers)
-        deadline = time.monotonic() + 10
-        while len(_workers(host, old)) < n and old.alive() and time.monotonic() < deadline:
-            host.tick()
+        yield Wait(f"old master {old.pid}'s worker {n} back",
+                   lambda wait: True if len(_workers(host, old)) >= n or not old.alive() else None,
+                   deadline=time.monotonic() + 10, every=SAMPLE)
 
 
 def _roll_back(host: "Host", old: procs.Pinned, new: Optional[procs.Pinned], workers_stopped: int,
-               strategy: "Strategy", old_release: Optional[str]) -> Tuple[str, Optional[str]]:
+               strategy: "Strategy", old_release: Optional[str]) -> Steps[Tuple[str, Optional[str]]]:
     """Put the old master back in charge: ("rolled-back", what its own probe saw:
     '' when it answered, None when no probe is configured), or ("nothing-serving",
     None) when it is gone too."""
     if workers_stopped and old.alive():
-        _respawn_workers(host, old, workers_stopped)
         try:
-            host.wait_ready(old, time.monotonic() + host.config.ready_timeout, "old master")
+            yield from _respawn_workers(host, old, workers_stopped)
+            yield from host.wait_ready(old, time.monotonic() + host.config.ready_timeout, "old master")
         except ReloadFailed as e:
             host.log.error("rollback-error", f"old master did not get its workers back: {e}")
         except Stopping:
             pass              # the stop that follows retires every master anyway
     if new is not None and new.alive():
-        host.retire(new, grace=min(FAILED_MASTER_GRACE, host.config.retire_timeout))
+        yield from host.retire(new, grace=min(FAILED_MASTER_GRACE, host.config.retire_timeout))
     strategy.restore(old)
     if not old.alive():
         return "nothing-serving", None
     try:
-        return "rolled-back", host.verify_serving(old, old_release)
-    except Stopping:
-        return "rolled-back", None       # the stop that follows retires every master anyway
+        return "rolled-back", (yield from host.verify_serving(old, old_release))
+    except (Stopping, ReloadFailed):
+        return "rolled-back", None       # a stop (or the client gone) ended the check: no claim either way

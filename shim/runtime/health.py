@@ -12,9 +12,9 @@ from shim.runtime import probe
 
 TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see shim/client.py)
 if TYPE_CHECKING:
-    from typing import Callable
+    from typing import Generator
 
-    from shim.runtime.loop import Loop
+    from shim.runtime.loop import Loop, Wait
 
 TIMEOUT = 5.0
 PASSING = ((200, 399),)
@@ -33,12 +33,12 @@ def request_for(url: str) -> probe.Request:
     return probe.Request(path, parts.netloc, PASSING)
 
 
-def check(loop: Loop, socket_path: str, url: str, wait: Callable[[float], None]) -> str:
-    """'' when the generation listening on `socket_path` passes, else the reason.
-    `wait` polls the loop (signals and control requests are handled meanwhile)."""
+def check(loop: Loop, socket_path: str, url: str) -> Generator[Wait, object, str]:
+    """'' when the generation listening on `socket_path` passes, else the reason: a
+    step of the lifecycle (the loop waits for the answer)."""
     try:
         request = request_for(url)
     except ValueError as e:
         return str(e)
-    result = probe.attempt(loop, socket_path, request, wait, TIMEOUT)
+    result = yield from probe.attempt(loop, socket_path, request, TIMEOUT)
     return "" if result.ok else f"health check {url}: {result.seen}"

@@ -12,14 +12,17 @@ import time
 from shim.runtime import health, probe, procs, sockets, spawn
 from shim.errors import ReloadFailed, Stopping
 from shim.runtime.journal import WARNING, Log
-from shim.runtime.loop import Loop
+from shim.runtime.loop import Loop, Wait
 from shim.runtime.readiness import HOOK_ENV, HookReports, HookSocket, Verdict, WorkerWatch, hook_environment
 from shim.runtime.release import config_through
 from shim.runtime.sockets import HeldSocket
 
 TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see shim/client.py)
 if TYPE_CHECKING:
-    from typing import Dict, List, Optional
+    from typing import Dict, Generator, List, Optional, TypeVar
+
+    T = TypeVar("T")
+    Steps = Generator[Wait, object, T]     # a step of the lifecycle: the loop drives it (loop.run)
 
 SAMPLE = 0.05           # how often workers are looked at while a master boots
 WORKERLESS_GRACE = 2.0  # how long a master with no live worker gets to stop gracefully
@@ -83,11 +86,6 @@ class Masters:
             self._on_master_exit(master)
         return True
 
-    def tick(self, seconds: float = SAMPLE) -> None:
-        """Wait until the next look, or less when something happens (a hook's report,
-        a master's exit, a signal, a control request: all handled meanwhile)."""
-        self.loop.poll(seconds)
-
     def start_master(self, not_before: int, release: Optional[str] = None,
                      link: Optional[str] = None) -> procs.Pinned:
         """Spawn a master from the held sockets and pin it.
@@ -98,8 +96,8 @@ class Masters:
         Without, PWD names --chdir itself, which Unicorn's own re-exec follows.
         A relative config path is named through `link` (default --chdir)."""
         self.probes_made += 1
-        probe = sockets.bind_probe(self.config.runtime_dir, self.probes_made)
-        held = self.sockets + [probe]          # the probe socket last, after the public ones
+        probe_socket = sockets.bind_probe(self.config.runtime_dir, self.probes_made)
+        held = self.sockets + [probe_socket]     # the probe socket last, after the public ones
         fds = [s.fileno() for s in held]
         fd_numbers = list(range(spawn.FD_START, spawn.FD_START + len(fds)))
         env = spawn.server_environment(self.environ, {**self.profile.socket_env(fd_numbers),
@@ -111,19 +109,19 @@ class Masters:
             pid = spawn.spawn(argv, env, fds, chdir=release or self.config.chdir,
                               set_listen_pid=self.profile.sets_listen_pid)
         except BaseException:
-            sockets.release([probe])
+            sockets.release([probe_socket])
             raise
-        probe.sock.close()          # the master holds it now: once the master is gone, a probe is refused
+        probe_socket.sock.close()    # the master holds it now: once the master is gone, a probe is refused
         try:
             master = procs.pin(pid, self.cgroup, not_before=not_before)
         except procs.UntrustedPid as e:
-            sockets.unlink_probe(probe.unlink_path)
+            sockets.unlink_probe(probe_socket.unlink_path)
             try:
                 os.kill(pid, signal.SIGKILL)   # our own grandchild, a moment old: no reuse possible
             except ProcessLookupError:
                 pass
             raise ReloadFailed(f"master {pid} cannot be watched: {e} (see the server's log)") from None
-        master.probe = probe.unlink_path
+        master.probe = probe_socket.unlink_path
         self.watch(master)
         return master
 
@@ -131,14 +129,14 @@ class Masters:
         self.masters[master.pid] = master
         self.loop.add_reader(master.pidfd, self._on_master_exit, master)
 
-    def wait_ready(self, master: procs.Pinned, deadline: float, what: str) -> Verdict:
+    def wait_ready(self, master: procs.Pinned, deadline: float, what: str) -> Steps[Verdict]:
         """Wait until `master`'s workers are ready and it answers a probe over its own
         socket, or raise ReloadFailed. The hook and the heuristic say when its workers
         are up and how many; only an answer proves they serve (a worker hung importing
         the app sleeps like one waiting for connections)."""
         prober = self.prober(master)
         try:
-            return self._wait_ready(master, deadline, what, prober)
+            return (yield from self._wait_ready(master, deadline, what, prober))
         finally:
             if prober is not None:
                 prober.stop()
@@ -151,14 +149,13 @@ class Masters:
         return probe.Prober(self.loop, master.probe, self.config.probe).start()
 
     def _wait_ready(self, master: procs.Pinned, deadline: float, what: str,
-                    prober: Optional[probe.Prober]) -> Verdict:
+                    prober: Optional[probe.Prober]) -> Steps[Verdict]:
         watch = WorkerWatch(master.pid, self.profile, self.reports, self.config.settle, time.monotonic())
         waits = CpuWait(master.pid)
-        extended = 0.0
-        workers_ready: Optional[float] = None    # when the hook or the heuristic said so
-        while True:
-            if self.stop_requested:
-                raise Stopping()
+        extended = [0.0, 0.0]      # seconds of CPU wait counted, and told to systemd
+        workers_ready: List[float] = []      # when the hook or the heuristic said so
+
+        def ready(wait: Wait) -> Optional[Verdict]:
             if self.gone(master):
                 raise ReloadFailed(f"{what} {master.pid} {master.exit_text or 'exited'} before it was ready"
                                    + self.server_error(master.pid))
@@ -166,82 +163,31 @@ class Masters:
             watch.sample(now)
             verdict = watch.verdict(now)
             if verdict.state == "ready":
-                workers_ready = workers_ready or now
+                workers_ready[:] = workers_ready or [now]
                 if prober is None or prober.answer is not None:
-                    return verdict._replace(probe_wait=now - workers_ready)
+                    return verdict._replace(probe_wait=now - workers_ready[0])
             if verdict.state == "failed":
                 raise ReloadFailed(f"{what} {master.pid}: {verdict.detail}" + self.server_error(master.pid))
             waited = min(waits.seconds(), CPU_WAIT_LIMIT * self.config.ready_timeout)
-            if waited - extended >= 1.0 and self.notifier:
+            wait.deadline = deadline + waited
+            if waited - extended[1] >= 1.0 and self.notifier:
                 # systemd's job timeout moves with ours (its reload job is bounded too)
-                self.notifier.extend_timeout(deadline + waited - now + self.config.retire_timeout + 10)
-                extended = waited
-            if now > deadline + waited:
-                lost = f", and {waited:.0f} s more it spent waiting for a CPU" if waited >= 1 else ""
-                # What was seen: a master that hangs loading the app logs nothing to point at.
-                seen = (f"{verdict.workers} workers ready by {verdict.detail}" if verdict.state == "ready"
-                        else verdict.detail) + (f"; {prober.describe()}" if prober else "")
-                error = self.server_error(master.pid, pointer=False)
-                raise ReloadFailed(f"{what} {master.pid} not ready within {self.config.ready_timeout:g} s"
-                                   f"{lost} ({seen}){error}")
-            self.tick()
-
-    def health_failure(self, socket_path: Optional[str]) -> Optional[str]:
-        """The --health-check asked of the generation listening on `socket_path`: None
-        when it passes, else the reason. A stop requested meanwhile raises Stopping."""
-        if not socket_path:
-            return f"health check {self.config.health_check}: no probe socket to ask it over"
-        return health.check(self.loop, socket_path, self.config.health_check, self._wait) or None
-
-    def verify_serving(self, master: procs.Pinned, release: Optional[str]) -> Optional[str]:
-        """After a rollback: '' when `master` still runs in `release` (its working
-        directory before the hand-over) and answers a probe over its own socket now,
-        else what was seen; None when no probe is configured."""
-        if not self.config.probe:
+                self.notifier.extend_timeout(wait.deadline - now + self.config.retire_timeout + 10)
+                extended[1] = waited
+            extended[0] = waited
             return None
-        now_in = procs.cwd(master.pid)
-        if release and now_in != release:
-            return f"it now runs in {now_in}, not in {release}"
-        if not master.probe:
-            return "it has no probe socket of its own"
-        result = probe.attempt(self.loop, master.probe, self.config.probe, self._wait)
-        return "" if result.ok else result.seen
 
-    def probation(self, master: procs.Pinned, seconds: float) -> Optional[str]:
-        """Watch `master` for `seconds` after it was found ready, while the old master
-        serves on beside it: None when nothing went wrong, else what was seen. Wrong:
-        the master exits, a worker dies (a server kills one that timed out), or a probe
-        over its socket is not answered in PROBATION_PROBE_TIMEOUT or not accepted."""
-        watch = WorkerWatch(master.pid, self.profile, self.reports, self.config.settle, time.monotonic())
-        watch.sample(time.monotonic())
-        watcher = None
-        if master.probe and self.config.probe:
-            watcher = probe.Watcher(self.loop, master.probe, self.config.probe, PROBATION_PROBE_TIMEOUT,
-                                    PROBATION_PROBE_INTERVAL).start()
-        deadline = time.monotonic() + seconds
-        try:
-            while time.monotonic() < deadline:
-                self.checkpoint()
-                if self.gone(master):
-                    return f"new master {master.pid} {master.exit_text or 'exited'} during probation" + \
-                        self.server_error(master.pid)
-                watch.sample(time.monotonic())
-                if watch.deaths:
-                    return (f"{watch.deaths} worker{'s' if watch.deaths > 1 else ''} of new master "
-                            f"{master.pid} died during probation" + self.server_error(master.pid))
-                if watcher is not None and watcher.failure is not None:
-                    return (f"new master {master.pid} failed a probe during probation "
-                            f"(GET {self.config.probe.path}: {watcher.failure.seen}; "
-                            f"{watcher.answered} answered before)")
-                self.tick(min(SAMPLE, max(0.0, deadline - time.monotonic())))
-        finally:
-            if watcher is not None:
-                watcher.stop()
-        return None
-
-    def _wait(self, seconds: float) -> None:
-        self.tick(seconds)
-        self.checkpoint()
+        def too_late(wait: Wait) -> None:
+            waited = extended[0]
+            lost = f", and {waited:.0f} s more it spent waiting for a CPU" if waited >= 1 else ""
+            # What was seen: a master that hangs loading the app logs nothing to point at.
+            verdict = watch.verdict(time.monotonic())
+            seen = (f"{verdict.workers} workers ready by {verdict.detail}" if verdict.state == "ready"
+                    else verdict.detail) + (f"; {prober.describe()}" if prober else "")
+            raise ReloadFailed(f"{what} {master.pid} not ready within {self.config.ready_timeout:g} s"
+                               f"{lost} ({seen})" + self.server_error(master.pid, pointer=False))
+        return (yield Wait(f"{what} {master.pid} ready", ready, deadline=deadline, every=SAMPLE,
+                           expired=too_late))
 
     def server_error(self, pid: int, pointer: bool = True) -> str:
         """': <the server's own error line>' for `pid` or its workers, as its
@@ -254,30 +200,76 @@ class Masters:
             return f": {error}"
         return " (the server's own log in the journal says why)" if pointer else ""
 
-    def wait_exit(self, proc: procs.Pinned, timeout: float, stoppable: bool = False) -> bool:
-        deadline = time.monotonic() + timeout
-        while proc.alive():
-            if stoppable and self.stop_requested:
-                raise Stopping()
-            if time.monotonic() > deadline:
-                return False
-            self.tick(min(SAMPLE, max(0.0, deadline - time.monotonic())))
-        return True
+    def health_failure(self, socket_path: Optional[str]) -> Steps[Optional[str]]:
+        """The --health-check asked of the generation listening on `socket_path`: None
+        when it passes, else the reason."""
+        if not socket_path:
+            return f"health check {self.config.health_check}: no probe socket to ask it over"
+        return (yield from health.check(self.loop, socket_path, self.config.health_check)) or None
 
-    def checkpoint(self) -> None:
-        """Between two steps of a hand-over: a stop requested meanwhile ends it here."""
-        if self.stop_requested:
-            raise Stopping()
+    def verify_serving(self, master: procs.Pinned, release: Optional[str]) -> Steps[Optional[str]]:
+        """After a rollback: '' when `master` still runs in `release` (its working
+        directory before the hand-over) and answers a probe over its own socket now,
+        else what was seen; None when no probe is configured."""
+        if not self.config.probe:
+            return None
+        now_in = procs.cwd(master.pid)
+        if release and now_in != release:
+            return f"it now runs in {now_in}, not in {release}"
+        if not master.probe:
+            return "it has no probe socket of its own"
+        result = yield from probe.attempt(self.loop, master.probe, self.config.probe)
+        return "" if result.ok else result.seen
+
+    def probation(self, master: procs.Pinned, seconds: float) -> Steps[Optional[str]]:
+        """Watch `master` for `seconds` after it was found ready, while the old master
+        serves on beside it: None when nothing went wrong, else what was seen. Wrong:
+        the master exits, a worker dies (a server kills one that timed out), or a probe
+        over its socket is not answered in PROBATION_PROBE_TIMEOUT or not accepted."""
+        watch = WorkerWatch(master.pid, self.profile, self.reports, self.config.settle, time.monotonic())
+        watch.sample(time.monotonic())
+        watcher = None
+        if master.probe and self.config.probe:
+            watcher = probe.Watcher(self.loop, master.probe, self.config.probe, PROBATION_PROBE_TIMEOUT,
+                                    PROBATION_PROBE_INTERVAL).start()
+
+        def failed(wait: Wait) -> Optional[str]:
+            if self.gone(master):
+                return f"new master {master.pid} {master.exit_text or 'exited'} during probation" + \
+                    self.server_error(master.pid)
+            watch.sample(time.monotonic())
+            if watch.deaths:
+                return (f"{watch.deaths} worker{'s' if watch.deaths > 1 else ''} of new master "
+                        f"{master.pid} died during probation" + self.server_error(master.pid))
+            if watcher is not None and watcher.failure is not None:
+                return (f"new master {master.pid} failed a probe during probation "
+                        f"(GET {self.config.probe.path}: {watcher.failure.seen}; "
+                        f"{watcher.answered} answered before)")
+            return None
+        try:
+            return (yield Wait(f"new master {master.pid} on probation", failed,
+                               deadline=time.monotonic() + seconds, every=SAMPLE))
+        finally:
+            if watcher is not None:
+                watcher.stop()
+
+    def wait_exit(self, proc: procs.Pinned, timeout: float, interruptible: bool = False) -> Steps[bool]:
+        """True once `proc` exited, False after `timeout` seconds."""
+        exited = yield Wait(f"{proc.role} {proc.pid} to exit", lambda wait: True if not proc.alive() else None,
+                            deadline=time.monotonic() + timeout, every=SAMPLE, expired=lambda wait: False,
+                            interruptible=interruptible)
+        return bool(exited)
 
     def retire(self, master: procs.Pinned, keep: Optional[int] = None,
-               grace: Optional[float] = None, stoppable: bool = False) -> None:
+               grace: Optional[float] = None, interruptible: bool = False) -> Steps[None]:
         """Graceful stop of `master`; KILL it and its workers after `grace`
-        (default --retire-timeout). `stoppable`: a stop requested meanwhile raises
-        Stopping at once (the drain goes on; the stop retires every master)."""
-        self.retire_all([master], keep, grace, stoppable)
+        (default --retire-timeout). `interruptible`: a stop or the reload's client
+        going away ends the wait at once (the drain goes on; a stop retires every
+        master)."""
+        yield from self.retire_all([master], keep, grace, interruptible)
 
     def retire_all(self, masters: List[procs.Pinned], keep: Optional[int] = None,
-                   grace: Optional[float] = None, stoppable: bool = False) -> None:
+                   grace: Optional[float] = None, interruptible: bool = False) -> Steps[None]:
         """`retire` for several masters at once: all are asked to stop, then waited for."""
         grace = self.config.retire_timeout if grace is None else grace
         going = []
@@ -298,12 +290,12 @@ class Masters:
             going.append((master, workers, time.monotonic() + own_grace, own_grace))
         try:
             for master, _workers, deadline, own_grace in going:
-                if not self.wait_exit(master, deadline - time.monotonic(), stoppable):
+                if not (yield from self.wait_exit(master, deadline - time.monotonic(), interruptible)):
                     self.log.event("retire-timeout", f"master {master.pid} still running after "
                                    f"{own_grace:g} s; killing it", WARNING, MASTER_PID=master.pid)
                     master.signal(signal.SIGKILL)
-                    self.wait_exit(master, 5)
-        except Stopping:
+                    yield from self.wait_exit(master, 5)
+        except (Stopping, ReloadFailed):
             for _master, workers, _deadline, _grace in going:
                 for worker in workers:
                     worker.close()       # they drain on: the stop that follows retires their master

@@ -21,9 +21,11 @@ import socket
 import time
 from collections import namedtuple
 
+from shim.runtime.loop import Wait
+
 TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see shim/client.py)
 if TYPE_CHECKING:
-    from typing import Callable, Optional, Tuple
+    from typing import Callable, Generator, Optional, Tuple
 
     from shim.runtime.loop import Loop, Timer
 
@@ -271,18 +273,15 @@ def _io_error(e: OSError) -> str:
     return f"{type(e).__name__}: {e.strerror or e}"
 
 
-def attempt(loop: Loop, path: str, request: Request, wait: Callable[[float], None],
-            timeout: float = TIMEOUT) -> Result:
-    """One probe, waited for with `wait` (the loop's poll, through the caller, so that
-    everything else the loop watches is handled meanwhile). What `wait` raises (a stop
-    requested meanwhile) ends the probe and goes on up."""
+def attempt(loop: Loop, path: str, request: Request,
+            timeout: float = TIMEOUT) -> Generator[Wait, object, Result]:
+    """One probe, as a step of the lifecycle (the loop ends its wait: the probe's own
+    timer bounds it). What ends the wait first (a stop) ends the probe too."""
     results: list = []
     probe = Probe(loop, path, request, results.append, timeout)
     probe.start()
     try:
-        while not results:
-            wait(0.05)
+        return (yield Wait(f"an answer over {path}", lambda wait: results[0] if results else None))
     finally:
         probe.cancel()
-    return results[0]
 
