@@ -35,11 +35,13 @@ def test_master_gets_sockets_not_the_shims_environment(deploy, manager, server):
     env = proc_environ(master)
     for private in ("NOTIFY_SOCKET", "LISTEN_FDNAMES", "WATCHDOG_USEC", "WATCHDOG_PID"):
         assert private not in env
+    # fd 3: the held socket; fd 4: the master's own probe socket (issue 21)
     if server == "unicorn":
-        assert env["UNICORN_FD"] == "3" and "LISTEN_FDS" not in env and "LISTEN_PID" not in env
+        assert env["UNICORN_FD"] == "3,4" and "LISTEN_FDS" not in env and "LISTEN_PID" not in env
         assert os.readlink(f"/proc/{master}/fd/3").startswith("socket:")
+        assert os.readlink(f"/proc/{master}/fd/4").startswith("socket:")
     else:   # sd_listen_fds() in the master: LISTEN_PID must be the master's own pid
-        assert (env["LISTEN_FDS"], env["LISTEN_PID"]) == ("1", str(master))
+        assert (env["LISTEN_FDS"], env["LISTEN_PID"]) == ("2", str(master))
     assert get(d.port, timeout=5).error is None
 
 
