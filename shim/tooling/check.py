@@ -59,7 +59,7 @@ def check(target: str, server_command: Optional[List[str]] = None,
 
 
 def _unit_rules(setup: Setup, server_command: Optional[List[str]], host: bool) -> List[Finding]:
-    from shim.tooling import check_config, check_rules
+    from shim.tooling import check_config, check_release, check_rules
     service = setup.service.get("Service", {})
     place = Place(setup)
     found: List[Finding] = []
@@ -136,6 +136,7 @@ def _unit_rules(setup: Setup, server_command: Optional[List[str]], host: bool) -
     found += check_rules.unit_rules(context)
     if host:
         found += check_rules.host_rules(context, check_config.ConfigRules)
+        found += check_release.release_rules(context)
     return found
 
 

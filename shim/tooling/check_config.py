@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 from typing import Any, Dict, List, Optional
 
 from shim.tooling import config_eval
+from shim.tooling.check_release import RUBY_32_GONE
 from shim.tooling.findings import CANNOT, ERROR, WARNING
 from shim.tooling.check_rules import Context, inside, writable_dir
 from shim.runtime.readiness import HOOK_SILENCE
@@ -41,8 +43,9 @@ class ConfigRules:
         if self.v.get("syntax_error"):
             # The server reads the same file: no environment or gem makes it start.
             checker = "ruby -c" if self.e.server != "gunicorn" else "python3 -m py_compile"
+            where = self.v["syntax_error"].split(":")[0]
             self.ctx.add(ERROR, f"the {self.e.server} config has a syntax error: {self.v['syntax_error']}: "
-                         "every master fails to start", f"correct it ({checker} FILE shows the same)")
+                         "every master fails to start", f"correct it (`{checker} {where}` shows the same)")
             return
         if self.e.cannot:
             self.ctx.add(CANNOT, f"the {self.e.server} config: {self.e.cannot}; nothing in it was checked",
@@ -71,6 +74,7 @@ class ConfigRules:
         self.release_pinning(self.v.get("working_directory"), "working_directory")
         self.bundler()
         self.oldbin_hook()
+        self.gone_in_ruby_32()
         self.readiness("require \"unicorn_shim\" in the Unicorn config")
         user = self.v.get("user")
         self.privilege_drop(user[0] if user else None, user[1] if user else None)
@@ -142,6 +146,18 @@ class ConfigRules:
             self.ctx.add(WARNING, f"the before_fork hook QUITs the .oldbin master: {stall}the old master is gone "
                          "before the shim knows the new release is good (no rollback with preload_app false)",
                          "remove the hook: the shim retires the old master once the new one serves")
+
+    def gone_in_ruby_32(self) -> None:
+        version = self.v.get("ruby_version") or "0"
+        if tuple(int(x) for x in re.findall(r"\d+", version)[:2]) < (3, 2):
+            return
+        for name, hook in sorted(self.v.get("hooks", {}).items()):
+            if RUBY_32_GONE.search(hook.get("source") or ""):
+                # Measured on Debian 13: a before_fork that raises takes the master down at its first fork.
+                effect = ("the master dies before its first worker starts" if name == "before_fork"
+                          else "it raises NoMethodError each time it runs")
+                self.ctx.add(ERROR, f"the config's {name} calls File.exists?, which this Ruby ({version}) no "
+                             f"longer has (gone since 3.2): {effect}", "File.exist? in the config")
 
     # --- Gunicorn ---
 

@@ -26,7 +26,6 @@ from shim.runtime.release import config_through
 from shim.runtime.servers import ServerProfile
 
 DEFAULT_TIMEOUT_START = 90.0      # systemd's DefaultTimeoutStartSec=
-STATE_ROOT = "/var/lib/unicorn-shim"
 _SPAN_UNITS = {"us": 1e-6, "usec": 1e-6, "ms": 1e-3, "msec": 1e-3, "": 1.0, "s": 1.0, "sec": 1.0,
                "second": 1.0, "seconds": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0, "minutes": 60.0,
                "h": 3600.0, "hr": 3600.0, "hour": 3600.0, "hours": 3600.0, "d": 86400.0, "day": 86400.0,
@@ -45,6 +44,7 @@ class Context:
     profile: ServerProfile
     held: List[str]
     found: List[Finding] = field(default_factory=list)
+    env: Dict[str, str] = field(default_factory=dict)     # the master's environment, once host_rules knows it
 
     @property
     def upgrade(self) -> str:
@@ -171,6 +171,7 @@ def host_rules(ctx: Context, config_rules: Any) -> List[Finding]:
     ctx.found = []
     run_as, unknown = _run_as(ctx)
     env, env_uncertain = _environment(ctx, run_as)
+    ctx.env = env
     _directories(ctx, run_as)
     _server_command(ctx, run_as, env)
     if ctx.shim.pid_file:
@@ -181,7 +182,6 @@ def host_rules(ctx: Context, config_rules: Any) -> List[Finding]:
         else:
             evaluation = config_eval.evaluate(ctx.profile, ctx.server_command, ctx.start_dir, env, run_as)
         config_rules(ctx, run_as, evaluation, env_uncertain, env).run()
-    _last_release(ctx)
     return ctx.found
 
 
@@ -295,7 +295,8 @@ def _directories(ctx: Context, run_as: Optional[config_eval.RunAs]) -> None:
         return
     if not os.path.isdir(chdir):
         ctx.add(ERROR, f"--chdir {chdir}: not a directory (the shim refuses to start)",
-                "deploy a release and point the symlink at it, or correct --chdir (APP_DIR= in the packaged conf)")
+                "deploy a release and point the symlink at it, or correct " + ctx.place.key("WorkingDirectory")
+                if ctx.place.packaged else "deploy a release and point the symlink at it, or correct --chdir")
         return
     allowed = _probe(run_as, [(chdir, "rx")])
     if run_as and allowed is not None and not allowed[0]:
@@ -309,8 +310,9 @@ def _server_command(ctx: Context, run_as: Optional[config_eval.RunAs], env: Dict
     where = f"in {ctx.app_dir}" if "/" in word and not os.path.isabs(word) else f"on PATH={env['PATH']}"
     if not path or not os.path.exists(path):
         ctx.add(ERROR, f"the server command {word!r} does not exist {where}: the shim exits 5 at start",
-                "give its absolute path, or the path relative to --chdir (e.g. venv/bin/gunicorn, bin/unicorn), "
-                "or set PATH with Environment=")
+                ctx.place.command("its path relative to the release (e.g. venv/bin/gunicorn, bin/unicorn) or "
+                                  "its absolute path") +
+                (f", or ENV_PATH= in {ctx.place.conf_path}" if ctx.place.packaged else ", or PATH in Environment="))
         return
     allowed = _probe(run_as, [(path, "x")])
     if (allowed is not None and not allowed[0]) or (allowed is None and not os.access(path, os.X_OK)):
@@ -324,44 +326,11 @@ def writable_dir(ctx: Context, run_as: Optional[config_eval.RunAs], path: str, w
         return          # systemd creates it for the unit's user at each start
     if not os.path.isdir(directory):
         ctx.add(ERROR, f"{what} {path}: the directory {directory} does not exist",
-                f"mkdir -p {directory} && chown {run_as.name if run_as else 'USER'} {directory}, "
-                "or use the unit's RuntimeDirectory=")
+                f"mkdir -p {directory} && chown {run_as.name if run_as else 'USER'} {directory}, or a path in "
+                + (f"/run/unicorn-shim/{ctx.setup.app}/, the service's runtime directory" if ctx.place.packaged
+                   else "the unit's RuntimeDirectory="))
         return
     allowed = _probe(run_as, [(directory, "wx")])
     if allowed is not None and not allowed[0] and run_as:
         ctx.add(ERROR, f"{what} {path}: {run_as.name} cannot write in {directory}",
                 f"chown {run_as.name} {directory}")
-
-
-def _last_release(ctx: Context) -> None:
-    if not ctx.chdir or not os.path.isdir(ctx.chdir):
-        return
-    path = _state_file(ctx)
-    try:
-        with open(path) as f:
-            state: Dict[str, Any] = json.load(f)
-    except FileNotFoundError:
-        ctx.add(CANNOT, f"whether {ctx.chdir} points at a release that failed its last reload: no record "
-                f"at {path} (none yet, or the shim has not reloaded this app)")
-        return
-    except (OSError, ValueError) as e:
-        ctx.add(CANNOT, f"whether {ctx.chdir} points at a release that failed its last reload: {path}: {e}")
-        return
-    real = os.path.realpath(ctx.chdir)
-    failed, good = state.get("last_failed_release"), state.get("last_good_release")
-    if failed and os.path.realpath(failed) == real and (not good or os.path.realpath(good) != real):
-        serving = f"; the running master serves {good}" if good else ""
-        ctx.add(ERROR, f"{ctx.chdir} points at {real}, the release whose last reload failed{serving}: a restart "
-                "or reboot would start the broken release",
-                (f"flip it back: ln -sfn {good} {ctx.chdir}.tmp && mv -T {ctx.chdir}.tmp {ctx.chdir}, or "
-                 if good else "") + "deploy a fixed release and reload")
-
-
-def _state_file(ctx: Context) -> str:
-    if os.environ.get("STATE_DIRECTORY"):
-        return os.path.join(os.environ["STATE_DIRECTORY"].split(":")[0], "state.json")
-    state_dirs = [d for v in ctx.service.get("StateDirectory", []) for d in v.split()]
-    if state_dirs:
-        return os.path.join("/var/lib", state_dirs[0], "state.json")
-    name = ctx.setup.app or (ctx.setup.name or "app").rsplit(".", 1)[0]
-    return os.path.join(STATE_ROOT, name, "state.json")
