@@ -1,8 +1,9 @@
-"""Issue 24.3 on Debian 13 (Ruby 3.3, systemd 257 as PID 1 of a booted container):
+"""Issues 24.3 and 23.3 on Debian 13 (Ruby 3.3, systemd 257 as PID 1 of a booted container):
 the classic guides' before_fork calls File.exists?, which Ruby 3.2 removed. A real
 start fails on it; `unicorn-shim check` then names File.exists? from the reason the
 shim recorded, says a start (not a reload) is what follows a fix when no shim runs,
-and flags the hook in a release before it is started."""
+and flags the hook in a release before it is started. For DynamicUser=yes, where check
+runs no release code, the command it prints to check by hand works as printed."""
 from __future__ import annotations
 
 import json
@@ -55,13 +56,13 @@ def write(ct: Container, path: str, text: str) -> None:
     ct.run("python3", "-c", f"open({path!r}, 'w').write({text!r})", check=True)
 
 
-def release(ct: Container, name: str, config: str) -> None:
+def release(ct: Container, name: str, config: str, owner: str = "app") -> None:
     d = f"/srv/app/releases/{name}"
     ct.run("mkdir", "-p", f"{d}/config", check=True)
     write(ct, f"{d}/config/unicorn.rb", config)
     write(ct, f"{d}/config.ru", CONFIG_RU.replace("{name}", name))
     ct.run("sh", "-c", f"ln -sfn /srv/app/shared/tmp {d}/tmp && ln -sfn {d} /srv/app/current.new && "
-           "mv -T /srv/app/current.new /srv/app/current && chown -R app:app /srv/app", check=True)
+           f"mv -T /srv/app/current.new /srv/app/current && chown -R {owner}: /srv/app", check=True)
 
 
 def state(ct: Container) -> dict:
@@ -119,3 +120,26 @@ def test_file_exists_is_named_and_the_fix_fits_what_runs(debian13):
     assert "fix: flip it back: ln -sfn /srv/app/releases/r2 /srv/app/current.tmp && mv -T /srv/app/current.tmp " \
            "/srv/app/current; or deploy a release whose config calls File.exist? instead, then systemctl reload " \
            "app.service" in f, f
+
+
+def test_the_by_hand_check_for_a_dynamic_user_runs_as_printed(debian13):
+    """check evaluates nothing for DynamicUser=yes; the command it prints instead runs
+    the same evaluation under a dynamic user of systemd's own, and it works as printed."""
+    ct = debian13
+    ct.run("mkdir", "-p", "/srv/app/shared/tmp/pids", check=True)
+    release(ct, "r1", UNICORN_RB.replace("File.exists?", "File.exist?"), owner="root")
+    ct.run("chmod", "-R", "a+rX", "/srv/app", check=True)
+    write(ct, "/etc/systemd/system/app.service", SERVICE.replace("User=app\nGroup=app\n", "DynamicUser=yes\n"))
+    write(ct, "/etc/systemd/system/app.socket", SOCKET)
+    ct.run("systemctl", "daemon-reload", check=True)
+    r = ct.run(SHIM, "check", "app")
+    f = finding(r.stdout, "cannot tell: the unicorn config: not evaluated: DynamicUser=yes")
+    prefix = "    to tell: run what check would, as a dynamic user (it prints the config as the server loads it): "
+    command = f.splitlines()[1]
+    assert command.startswith(prefix + "systemd-run --wait --pipe -p DynamicUser=yes"), f
+    r = ct.run("sh", "-c", command[len(prefix):], timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads(r.stdout.split("unicorn-shim-eval: ", 1)[1])
+    assert report["pid"] == "/srv/app/current/tmp/pids/unicorn.pid", report
+    # Unicorn's own check, as a user who owns nothing here: not root, which could write there.
+    assert report["error"] == "ArgumentError: directory for pid=/srv/app/current/tmp/pids/unicorn.pid not writable"
