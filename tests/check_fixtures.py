@@ -5,6 +5,7 @@ unprivileged user `nobody` can read."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -189,4 +190,5 @@ def finding(stdout: str, start: str) -> str:
 
 
 def fix_of(found: str) -> str:
-    return found.split("\n    fix: ", 1)[1]
+    """A finding's `fix:` line (`to tell:` for what cannot be told here)."""
+    return re.split(r"\n    (?:fix|to tell): ", found, maxsplit=1)[1]

@@ -202,3 +202,42 @@ def test_the_fix_for_a_failed_release_when_no_shim_runs_is_a_start(layout):
                          f"{layout.current}, then systemctl start unicorn-shim@shop.service; or deploy a fixed "
                          "release, then systemctl start unicorn-shim@shop.service"), f
     assert "reload" not in fix_of(f)
+
+
+@pytest.mark.parametrize("conf_extra,config,start,fix", [
+    ("USER=no-such-user-x\n", UNICORN_RB, "error: User=no-such-user-x: no such user",
+     "adduser --system --group --home /srv/no-such-user-x no-such-user-x (or correct USER= in {conf})"),
+    ("", UNICORN_RB.replace("/run/unicorn-shim/shop/server.pid", "/var/lib/no-such-dir/server.pid"),
+     "error: the config's pid file /var/lib/no-such-dir/server.pid is not the shim's --pid-file",
+     "PID_FILE=/var/lib/no-such-dir/server.pid in {conf}, or the config's pid set to "
+     "/run/unicorn-shim/shop/server.pid"),
+    ("", UNICORN_RB + 'listen "127.0.0.1:9"\n', "error: the config listens on 127.0.0.1:9, which the shim does not",
+     "remove the `listen` line and give the address to the shim (LISTEN= in {conf}); the shim passes its sockets "
+     "with -l"),
+    ("", 'raise "needs the app"\n', "cannot tell: the unicorn config did not load",
+     "if it needs the app's gems or environment, give the unit what the shim will give the master (ENV_NAME= or "
+     "ENVIRONMENT_FILE= in {conf}), then check again"),
+])
+def test_fixes_for_a_packaged_app_name_its_conf(layout, conf_extra, config, start, fix):
+    layout.unicorn_release("r1", config)
+    packaged = Packaged(layout)
+    text = conf_text(layout, "unicorn -c config/unicorn.rb")
+    packaged.conf(text.replace("USER=nobody\n", "") + conf_extra if conf_extra.startswith("USER=") else text)
+    f = finding(packaged.check().stdout, start)
+    assert fix_of(f) == fix.format(conf=packaged.conf_path), f
+
+
+def test_a_setting_the_package_makes_is_fixed_by_removing_the_dropin(layout):
+    layout.unicorn_release("r1", UNICORN_RB)
+    packaged = Packaged(layout)
+    packaged.conf(conf_text(layout, "unicorn -c config/unicorn.rb"))
+    packaged.dropin("[Service]\nKillSignal=SIGTERM\nNotifyAccess=main\n")
+    r = packaged.check()
+    for start, fix in (("error: KillSignal=SIGTERM", "KillSignal=SIGQUIT"), ("error: NotifyAccess=main", "NotifyAccess=all")):
+        key = fix.split("=")[0]
+        assert fix_of(finding(r.stdout, start)) == (
+            f"remove {key}= from the drop-in that sets it (systemctl cat unicorn-shim@shop.service shows which): "
+            f"the package sets {fix}")
+    packaged.dropin(None)
+    r = packaged.check()
+    assert r.returncode == 0 and not errors(r), r.stdout
