@@ -81,6 +81,9 @@ def test_bundle_exec_under_usr2_needs_bundle_gemfile_handling(layout):
     pid = f"{layout.current}/tmp/pids/unicorn.pid"
     r = run_check(write_unit(layout, command, pid_file=pid, options="--upgrade usr2"))
     assert r.returncode == 1 and "no before_exec setting BUNDLE_GEMFILE" in r.stdout, r.stdout
+    # What the shim does since it checks a new master's BUNDLE_GEMFILE before its first fork.
+    assert "the shim refuses such a master: every reload to another release fails" in r.stdout
+    assert "or remove --upgrade usr2 from ExecStart=" in r.stdout
     r = run_check(write_unit(layout, command, pid_file=pid))      # the default, spawn: a fresh environment
     assert r.returncode == 0 and not errors(r), r.stdout
 

@@ -122,21 +122,23 @@ class ConfigRules:
         gemfile = (hook.get("effect") or {}).get("gemfile")
         current = os.path.join(self.ctx.chdir, "Gemfile")
         fix = (f"before_exec {{ |server| ENV[\"BUNDLE_GEMFILE\"] = \"{current}\" }} in the config, "
-               "or --upgrade spawn")
+               f"or remove --upgrade usr2 from {'SHIM_OPTIONS=' if self.ctx.place.packaged else 'ExecStart='}")
+        # The shim refuses a new master whose BUNDLE_GEMFILE is outside the deployed release.
+        refused = ", and the shim refuses such a master: every reload to another release fails"
         if hook.get("default", True):
             self.error("`bundle exec` under --upgrade usr2 and no before_exec setting BUNDLE_GEMFILE: Bundler "
                        "pins BUNDLE_GEMFILE to the first release's Gemfile (its real path), so every re-exec'd "
-                       "master loads that release's gems", fix)
+                       "master would load that release's gems" + refused, fix)
         elif gemfile is None:
             if "BUNDLE_GEMFILE" not in (hook.get("source") or ""):
                 self.error("`bundle exec` under --upgrade usr2 and the config's before_exec does not set "
-                           "BUNDLE_GEMFILE: every re-exec'd master loads the first release's gems", fix)
+                           "BUNDLE_GEMFILE: every re-exec'd master would load the first release's gems" + refused, fix)
             else:
                 self.ctx.add(CANNOT, "where the config's before_exec points BUNDLE_GEMFILE: "
                              f"{(hook.get('effect') or {}).get('error', 'it did not say')}")
         elif not inside(gemfile, self.ctx.chdir):
             self.error(f"the config's before_exec sets BUNDLE_GEMFILE={gemfile}, outside --chdir "
-                       f"{self.ctx.chdir}: every re-exec'd master loads that release's gems", fix)
+                       f"{self.ctx.chdir}: every re-exec'd master would load that release's gems" + refused, fix)
 
     def oldbin_hook(self) -> None:
         hook = self.v.get("hooks", {}).get("before_fork") or {}
