@@ -121,8 +121,8 @@ def test_a_caller_who_is_not_the_units_user_runs_nothing(setup, server):
     r = subprocess.run(["runuser", "-u", "daemon", "--", SHIM, "check", unit], capture_output=True, text=True,
                        timeout=120)
     assert who_ran(out) == [], r.stdout + r.stderr
-    assert (f"cannot tell: the {server} config: not evaluated: this check runs as uid {caller.pw_uid}, not as "
-            "nobody (User=); check runs release code only as the unit's user; nothing in it was checked\n"
+    assert (f"cannot tell: the {server} config: not evaluated: this check runs as uid {caller.pw_uid} and the "
+            "unit as nobody; check runs release code only as the unit's user; nothing in it was checked\n"
             "    to tell: check as root (it evaluates as nobody), or as nobody itself") in r.stdout, r.stdout
     # The unit's own user may: what runs is what the service would run.
     r = subprocess.run(["runuser", "-u", "nobody", "--", SHIM, "check", unit], capture_output=True, text=True,
