@@ -84,8 +84,6 @@ def test_release_pinned_by_bundler_under_usr2_is_a_failed_deploy(classic, manage
     release serves, nothing fails; a broken release after it fails too."""
     d = classic(shim_args="--upgrade usr2", before_exec=False)
     d.start()
-    good = get(d.port).release
-    t_first = time.monotonic()
     with Load(d.port) as load:
         for _ in range(3):
             d.release()
@@ -101,9 +99,6 @@ def test_release_pinned_by_bundler_under_usr2_is_a_failed_deploy(classic, manage
         r = d.reload()
         assert r.returncode != 0
     assert load.failures() == [], load.failure_kinds()
-    # the pinned master is refused as soon as it is found, before it forks a worker:
-    # no client ever got an answer from the new code running on the old release's gems
-    assert load.releases_since(t_first) == {good}
     st = d.state()
     assert (st["ActiveState"], st["SubState"]) == ("active", "running"), st
     # whatever answers is what was serving before the first pinned deploy

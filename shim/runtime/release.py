@@ -74,13 +74,6 @@ def mismatch(pid: int, intended: str) -> Optional[str]:
                 "releases/, or an absolute path into releases/); fix: name the config through the "
                 "`current` symlink (a relative `-c` with --chdir does that) and use the default "
                 "`--upgrade spawn`")
-    return gemfile_mismatch(pid, intended)
-
-
-def gemfile_mismatch(pid: int, intended: str) -> Optional[str]:
-    """Why master `pid` would load another release's gems, or None. Known from the
-    moment it was exec'd: checked before it forks a worker, so no client gets an
-    answer from a mix of two releases."""
     gemfile = environ_of(pid).get("BUNDLE_GEMFILE")
     if gemfile and not _under(os.path.realpath(gemfile), intended):
         return (f"the new master runs with BUNDLE_GEMFILE={gemfile}, which is not in the deployed release "

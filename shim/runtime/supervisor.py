@@ -91,7 +91,8 @@ class Supervisor(Masters):
         self.generation = 0
         self.last_reload = ""
         self.remembered = State(config.state_dir)
-        self.degraded = ""        # why the last good release serves instead of the deployed one
+        self.degraded = ""        # why what serves is not what was deployed (a fallback, a kept master)
+        self.fallback: Optional[str] = None     # the last good release a boot fell back to
         self.started = time.time()
         self.reloads: List[Asker] = []     # who asked for the next reload: one hand-over answers them all
         self.askers: List[Asker] = []      # who asked for the hand-over running now
@@ -261,6 +262,7 @@ class Supervisor(Masters):
                 master, ready = yield from self._boot_release(fallback)
             except ReloadFailed as e2:
                 self._start_failed(e2, fallback, also=f"; before that, {deployed} failed: {e}")
+            self.fallback = fallback
             self.degraded = (f"degraded: serving last good release {fallback} because {self.config.chdir} "
                              f"(-> {deployed}) failed: {e}")
         self.master, self.generation, self.state = master, 1, "serving"
@@ -348,7 +350,7 @@ class Supervisor(Masters):
         old, gen = self.master, self.generation + 1
         # A master of the fallback release was started there, not through --chdir:
         # Unicorn's own re-exec would come back to it. The shim starts the next one.
-        strategy = self.strategies["spawn"] if self.degraded else self.strategy
+        strategy = self.strategies["spawn"] if self.fallback else self.strategy
         self.state, self.committed, self.confirmed = "reloading", False, False
         self.thrown.discard("abandoned")
         barrier = self.notifier.reloading(os.getpid(), f"reloading: starting generation {gen} beside master {old.pid}")
@@ -394,7 +396,7 @@ class Supervisor(Masters):
                            GENERATION=gen, REASON=out.reason)
             return {"ok": False, "error": "reload aborted: the service is stopping"}
         if out.result == "done":
-            self.master, self.generation, self.state, self.degraded = new, gen, "serving", ""
+            self.master, self.generation, self.state, self.degraded, self.fallback = new, gen, "serving", "", None
             serving = self.release(new)
             self._remember(self.remembered.served, out.intended or serving)
             self.last_reload = f"ok in {took}"

@@ -79,7 +79,7 @@ class Strategy:
             return
         try:
             found = procs.read_pid_file(self.pid_file)
-            if found != old.pid:
+            if found is not None and found != old.pid:     # a missing or empty file names no one to report
                 self.host.log.event("pid-file-repaired", f"pid file {self.pid_file} named {found} instead "
                                    f"of master {old.pid}; rewritten", MASTER_PID=old.pid)
             # Written even when right: the server is about to write beside it, and a
