@@ -1,7 +1,11 @@
 """Fast unit tests for the failure paths: no systemd, no server."""
 from __future__ import annotations
 
+import os
+import stat
+
 from shim.runtime.release import config_through
+from shim.runtime.state import MAX_BYTES, State, fallback_refusal
 
 FLAGS = ("-c", "--config-file")
 
@@ -23,3 +27,48 @@ def test_a_relative_config_is_named_through_the_link():
     # the master of the deployed release keeps the path through current (Unicorn's re-exec reads it again)
     assert config_through(["unicorn", "-c", "/srv/app/current/c.rb"], FLAGS, "/srv/app/current",
                           "/srv/app/current") == ["unicorn", "-c", "/srv/app/current/c.rb"]
+
+
+def state_from(tmp_path, content: bytes) -> State:
+    (tmp_path / "state.json").write_bytes(content)
+    return State(str(tmp_path))
+
+
+def test_a_hostile_state_file_is_ignored_not_fatal(tmp_path):
+    assert state_from(tmp_path, b"[" * 100000 + b"]" * 100000).data == {}
+    assert state_from(tmp_path, b'{"last_good_release": ' + b"[" * 50000 + b"]" * 50000 + b"}").last_good is None
+    assert state_from(tmp_path, b"\xff\xfe garbage").data == {}
+    assert state_from(tmp_path, b'{"last_good_release": "' + b"a" * (MAX_BYTES + 10) + b'"}').data == {}
+    assert state_from(tmp_path, b'{"last_good_release": 7, "other": "x"}').data == {}
+    os.unlink(tmp_path / "state.json")
+    os.mkfifo(tmp_path / "state.json")          # a FIFO would block a plain open()
+    assert State(str(tmp_path)).data == {}
+    os.unlink(tmp_path / "state.json")
+    os.symlink("/dev/zero", tmp_path / "state.json")
+    assert State(str(tmp_path)).data == {}
+
+
+def test_the_state_file_is_written_for_the_unit_user_alone(tmp_path):
+    (tmp_path / "state.json").write_text('{"last_good_release": "/srv/app/releases/r1"}')
+    os.chmod(tmp_path / "state.json", 0o644)
+    s = State(str(tmp_path))
+    assert s.last_good == "/srv/app/releases/r1"
+    s.served("/srv/app/releases/r2")
+    assert stat.S_IMODE(os.stat(tmp_path / "state.json").st_mode) == 0o600
+    assert State(str(tmp_path)).last_good == "/srv/app/releases/r2"
+
+
+def test_only_a_real_release_directory_beside_the_deployed_one_is_a_fallback(tmp_path):
+    releases = tmp_path / "releases"
+    for d in ("r1", "r2"):
+        (releases / d).mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(releases / "r1", releases / "link")
+    deployed = str(releases / "r2")
+    assert fallback_refusal(str(releases / "r1"), deployed) is None
+    assert "no longer exists" in fallback_refusal(str(releases / "r9"), deployed)
+    assert "not beside" in fallback_refusal(str(tmp_path / "elsewhere"), deployed)
+    assert "not beside" in fallback_refusal("/", deployed)
+    assert "symlink" in fallback_refusal(str(releases / "link"), deployed)
+    assert "normalised" in fallback_refusal(str(releases / "r2" / ".." / "r1"), deployed)
+    assert "normalised" in fallback_refusal("releases/r1", deployed)

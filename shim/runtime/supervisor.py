@@ -24,7 +24,7 @@ from shim.runtime.masters import FAILED_MASTER_GRACE, Masters
 from shim.runtime.readiness import HookSocket, Verdict
 from shim.runtime.servers import ServerProfile
 from shim.runtime.sockets import HeldSocket
-from shim.runtime.state import State
+from shim.runtime.state import State, fallback_refusal
 from shim.runtime.handover import Outcome, hand_over
 from shim.runtime.upgrade import STRATEGIES
 
@@ -249,8 +249,8 @@ class Supervisor(Masters):
             why = "no release has served here yet" if self.remembered.path else "no state directory"
         elif last_good == deployed:
             why = "it is the release that failed"
-        elif not os.path.isdir(last_good):
-            why = f"the last good release {last_good} no longer exists"
+        else:
+            why = fallback_refusal(last_good, deployed)
         if why:
             self.log.event("no-fallback", f"no fallback: {why}", WARNING, RELEASE=last_good)
             return None
