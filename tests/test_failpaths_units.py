@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import os
+import socket
 import stat
+import subprocess
+
+import pytest
 
 from shim.runtime.release import config_through
 from shim.runtime.state import MAX_BYTES, State, fallback_refusal
@@ -72,3 +76,32 @@ def test_only_a_real_release_directory_beside_the_deployed_one_is_a_fallback(tmp
     assert "symlink" in fallback_refusal(str(releases / "link"), deployed)
     assert "normalised" in fallback_refusal(str(releases / "r2" / ".." / "r1"), deployed)
     assert "normalised" in fallback_refusal("releases/r1", deployed)
+
+
+def test_a_reload_client_finding_a_dead_shim_says_so_in_status(tmp_path, monkeypatch):
+    """kill -9 of the shim leaves control.sock and shim.pid behind: the client names the dead
+    shim and the master that serves on, tells the operator to restart, and says it in STATUS=."""
+    from shim import client
+    from shim.errors import ShimError
+    runtime = tmp_path / "app"
+    runtime.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (runtime / "shim.pid").write_text(f"{dead.pid} 12345\n")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(runtime / "control.sock"))
+    listener.close()                          # the file stays, nothing listens: ECONNREFUSED
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    monkeypatch.setenv("MAINPID", "4242")
+    with pytest.raises(ShimError) as e:
+        client.request(str(runtime / "control.sock"), {"command": "reload"}, 5)
+    assert f"the shim (pid {dead.pid}) died" in str(e.value) and "master 4242 serves on" in str(e.value)
+    assert "restart" in str(e.value)
+    notify.settimeout(5)
+    status = notify.recv(4096).decode()
+    assert status.startswith(f"STATUS=supervision lost: the shim (pid {dead.pid}) died; master 4242"), status
+    # a live shim whose start time matches is not called dead
+    (runtime / "shim.pid").write_text(f"{os.getpid()} {open('/proc/self/stat').read().rpartition(')')[2].split()[19]}")
+    assert client._recorded_shim(str(runtime)) is None
