@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 from shim.runtime import procs, release
 from shim.runtime.control import ControlServer, SignalledReload
-from shim.errors import EXIT_MASTER_EXIT, EXIT_START, ReloadFailed, ShimError, Stopping
+from shim.errors import EXIT_MASTER_EXIT, EXIT_START, EXIT_START_RETRY, ReloadFailed, ShimError, Stopping
 from shim.runtime.journal import ERR, WARNING, Log
 from shim.runtime.loop import Loop
 from shim.runtime.notify import Notifier
@@ -45,6 +45,18 @@ SHIM_PID_FILE = "shim.pid"
 NOTED_SIGNALS = tuple(getattr(signal, name) for name in (
     "SIGUSR1", "SIGTTIN", "SIGTTOU", "SIGTSTP", "SIGWINCH", "SIGALRM", "SIGVTALRM", "SIGPROF",
     "SIGPOLL", "SIGPWR", "SIGXCPU") if hasattr(signal, name))
+# A release that served before and now fails to boot (after a reboot the database
+# comes up a few seconds late) is tried again after these pauses, then the shim
+# exits EXIT_START_RETRY, which the shipped units' Restart= retries (not 7).
+BOOT_RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0)
+
+
+class BootFailedTransiently(Exception):
+    """The release that failed to boot is the one that last served: worth another try."""
+
+    def __init__(self, error: ReloadFailed, release: Optional[str], also: str = "") -> None:
+        super().__init__(str(error))
+        self.error, self.release, self.also = error, release, also
 
 
 
@@ -191,9 +203,31 @@ class Supervisor(Masters):
         self._clean_stale_pid_files()
         t0 = time.time()
         deployed = release.resolve(self.config.chdir)
+        for attempt, delay in enumerate((*BOOT_RETRY_DELAYS, None), 1):
+            try:
+                master, ready = self._boot_deployed_or_fallback(deployed)
+                break
+            except BootFailedTransiently as e:
+                if delay is None:
+                    self._start_failed(e.error, e.release, f"; it served before and failed {attempt} times: "
+                                       "exiting so that systemd may try again later", EXIT_START_RETRY)
+                self._boot_retry(e, attempt, delay)
+        self.master, self.generation, self.state = master, 1, "serving"
+        master.generation = 1
+        self._remember(self.remembered.served, self.release(master))
+        self.notifier.ready(master.pid, self.status_line(ready.workers))
+        self.log.event("ready", f"master {master.pid} ready with {ready.workers} workers in "
+                       f"{time.time() - t0:.2f} s (by {ready.detail})", MASTER_PID=master.pid, GENERATION=1,
+                       RELEASE=self.release(master), DURATION_MS=int((time.time() - t0) * 1000))
+
+    def _boot_deployed_or_fallback(self, deployed: Optional[str]) -> Tuple[procs.Pinned, Verdict]:
+        """The deployed release, or the last good one when the deployed one fails."""
         try:
-            master, ready = self._boot_release(None)
+            return self._boot_release(None)
         except ReloadFailed as e:
+            if deployed and deployed == self.remembered.last_good:
+                # It served before: a late database or network, not a bad deploy.
+                raise BootFailedTransiently(e, deployed) from None
             fallback = self._fallback_for(deployed)
             self._remember(self.remembered.failed, deployed, str(e))
             if fallback is None:
@@ -203,18 +237,27 @@ class Supervisor(Masters):
                            SERVER_ERROR=self.reports.error_of(e.master) if e.master else None)
             self.notifier.status(f"starting: {deployed} failed; trying the last good release {fallback}")
             try:
-                master, ready = self._boot_release(fallback)
+                master_ready = self._boot_release(fallback)
             except ReloadFailed as e2:
-                self._start_failed(e2, fallback, also=f"; before that, {deployed} failed: {e}")
+                raise BootFailedTransiently(e2, fallback, also=f"; before that, {deployed} failed: {e}") from None
             self.degraded = (f"degraded: serving last good release {fallback} because {self.config.chdir} "
                              f"(-> {deployed}) failed: {e}")
-        self.master, self.generation, self.state = master, 1, "serving"
-        master.generation = 1
-        self._remember(self.remembered.served, self.release(master))
-        self.notifier.ready(master.pid, self.status_line(ready.workers))
-        self.log.event("ready", f"master {master.pid} ready with {ready.workers} workers in "
-                       f"{time.time() - t0:.2f} s (by {ready.detail})", MASTER_PID=master.pid, GENERATION=1,
-                       RELEASE=self.release(master), DURATION_MS=int((time.time() - t0) * 1000))
+            return master_ready
+
+    def _boot_retry(self, e: BootFailedTransiently, attempt: int, delay: float) -> None:
+        """Wait `delay` before the next boot attempt, saying so; a stop ends the wait."""
+        tries = len(BOOT_RETRY_DELAYS) + 1
+        why = f"{e.release} failed to start ({e.error}{e.also}), but it served before"
+        self.log.event("boot-retry", f"{why}: trying again in {delay:g} s (attempt {attempt + 1} of {tries})",
+                       WARNING, RELEASE=e.release, REASON=str(e.error) + e.also, ATTEMPT=attempt,
+                       SERVER_ERROR=self.reports.error_of(e.error.master) if e.error.master else None)
+        self.notifier.status(f"starting: retrying in {delay:g} s (attempt {attempt + 1} of {tries}): {why}")
+        self.notifier.extend_timeout(delay + self.config.ready_timeout + 10)
+        until = time.monotonic() + delay
+        while time.monotonic() < until:
+            if self.stop_requested:
+                raise Stopping()
+            self.loop.poll(until - time.monotonic())
 
     def _boot_release(self, fallback: Optional[str]) -> Tuple[procs.Pinned, Verdict]:
         """Start the first master, in --chdir as the strategy wants it or in the
@@ -256,11 +299,12 @@ class Supervisor(Masters):
             return None
         return last_good
 
-    def _start_failed(self, e: ReloadFailed, failed: Optional[str], also: str = "") -> None:
+    def _start_failed(self, e: ReloadFailed, failed: Optional[str], also: str = "",
+                      status: int = EXIT_START) -> None:
         error = self.reports.error_of(e.master) if e.master else None
         self.log.error("start-failed", f"start failed: {e}{also}", REASON=str(e) + also, SERVER_ERROR=error,
                        RELEASE=failed)
-        raise ShimError(f"start failed: {e}{also}", EXIT_START) from None
+        raise ShimError(f"start failed: {e}{also}", status) from None
 
     def _remember(self, record: Callable[..., None], *args: object) -> None:
         """Write down a served or failed release; a state directory that cannot be
