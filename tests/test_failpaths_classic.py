@@ -57,10 +57,14 @@ def run_classic_fallback(d: ClassicDeployment) -> None:
     assert not d.state()["StatusText"].startswith("degraded"), d.state()
 
 
+# A user manager does not hand StateDirectory= to User= (systemd 257; 252 does), as the system manager does.
+STATE = "StateDirectory=app\nExecStartPre=+/bin/chown shimtest:shimtest %S/app"
+
+
 def test_classic_run_script_and_config_deploy_roll_back_and_fall_back(classic, manager):
-    run_classic_fallback(classic(absolute_config=True, bundler=False, service_extra="StateDirectory=app"))
+    run_classic_fallback(classic(absolute_config=True, bundler=False, service_extra=STATE))
 
 
 def test_classic_config_with_bundler_falls_back(classic, manager):
     """The same with `bundle exec` and a relative -c (the guides' other spelling)."""
-    run_classic_fallback(classic(service_extra="StateDirectory=app"))
+    run_classic_fallback(classic(service_extra=STATE))
