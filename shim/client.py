@@ -1,7 +1,7 @@
 """`unicorn-shim reload` and `status`: find a running shim's control socket and talk to it.
 
 ExecReload= starts this once per deploy, for many apps at once on a busy host,
-so it imports only os, sys, socket, json and pwd/grp (for error messages): not
+so it imports only os, sys, signal, socket, json and pwd/grp (for error messages): not
 psutil, systemd-python, nor the argparse parser that `run` needs.
 shim/cli.py calls parse() first and builds its full parser only when parse()
 cannot take the command line as it is (help, an error, an abbreviated option):
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
 
@@ -32,6 +33,7 @@ PACKAGED_RUNTIME = "/run/unicorn-shim"      # RuntimeDirectory=unicorn-shim/%i o
 PACKAGED_CONF = "/etc/unicorn-shim"
 EXAMPLES = "/usr/share/doc/unicorn-shim/examples"
 STATUS_TIMEOUT = 10.0
+SERVER_SIGNALS = ("SIGUSR1", "SIGTTIN", "SIGTTOU", "SIGWINCH")   # the server's: reopen logs, workers +1/-1
 _APP_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
 
 
@@ -102,6 +104,10 @@ def parse(argv: List[str]) -> Optional[Invocation]:
 
 def run(args: Any) -> int:
     """Carry out a parsed `reload` or `status` (an Invocation or argparse's Namespace)."""
+    # As ExecReload= this runs in the unit's cgroup: `systemctl kill -s USR1 APP` (logrotate)
+    # reaches it too, and USR1's default action would end the reload's client, not the reload.
+    for name in SERVER_SIGNALS:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
     where = locate(args)
     if args.subcommand == "reload":
         answer = reload(where, args.signalled, args.timeout)

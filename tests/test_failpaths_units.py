@@ -105,3 +105,19 @@ def test_a_reload_client_finding_a_dead_shim_says_so_in_status(tmp_path, monkeyp
     # a live shim whose start time matches is not called dead
     (runtime / "shim.pid").write_text(f"{os.getpid()} {open('/proc/self/stat').read().rpartition(')')[2].split()[19]}")
     assert client._recorded_shim(str(runtime)) is None
+
+
+def test_files_logrotate_renamed_are_found_among_a_process_open_files(tmp_path):
+    from shim.runtime.logreopen import rotated_files
+    names = ["app.log.1", "app.log-20261204", "gone.log.1", "live.log", "data.2", "wgunicorn-x"]
+    files = [open(tmp_path / n, "a") for n in names]
+    reading = open(tmp_path / "app.log.1")
+    try:
+        os.unlink(tmp_path / "gone.log.1")            # compressed away by logrotate
+        os.unlink(tmp_path / "wgunicorn-x")           # Gunicorn's worker heartbeat file: not a log
+        found = sorted(rotated_files(os.getpid()))
+        assert found == sorted([str(tmp_path / "app.log.1"), str(tmp_path / "app.log-20261204"),
+                                str(tmp_path / "gone.log.1") + " (deleted)"]), found
+    finally:
+        for f in files + [reading]:
+            f.close()

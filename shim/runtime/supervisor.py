@@ -18,6 +18,7 @@ from shim.runtime import procs, release
 from shim.runtime.control import ControlServer, SignalledReload
 from shim.errors import EXIT_MASTER_EXIT, EXIT_START, EXIT_START_RETRY, ReloadFailed, ShimError, Stopping
 from shim.runtime.journal import ERR, WARNING, Log
+from shim.runtime.logreopen import LogReopen
 from shim.runtime.loop import Loop
 from shim.runtime.notify import Notifier
 from shim.runtime.masters import FAILED_MASTER_GRACE, Masters
@@ -41,7 +42,9 @@ SHIM_PID_FILE = "shim.pid"
 # Signals whose default action would end or freeze the shim. `systemctl kill -s SIG`
 # signals every process of the unit: the master and its workers get them from
 # systemd directly (USR1: reopen logs; TTIN/TTOU: one worker more or less), so the
-# shim passes nothing on (that would deliver them twice) and only says so.
+# shim passes nothing on (that would deliver them twice) and only says so. Except the
+# log-reopen signal: a master that did not get it (--kill-whom=main reaches the shim
+# during a hand-over) gets it from the shim (shim/runtime/logreopen.py).
 NOTED_SIGNALS = tuple(getattr(signal, name) for name in (
     "SIGUSR1", "SIGTTIN", "SIGTTOU", "SIGTSTP", "SIGWINCH", "SIGALRM", "SIGVTALRM", "SIGPROF",
     "SIGPOLL", "SIGPWR", "SIGXCPU") if hasattr(signal, name))
@@ -99,6 +102,7 @@ class Supervisor(Masters):
         self.reloads: List[Optional[Reply]] = []    # asked for, not begun: each its client's reply (or None)
         self.control: Optional[ControlServer] = None
         self.signalled: Optional[SignalledReload] = None   # the last reload a signal asked for, to report
+        self.reopen = LogReopen(self, config.profile.log_reopen) if config.profile.log_reopen else None
 
     # -- the loop -----------------------------------------------------------
 
@@ -179,6 +183,11 @@ class Supervisor(Masters):
     def _on_other_signal(self, sig: int) -> None:
         name = signal.Signals(sig).name
         master = self.master.pid if self.master else None
+        if self.reopen and sig == self.reopen.sig:
+            self.reopen.requested()
+            self.log.event("signal", f"{name}: every live master reopens its logs; the shim passes it on to "
+                           "any that did not get it (still writing to a rotated file)", SIGNAL=name)
+            return
         self.log.event("signal", f"{name} ignored by the shim: it is the server's signal; "
                        f"`systemctl kill --kill-whom=main -s {name[3:]}` sends it to the master "
                        f"({master}), `systemctl kill -s {name[3:]}` to every process of the unit",
