@@ -64,3 +64,27 @@ def test_a_release_that_never_served_is_not_retried(unicorn_deploy, manager, tmp
     st = manager.show("app.service", "ActiveState", "ExecMainStatus", "NRestarts")
     assert (st["ExecMainStatus"], st["NRestarts"]) == ("7", "0"), st
     assert manager.events("boot-retry") == []
+
+
+def test_a_dependency_down_for_longer_ends_in_exit_11_which_systemd_retries(unicorn_deploy, manager, tmp_path):
+    """Six failed tries of the release that served: exit 11, not 7, so Restart= goes on; the app
+    serves once the dependency is up."""
+    flag = str(tmp_path / "database-up")
+    open(flag, "w").close()
+    d = unicorn_deploy(service_extra=UNIT)
+    name = d.app.release(extra=needs(flag))
+    d.start()
+    os.unlink(flag)
+    r = manager.systemctl("restart", "--no-block", "app.service")
+    assert r.returncode == 0, r.stderr
+    deadline = time.monotonic() + 120
+    while (st := manager.show("app.service", "NRestarts"))["NRestarts"] == "0":
+        assert time.monotonic() < deadline, st
+        time.sleep(0.2)
+    text = manager.journal_text()
+    assert "status=11/" in text, text[-3000:]          # systemd: "Main process exited, code=exited, status=11/n/a"
+    failed = manager.events("start-failed")[-1]
+    assert "failed 6 times" in failed["MESSAGE"] and "database not reachable" in failed["SERVER_ERROR"], failed
+    open(flag, "w").close()
+    st = manager.wait_for("app.service", timeout=60, ActiveState="active", SubState="running")
+    assert get(d.port).release == name
