@@ -20,7 +20,6 @@ import json
 import os
 import signal
 import socket
-import sys
 
 from shim.errors import EXIT_CONTROL, EXIT_RELOAD, EXIT_USAGE, ShimError, complain
 
