@@ -93,15 +93,18 @@ def when_serving(sup: Supervisor, action) -> None:
 
 
 def drive(sup: Supervisor, *reloads: str, fake: FakeOS, stop_during_reload: bool = False,
-          deploy: bool = False) -> list:
+          deploy: bool = False, served: list = None) -> list:
     """Boot, run one reload per behaviour given (each asked for once the one before
     answered), then stop; the reload results. `deploy`: each reload first deploys a
-    new release that behaves so; otherwise the next master is forced to."""
+    new release that behaves so; otherwise the next master is forced to. `served`
+    gets the releases that serve when each answer arrives."""
     results, todo = [], list(reloads)
 
     def next_reload(answer=None) -> None:
         if answer is not None:
             results.append(answer)
+            if served is not None:
+                served.append(fake.serving())
         if not todo:
             stop_signal(signal.SIGQUIT)
             return
@@ -312,3 +315,168 @@ def test_a_master_waiting_for_nothing_still_fails_on_time(fake):
     [result] = drive(sup, "healthy", fake=fake)
     assert not result["ok"] and "not ready within 0.5 s (" in result["error"], result
     assert time.monotonic() - t0 < 1.2 + 1
+
+
+# -- each server ----------------------------------------------------------------
+# The shim starts each generation itself (--upgrade spawn, every server's default)
+# and must speak each server's own signals: Gunicorn's and Puma's QUIT is a quick
+# stop that cuts requests in flight, Unicorn's HUP re-reads a config that now
+# names the new release.
+
+def test_a_good_deploy_serves_the_new_release_and_cuts_no_request(any_server):
+    fake = any_server
+    sup = supervisor(fake, upgrade="spawn")
+    fake.on_start.append(lambda p: setattr(p, "drain", 0.2))    # every master has requests in flight
+    served = []
+    [result] = drive(sup, "healthy", fake=fake, deploy=True, served=served)
+    old, new = fake.started
+    assert result["ok"], result
+    assert served == [{"r2"}] and result["release"] == fake.realpath(fake.current)
+    assert not old.alive and fake.cut_requests == 0      # retired gracefully, then stopped gracefully
+    assert all(not p.alive for p in fake.procs.values())
+
+
+@pytest.mark.parametrize("behaviour,reason", [(DIES, "before it was ready"), (HANGS, "not ready within"),
+                                              (CRASH_LOOP, "workers crash-looping")])
+def test_a_failed_deploy_leaves_the_old_release_serving(any_server, behaviour, reason):
+    fake = any_server
+    sup = supervisor(fake, ready_timeout=1.0, upgrade="spawn")
+    served = []
+    [result] = drive(sup, behaviour, fake=fake, deploy=True, served=served)
+    old, new = fake.started
+    assert not result["ok"] and reason in result["error"], result
+    assert served == [{"r1"}]
+    assert old.signals == [PROFILES[fake.server.name].graceful_stop]   # untouched until the final stop
+    assert sup.notifier.ready_pids() == [old.pid, old.pid]
+
+
+def _rollback_xfail(server: str):
+    if server != "unicorn":
+        return []
+    return [pytest.mark.xfail(strict=True, reason=(
+        "issue 21 item 3 (the rollback fix): the rollback sends Unicorn HUP to bring the old workers back "
+        "after WINCH; HUP re-reads the config through current, so the old master serves the failed release"))]
+
+
+@pytest.mark.parametrize("server", [pytest.param(name, marks=_rollback_xfail(name)) for name in sorted(PROFILES)])
+def test_a_failed_health_check_leaves_the_old_generation_serving_the_old_release(monkeypatch, tmp_path, server):
+    fake = FakeOS(str(tmp_path), server)
+    install(monkeypatch, fake)
+    sup = supervisor(fake, upgrade="spawn", health_check="http://127.0.0.1:1/health")
+    served = []
+    try:
+        [result] = drive(sup, UNHEALTHY, fake=fake, deploy=True, served=served)
+    finally:
+        fake.close()
+    old, new = fake.started
+    assert fake.health_checks == ["health check http://127.0.0.1:1/health: HTTP 500"]   # r2 alone answered
+    assert not result["ok"] and "HTTP 500" in result["error"], result
+    assert served == [{"r1"}], served                           # what curl sees after the rollback
+    assert old.release == fake.realpath(os.path.join(fake.root, "releases", "r1"))
+    assert sup.notifier.ready_pids() == [old.pid, old.pid]
+
+
+# -- the fake servers themselves ----------------------------------------------------
+# What each fake does on each signal, checked against what the real server was seen
+# doing (each class's docstring in support/fake_servers.py says what was seen).
+
+def booted(fake: FakeOS, config: str):
+    """A master started as the shim starts one, with its workers up."""
+    pid = fake.spawn([fake.server.name, "-c", os.path.join(fake.current, config)], {}, [], chdir=fake.current)
+    master = fake.procs[pid]
+    settle(fake, lambda: len(master.workers()) == fake.workers)
+    return master
+
+
+def settle(fake: FakeOS, done, timeout: float = 5.0) -> None:
+    """Run the fake's events until `done()` holds (or fail after `timeout`)."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, "the fake never got there"
+        fake.loop.poll(0.01)
+
+
+def after(fake: FakeOS, master, sig: int, done=lambda: True) -> None:
+    fake.signal(master.pid, sig)
+    settle(fake, done)
+    fake.loop.poll(0.05)        # and whatever the master does next
+
+
+@pytest.fixture
+def bare(tmp_path):
+    made = []
+
+    def make(server: str) -> FakeOS:
+        made.append(FakeOS(str(tmp_path / server), server))
+        return made[-1]
+    yield make
+    for fos in made:
+        fos.close()
+
+
+def test_fake_unicorn_winch_ttin_hup_ttou_as_seen(bare):
+    fake = bare("unicorn")
+    m = booted(fake, "config/unicorn.rb")
+    after(fake, m, signal.SIGWINCH, lambda: not m.workers())
+    assert m.alive and fake.serving() == set()
+    after(fake, m, signal.SIGTTIN, lambda: len(m.workers()) == 1)
+    assert fake.serving() == {"r1"}
+    fake.deploy("r2")
+    after(fake, m, signal.SIGHUP)
+    assert len(m.workers()) == 2 and fake.serving() == {"r2"} and m.release.endswith("/releases/r2")
+    after(fake, m, signal.SIGTTOU)
+    assert len(m.workers()) == 1
+    fake.tty = True                               # "SIGWINCH ignored because we're not daemonized"
+    after(fake, m, signal.SIGWINCH)
+    assert len(m.workers()) == 1
+
+
+@pytest.mark.parametrize("server,graceful,quick", [("unicorn", signal.SIGQUIT, signal.SIGTERM),
+                                                   ("gunicorn", signal.SIGTERM, signal.SIGQUIT),
+                                                   ("puma", signal.SIGTERM, signal.SIGQUIT)])
+def test_fake_stops_finish_requests_only_on_the_graceful_signal(bare, server, graceful, quick):
+    fake = bare(server)
+    for sig, cut in ((graceful, 0), (quick, 2)):
+        m = booted(fake, "config/x")
+        m.drain = 0.1                             # each worker has a request in flight
+        after(fake, m, sig, lambda: not m.alive)
+        assert not m.workers() and fake.cut_requests == cut, (signal.Signals(sig).name, fake.cut_requests)
+        fake.cut_requests = 0
+
+
+def test_fake_unicorn_usr2_forks_one_new_master_that_reads_current(bare):
+    fake = bare("unicorn")
+    m = booted(fake, "config/unicorn.rb")
+    fake.deploy("r2")
+    after(fake, m, signal.SIGUSR2, lambda: len(fake.masters()) == 2 and fake.serving() == {"r1", "r2"})
+    after(fake, m, signal.SIGUSR2)                # "reexec-ed child already running"
+    assert len(fake.masters()) == 2 and m.title.endswith("(old)")
+
+
+def test_fake_gunicorn_ignores_winch_keeps_one_worker_and_hup_moves_to_current(bare):
+    fake = bare("gunicorn")
+    m = booted(fake, "config/gunicorn.py")
+    after(fake, m, signal.SIGWINCH)               # not daemonized: ignored
+    assert len(m.workers()) == 2
+    after(fake, m, signal.SIGTTOU)
+    after(fake, m, signal.SIGTTOU)
+    assert len(m.workers()) == 1
+    fake.deploy("r2")
+    after(fake, m, signal.SIGHUP)
+    assert fake.serving() == {"r2"} and m.release.endswith("/releases/r2")
+    after(fake, m, signal.SIGUSR2)                # the re-exec'd master dies on the inherited socket
+    [_, child] = fake.started
+    assert child.parent == m.pid and not child.alive and fake.masters() == [m]
+
+
+def test_fake_puma_phased_restart_hup_and_winch_as_seen(bare):
+    fake = bare("puma")
+    m = booted(fake, "config/puma.rb")
+    after(fake, m, signal.SIGWINCH)               # no handler: ignored
+    after(fake, m, signal.SIGTTOU)
+    after(fake, m, signal.SIGTTOU)
+    assert len(m.workers()) == 1
+    fake.deploy("r2")
+    after(fake, m, signal.SIGUSR1, lambda: fake.serving() == {"r2"})
+    assert m.release.endswith("/releases/r2")
+    after(fake, m, signal.SIGHUP, lambda: not m.alive)   # no stdout_redirect: a stop

@@ -47,6 +47,8 @@ class Process:
         self.stopped = False             # SIGSTOP'd: runs nothing, accepts nothing
         self.release: Optional[str] = None   # master: where its config was read; worker: what it serves
         self.draining = False            # asked to stop gracefully: accepts no new connection
+        self.booted = False              # a worker that loaded the app and waits for connections
+        self.ticks = 0                   # CPU clock ticks used (a worker loading the app uses them)
         # a master's own state
         self.argv: List[str] = []
         self.restart_dir: Optional[str] = None   # $PWD at exec (Unicorn's re-exec and Puma's restarts go there)
@@ -123,15 +125,21 @@ class Unicorn(Server):
     WINCH   gracefully stops every worker and keeps the master (respawn off,
             worker_processes = 0) — *unless $stdin is a tty* ("SIGWINCH ignored because
             we're not daemonized"). Under systemd stdin is /dev/null: it is honoured
-            (the DESIGN's note that it needs a daemonized master is Unicorn 4's rule).
+            (older Unicorns honoured it only in a daemonized master).
     TTIN    respawn on, one worker more.  TTOU: one fewer (never below 0); the
             extra worker is QUIT.
     HUP     respawn on; with a config file, re-reads it (load_config!): every worker is
             QUIT and new ones are forked from what the config says *now* — a config
-            named through `current` moves the master into the release `current` names
-            (seen with Debian's unicorn 6.0: after HUP every answer said the new release).
+            named through `current` moves the master into the release `current` names.
     USR1    reopens logs, passes USR1 to the workers: nothing else changes.
     Workers die with their master (they watch their ppid).
+
+    Seen with Debian's unicorn 6.0.0 (stdin /dev/null, `-c current/config/unicorn.rb`
+    with `working_directory` from __FILE__, 2 workers): WINCH logged "gracefully
+    stopping all workers", no worker left, the master alive, nothing answered; TTIN
+    then gave one worker serving r1; `current` -> r2 and HUP gave two workers answering
+    r2 and the master's cwd became releases/r2; TTOU left one worker; QUIT let the
+    workers finish, then "master complete".
     """
 
     name = "unicorn"
@@ -191,6 +199,12 @@ class Gunicorn(Server):
             benoitc/gunicorn#2856, seen with Debian's 20.1).
     USR1    reopens logs, USR1 to the workers.
     A worker: TERM graceful, QUIT and INT immediate.
+
+    Seen with Debian's gunicorn 20.1 (`chdir` computed from the config's __file__,
+    config named through `current`, 2 sync workers, not daemonized): WINCH changed
+    nothing; two TTOUs left one worker; `current` -> r2 and HUP booted two new
+    workers answering r2 and the master's cwd became releases/r2; QUIT: the
+    workers exited at once, "Shutting down: Master".
     """
 
     name = "gunicorn"
@@ -242,6 +256,13 @@ class Puma(Server):
     TTIN    one worker more.  TTOU: one fewer, never below 1.
     WINCH   no handler: Ruby ignores it.
     A worker: TERM graceful (INT is ignored in a worker).
+
+    Seen with Debian's puma 5.6.5 (`workers 2`, started with PWD=current): QUIT
+    killed the master at once ("Quit") and both workers logged "Detected parent
+    died, dying"; WINCH changed nothing; two TTOUs left one worker; `current` -> r2
+    and USR1 logged "Changing to .../current", replaced the worker, which answered
+    r2, and the master's cwd became releases/r2; HUP without stdout_redirect:
+    "Goodbye!", the master exited.
     """
 
     name = "puma"
@@ -331,8 +352,8 @@ class FakeOS:
 
     def accepting(self) -> List[Process]:
         """Workers that take a connection from the shared socket now."""
-        return [w for w in self.procs.values() if w.kind == "worker" and w.alive and not w.stopped
-                and not w.draining and w.release and self.procs[w.parent].alive
+        return [w for w in self.procs.values() if w.kind == "worker" and w.alive and w.booted
+                and not w.stopped and not w.draining and self.procs[w.parent].alive
                 and not self.procs[w.parent].stopped]
 
     def serving(self) -> set:
@@ -418,7 +439,9 @@ class FakeOS:
         w = self.new(master.pid, self.server.worker_title(master, nr), "worker")
         w.nr, w.release = nr, master.release
         if self.behaviour_of(master) == CRASH_LOOP:
-            self.loop.call_later(0.02, w.exit)
+            self.loop.call_later(0.02, w.exit)          # dies loading the app
+        else:
+            w.booted = True
         return w
 
     def maintain(self, master: Process) -> None:
@@ -545,19 +568,31 @@ class FakeOS:
         return p.title if p is not None and p.alive else ""
 
     def wchan(self, pid: int, thread: Optional[str] = None) -> str:
-        """A booted worker waits for connections; a stopped process sleeps in do_signal_stop."""
+        """A booted worker waits for connections; a stopped process sleeps in do_signal_stop;
+        one loading the app runs."""
         p = self.procs.get(pid)
-        if p is None or not p.alive:
+        if p is None or not p.alive or not (p.booted or p.stopped):
             return ""
         return "do_signal_stop" if p.stopped else "poll_schedule_timeout"
+
+    def activity(self, pid: int) -> Optional[tuple]:
+        """(state, CPU ticks): a worker loading the app runs and uses ticks."""
+        p = self.procs.get(pid)
+        if p is None or not p.alive:
+            return None
+        if p.stopped:
+            return "T", p.ticks
+        if p.kind == "worker" and not p.booted:
+            p.ticks += 1
+            return "R", p.ticks
+        return "S", p.ticks
 
 
 def install(monkeypatch, fos: FakeOS) -> None:
     """Point the shim's process layer (procs, spawn, signals through pidfds) at `fos`."""
     monkeypatch.setattr(procs, "children", fos.children)
     monkeypatch.setattr(procs, "title", fos.title)
-    monkeypatch.setattr(procs, "activity",
-                        lambda pid: ("T" if fos.procs[pid].stopped else "S", 0) if pid in fos.procs else None)
+    monkeypatch.setattr(procs, "activity", fos.activity)
     monkeypatch.setattr(procs, "wchan", fos.wchan)
     monkeypatch.setattr(procs, "cpu_wait", lambda pid: fos.cpu_wait.get(pid, 0.0))
     monkeypatch.setattr(procs, "is_zombie", lambda pid: pid in fos.procs and fos.procs[pid].zombie)
