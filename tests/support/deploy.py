@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 
 from support.apps import App, free_port
-from support.systemd import UserManager, proc_cmdline, proc_parent
+from support.systemd import UserManager, eventually, proc_cmdline, proc_parent
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHIM = os.path.join(REPO, "bin", "unicorn-shim")
@@ -138,9 +137,14 @@ class Deployment:
             self.m.systemctl("stop", "app.socket")
         return r
 
-    def state(self) -> dict:
-        return self.m.show("app.service", "MainPID", "ActiveState", "SubState", "Result", "NRestarts",
-                           "StatusText", "ExecMainStatus")
+    STATE = ("MainPID", "ActiveState", "SubState", "Result", "NRestarts", "StatusText", "ExecMainStatus")
+
+    def state(self, **want: str) -> dict:
+        """systemd's view of the service; with `want` (ActiveState="failed", ...), once
+        every one of those reads so (the last read otherwise: the caller asserts)."""
+        props = self.STATE + tuple(k for k in want if k not in self.STATE)
+        return eventually(lambda: self.m.show("app.service", *props),
+                          lambda got: all(got.get(k) == str(v) for k, v in want.items()), interval=0.05)
 
     def master_pids(self) -> list:
         """Masters: the unit's processes whose parent is not in the unit (the manager's
@@ -155,13 +159,8 @@ class Deployment:
 
     def assert_main_pid_is_live_master(self) -> int:
         """systemd's MainPID is the one Unicorn master alive, and the manager is its parent."""
-        deadline = time.monotonic() + 5
-        while True:
-            pid = self.m.main_pid()
-            masters = self.master_pids()
-            if masters == [pid] or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
+        pid, masters = eventually(lambda: (self.m.main_pid(), self.master_pids()),
+                                  lambda got: got[1] == [got[0]], interval=0.05)
         assert masters == [pid], (pid, masters, [proc_cmdline(p) for p in masters])
         assert proc_parent(pid) == self.m.pid
         return pid
