@@ -137,14 +137,9 @@ class Deployment:
             self.m.systemctl("stop", "app.socket")
         return r
 
-    STATE = ("MainPID", "ActiveState", "SubState", "Result", "NRestarts", "StatusText", "ExecMainStatus")
-
-    def state(self, **want: str) -> dict:
-        """systemd's view of the service; with `want` (ActiveState="failed", ...), once
-        every one of those reads so (the last read otherwise: the caller asserts)."""
-        props = self.STATE + tuple(k for k in want if k not in self.STATE)
-        return eventually(lambda: self.m.show("app.service", *props),
-                          lambda got: all(got.get(k) == str(v) for k, v in want.items()), interval=0.05)
+    def state(self) -> dict:
+        return self.m.show("app.service", "MainPID", "ActiveState", "SubState", "Result", "NRestarts",
+                           "StatusText", "ExecMainStatus")
 
     def master_pids(self) -> list:
         """Masters: the unit's processes whose parent is not in the unit (the manager's

@@ -123,11 +123,6 @@ class UserManager:
         """The unit's journal text once every one of `needles` is in it."""
         return eventually(lambda: self.journal_text(unit), lambda text: all(n in text for n in needles), timeout)
 
-    def wait_processes(self, done: Callable[[List[int]], object] = lambda pids: pids == [],
-                       unit: str = "app.service", timeout: float = WAIT) -> List[int]:
-        """The unit's live processes once `done` holds for them (default: none left)."""
-        return eventually(lambda: self.unit_processes(unit), done, timeout)
-
     def unit_processes(self, unit: str = "app.service") -> List[int]:
         """Every pid in the unit's cgroup (any hierarchy), zombies excluded."""
         cg = self.show(unit, "ControlGroup").get("ControlGroup", "")
