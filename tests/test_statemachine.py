@@ -480,3 +480,15 @@ def test_fake_puma_phased_restart_hup_and_winch_as_seen(bare):
     after(fake, m, signal.SIGUSR1, lambda: fake.serving() == {"r2"})
     assert m.release.endswith("/releases/r2")
     after(fake, m, signal.SIGHUP, lambda: not m.alive)   # no stdout_redirect: a stop
+
+
+def test_fake_stopped_worker_handles_its_signal_on_cont(bare):
+    """SIGSTOP (the shim's pause for a health check) holds every other signal until SIGCONT."""
+    fake = bare("gunicorn")
+    m = booted(fake, "config/gunicorn.py")
+    w = m.workers()[0]
+    fake.signal(w.pid, signal.SIGSTOP)
+    fake.signal(w.pid, signal.SIGTERM)
+    assert w.alive and w not in fake.accepting()
+    fake.signal(w.pid, signal.SIGCONT)
+    assert not w.alive

@@ -45,6 +45,7 @@ class Process:
         self.deaf = False                # ignores every signal but KILL
         self.drain = 0.0                 # seconds a graceful stop takes (requests in flight)
         self.stopped = False             # SIGSTOP'd: runs nothing, accepts nothing
+        self.pending: List[int] = []     # signals sent while stopped: handled on SIGCONT
         self.release: Optional[str] = None   # master: where its config was read; worker: what it serves
         self.draining = False            # asked to stop gracefully: accepts no new connection
         self.booted = False              # a worker that loaded the app and waits for connections
@@ -512,6 +513,7 @@ class FakeOS:
                 self.loop.call_later(0.01, self.maintain, parent)
 
     def signal(self, pid: int, sig: int) -> bool:
+        """kill(pid, sig): False when there is no such process (any more)."""
         p = self.procs.get(pid)
         if p is None or not p.alive:
             return False
@@ -522,13 +524,27 @@ class FakeOS:
             p.stopped = True
         elif sig == signal.SIGCONT:
             p.stopped = False
-        elif p.deaf:
+            pending, p.pending = p.pending, []
+            for later in pending:          # what it was sent while stopped, it handles now
+                if p.alive:
+                    self._handle(p, later)
+        elif p.stopped:
+            p.pending.append(sig)
+        else:
+            self._handle(p, sig)
+        for hook in list(self.on_signal):
+            hook(p, sig)
+        return True
+
+    def _handle(self, p: Process, sig: int) -> None:
+        """What the process itself does on a signal it catches."""
+        if p.deaf:
             pass
         elif p.kind == "worker":
             self.server.worker_signal(p, sig)
-        elif sig == signal.SIGUSR2 and self.next_behaviour == "respawn-first" and p.kind == "master":
+        elif sig == signal.SIGUSR2 and self.next_behaviour == "respawn-first":
             # A worker respawned just now, not yet renamed: it bears the master's title.
-            respawned = self.new(pid, p.title + " (old)", "worker")
+            respawned = self.new(p.pid, p.title + " (old)", "worker")
             self.next_behaviour = ""
             p.title += " (old)"
             self.loop.call_later(0.3, setattr, respawned, "title", "unicorn worker[9]")
@@ -543,9 +559,6 @@ class FakeOS:
             p.exit()                       # before the shim could look at its children
         else:
             self.server.master_signal(p, sig)
-        for hook in list(self.on_signal):
-            hook(p, sig)
-        return True
 
     def close(self) -> None:
         for p in self.procs.values():
