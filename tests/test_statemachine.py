@@ -492,3 +492,41 @@ def test_fake_stopped_worker_handles_its_signal_on_cont(bare):
     assert w.alive and w not in fake.accepting()
     fake.signal(w.pid, signal.SIGCONT)
     assert not w.alive
+
+
+def test_fake_workers_answer_http_on_their_masters_own_socket(bare, tmp_path):
+    """A socket handed to one master (the shim's probe socket) is answered by that
+    master's workers only, once one accepts; a health page of an unhealthy release is a 500."""
+    import socket
+    fake = bare("unicorn")
+    fake.deploy("r2", UNHEALTHY)
+    path = str(tmp_path / "probe.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen()
+    pid = fake.spawn(["unicorn", "-c", os.path.join(fake.current, "config/unicorn.rb")], {}, [listener.fileno()],
+                     chdir=fake.current)
+    listener.close()                                   # the master holds it now
+    master = fake.procs[pid]
+
+    def ask(path_asked: str) -> bytes:
+        client = socket.socket(socket.AF_UNIX)
+        client.connect(path)
+        client.sendall(f"GET {path_asked} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+        client.setblocking(False)
+        answer = []
+
+        def read() -> bool:
+            try:
+                answer.append(client.recv(4096))
+            except BlockingIOError:
+                return False
+            return True
+        settle(fake, read)
+        client.close()
+        return answer[0]
+    assert ask("/").startswith(b"HTTP/1.1 200") and b"release=r2" in ask("/")   # answered once workers boot
+    assert ask("/health").startswith(b"HTTP/1.1 500")
+    fake.signal(master.pid, signal.SIGKILL)
+    with socket.socket(socket.AF_UNIX) as late, pytest.raises(ConnectionRefusedError):
+        late.connect(path)                             # gone with its master

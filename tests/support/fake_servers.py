@@ -19,8 +19,10 @@ or /proc read by the code under test can never reach a real process.
 """
 from __future__ import annotations
 
+import inspect
 import os
 import signal
+import socket
 from typing import Callable, Dict, List, Optional
 
 from shim.runtime import health, procs, spawn
@@ -60,6 +62,7 @@ class Process:
         self.behaviour = HEALTHY
         self.next_nr = 0
         self.nr = 0                      # a worker's number
+        self.listeners: List[socket.socket] = []   # a master's inherited listening sockets
 
     @property
     def alive(self) -> bool:
@@ -372,6 +375,51 @@ class FakeOS:
         self.health_checks.append(result)
         return result
 
+    # -- a master's own listening sockets (the shim's probe socket) ----------------
+
+    def listen(self, master: Process, fd: int) -> None:
+        """The master holds a listening socket (inherited): its workers answer HTTP there."""
+        sock = socket.socket(fileno=os.dup(fd))
+        sock.setblocking(False)
+        master.listeners.append(sock)
+        self.loop.add_reader(sock.fileno(), self._accept, master, sock)
+
+    def _accept(self, master: Process, sock: socket.socket) -> None:
+        try:
+            conn, _addr = sock.accept()
+        except OSError:
+            return
+        conn.setblocking(False)
+        self._answer(master, conn, b"")
+
+    def _answer(self, master: Process, conn: socket.socket, head: bytes) -> None:
+        """Once the request is read and one of the master's workers accepts: 200 with the
+        release (500 for a health page of an UNHEALTHY release); nothing while no worker
+        accepts (the connection waits, as in a listen queue); closed with the master."""
+        try:
+            head += conn.recv(8192)
+        except BlockingIOError:
+            pass
+        except OSError:
+            conn.close()
+            return
+        workers = [w for w in self.accepting() if w.parent == master.pid]
+        if not master.alive:
+            conn.close()
+        elif b"\r\n\r\n" not in head or not workers:
+            self.loop.call_later(0.01, self._answer, master, conn, head)
+        else:
+            path = head.split(b" ", 2)[1].decode(errors="replace") if head.count(b" ") >= 2 else "/"
+            name = os.path.basename(workers[0].release)
+            status = 500 if "health" in path and self.behaviours.get(name) == UNHEALTHY else 200
+            body = f"release={name}\n".encode()
+            try:
+                conn.sendall(f"HTTP/1.1 {status} X\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
+                             "Connection: close\r\n\r\n".encode() + body)
+            except OSError:
+                pass
+            conn.close()
+
     def masters(self) -> List[Process]:
         return [p for p in self.procs.values() if p.kind == "master" and p.alive]
 
@@ -385,12 +433,16 @@ class FakeOS:
 
     def spawn(self, argv: List[str], env: Dict[str, str], fds: List[int], *, chdir: Optional[str] = None,
               pwd: Optional[str] = None, **kw: object) -> int:
-        """spawn.spawn: a master whose parent is the manager."""
-        return self.start_master(self.manager, list(argv), pwd or chdir).pid
+        """spawn.spawn: a master whose parent is the manager, holding the listening
+        sockets `fds` (the tests give the shim no public socket: any is a probe socket)."""
+        return self.start_master(self.manager, list(argv), pwd or chdir, fds).pid
 
-    def start_master(self, parent: int, argv: List[str], restart_dir: Optional[str]) -> Process:
+    def start_master(self, parent: int, argv: List[str], restart_dir: Optional[str],
+                     fds: List[int] = ()) -> Process:
         master = self.new(parent, self.server.master_title, "master")
         master.argv, master.restart_dir = argv, restart_dir
+        for fd in fds:
+            self.listen(master, fd)
         master.behaviour, self.next_behaviour = self.next_behaviour, ""
         self.started.append(master)
         for hook in list(self.on_start):
@@ -464,7 +516,7 @@ class FakeOS:
         self.loop.call_later(self.boot_delay, self.phase, master, old)
 
     def reexec(self, old: Process) -> None:
-        child = self.start_master(old.pid, old.argv, old.restart_dir)
+        child = self.start_master(old.pid, old.argv, old.restart_dir, [s.fileno() for s in old.listeners])
         old.reexec_pid = child.pid
         if not self.server.usr2_child_lives(child):
             child.exit()
@@ -497,7 +549,12 @@ class FakeOS:
         p.exit()
 
     def exited(self, p: Process) -> None:
-        """The kernel's side of an exit: orphans go to the manager, the parent reaps."""
+        """The kernel's side of an exit: its sockets close, orphans go to the manager,
+        the parent reaps."""
+        for sock in p.listeners:
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
+        p.listeners = []
         for child in self.procs.values():
             if child.parent == p.pid and child.kind == "master":
                 child.parent = self.manager      # the new master is reparented to the manager
@@ -561,7 +618,7 @@ class FakeOS:
             self.server.master_signal(p, sig)
 
     def close(self) -> None:
-        for p in self.procs.values():
+        for p in list(self.procs.values()):
             p.exit()
             os.close(p.r)
         self.procs.clear()
@@ -617,4 +674,7 @@ def install(monkeypatch, fos: FakeOS) -> None:
     monkeypatch.setattr(procs, "cgroup_members", lambda cg: [p.pid for p in fos.procs.values() if p.alive])
     monkeypatch.setattr(procs.Pinned, "signal", lambda self, sig: fos.signal(self.pid, sig))
     monkeypatch.setattr(spawn, "spawn", fos.spawn)
-    monkeypatch.setattr(health, "check", fos.health)
+    if list(inspect.signature(health.check).parameters)[:1] == ["url"]:
+        # A check that asks the URL's own address (the shared socket): any worker may answer
+        # it. A check that asks one generation's probe socket reaches the fake's workers there.
+        monkeypatch.setattr(health, "check", fos.health)
