@@ -329,7 +329,7 @@ class FakeOS:
         self.cut_requests = 0                 # requests in flight lost to a quick stop
         self.on_signal: List[Callable[[Process, int], None]] = []   # called after each signal
         self.on_start: List[Callable[[Process], None]] = []         # called for each new master
-        self.health_checks: List[str] = []    # the answers the fake health check gave
+        self.health_checks: List[str] = []    # what each health check was answered ("HTTP 500")
         self.on_health: List[Callable[[], None]] = []                # called as each check begins
         self.started: List[Process] = []      # every master, in the order they were started
         self.root = root
@@ -372,7 +372,7 @@ class FakeOS:
         answers = {self.behaviours.get(os.path.basename(w.release), HEALTHY) for w in self.accepting()}
         result = (f"health check {url}: no answer: timed out" if not answers
                   else f"health check {url}: HTTP 500" if UNHEALTHY in answers else "")
-        self.health_checks.append(result)
+        self.health_checks.append(result.rsplit(": ", 1)[-1] if result else "HTTP 200")
         return result
 
     # -- a master's own listening sockets (the shim's probe socket) ----------------
@@ -392,10 +392,11 @@ class FakeOS:
         conn.setblocking(False)
         self._answer(master, conn, b"")
 
-    def _answer(self, master: Process, conn: socket.socket, head: bytes) -> None:
+    def _answer(self, master: Process, conn: socket.socket, head: bytes, asked: bool = False) -> None:
         """Once the request is read and one of the master's workers accepts: 200 with the
         release (500 for a health page of an UNHEALTHY release); nothing while no worker
-        accepts (the connection waits, as in a listen queue); closed with the master."""
+        accepts (the connection waits, as in a listen queue); closed with the master.
+        A health page asked for is a health check beginning (on_health)."""
         try:
             head += conn.recv(8192)
         except BlockingIOError:
@@ -403,13 +404,18 @@ class FakeOS:
         except OSError:
             conn.close()
             return
+        complete = b"\r\n\r\n" in head
+        path = head.split(b" ", 2)[1].decode(errors="replace") if complete and head.count(b" ") >= 2 else "/"
+        if complete and "health" in path and not asked:
+            asked = True
+            for hook in list(self.on_health):
+                hook()
         workers = [w for w in self.accepting() if w.parent == master.pid]
         if not master.alive:
             conn.close()
-        elif b"\r\n\r\n" not in head or not workers:
-            self.loop.call_later(0.01, self._answer, master, conn, head)
+        elif not complete or not workers:
+            self.loop.call_later(0.01, self._answer, master, conn, head, asked)
         else:
-            path = head.split(b" ", 2)[1].decode(errors="replace") if head.count(b" ") >= 2 else "/"
             name = os.path.basename(workers[0].release)
             status = 500 if "health" in path and self.behaviours.get(name) == UNHEALTHY else 200
             body = f"release={name}\n".encode()
@@ -419,6 +425,8 @@ class FakeOS:
             except OSError:
                 pass
             conn.close()
+            if asked:
+                self.health_checks.append(f"HTTP {status}")
 
     def masters(self) -> List[Process]:
         return [p for p in self.procs.values() if p.kind == "master" and p.alive]
