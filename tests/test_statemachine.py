@@ -77,9 +77,22 @@ def stop_signal(sig: int = signal.SIGTERM) -> None:
     os.kill(os.getpid(), sig)
 
 
+class Asker:
+    """A reload's client that stays connected: called with the answer."""
+
+    def __init__(self, answer) -> None:
+        self.answer = answer
+
+    def __call__(self, result) -> None:
+        self.answer(result)
+
+    def gone(self) -> bool:
+        return False
+
+
 def reload(sup: Supervisor, reply) -> None:
     """What `unicorn-shim reload` asks over the control socket."""
-    sup.handle_request({"command": "reload"}, reply)
+    sup.handle_request({"command": "reload"}, Asker(reply))
 
 
 def when_serving(sup: Supervisor, action) -> None:
@@ -194,13 +207,13 @@ def test_stop_during_a_hand_over_stops_every_master(fake):
 
 
 @pytest.mark.parametrize("phase", ["finding", "booting", pytest.param("health-check", marks=pytest.mark.xfail(
-    strict=True, reason="issue 25 item 1: a stop that arrives while the health check holds the loop is not "
+    strict=True, reason="a stop that arrives while the health check holds the loop is not "
                         "seen by the checkpoint after it (the signal waits in the loop's wake-up pipe): "
                         "the hand-over completes and READY=1 follows the stop. Passes once the check is "
                         "driven by the loop (the probe branch's check over the probe socket does that)")),
     "draining",
     pytest.param("rolling-back", marks=pytest.mark.xfail(
-        strict=True, reason="issue 25 item 1: a stop seen while the rollback waits for the failed master "
+        strict=True, reason="a stop seen while the rollback waits for the failed master "
                             "is not checked once the rollback ends: READY=1 (MAINPID=old) follows the stop"))])
 def test_stop_ends_a_hand_over_cleanly_from_every_phase(fake, phase):
     """Every reload client gets an answer, no READY=1 follows the stop, nothing is left.
