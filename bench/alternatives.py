@@ -5,7 +5,7 @@ one run, each under its own private real systemd user manager, with Debian's
 unicorn and runit and the real unicornherder:
 
     sudo bench/alternatives.py [--deploys 5] [--interval 4] [--clients 4]
-        [--unicornherder SPEC] [--setups a,b,...]
+        [--unicornherder SPEC] [--setups a,b,...] [--journal DIR]
 
 Per setup: a few seconds of steady load, --deploys good deploys --interval
 seconds apart (each links a new release as `current` and runs the setup's
@@ -16,7 +16,10 @@ seconds from the command on; median over the deploys), the longest time
 without a successful response in a window (median), what the deploy command
 returned, how many deploys took effect (the release answering just before the
 next deploy is the one just deployed), and after the bad deploy: what its
-command returned, what serves, the requests that failed.
+command returned, what serves, the requests that failed. For the runit rows,
+how often unicornherder crashed (tracebacks in its svlogd log) and how often
+Unicorn's `-D` launcher said "master failed to start". --journal DIR keeps each
+setup's journal and that log.
 
 unicornherder is not packaged by Debian: it is installed with pip into a
 virtualenv made by Debian's python3 (with the system site packages, so Debian's
@@ -85,7 +88,9 @@ RUNIT_SERVICE = """\
 [Service]
 ExecStart=/usr/bin/runsvdir -P {service_dir}
 KillSignal=SIGHUP
-TimeoutStopSec=10
+# Debian's runit.service has KillMode=process; mixed also ends what is left when stopped
+KillMode=mixed
+TimeoutStopSec=5
 SyslogIdentifier=app
 """
 RUN_SCRIPT = """\
@@ -154,6 +159,13 @@ class Setup:
         if self.socket_unit:
             self.m.systemctl("stop", "app.socket")
 
+    def log(self) -> str:
+        """What the setup logged outside the journal."""
+        return ""
+
+    def notes(self) -> str:
+        return ""
+
 
 class SocketRestart(Setup):
     socket_unit = True
@@ -173,7 +185,9 @@ class Herder(Setup):
 
     seed_hook = True
 
-    def __init__(self, manager: UserManager, root: str, args, sv_command: str, herder: str) -> None:
+    def __init__(self, manager: UserManager, root: str, args, sv_command: str, herder: str,
+                 seed_hook: bool = True) -> None:
+        self.seed_hook = seed_hook      # without it, unicornherder's HUP path retires the old master
         super().__init__(manager, root, args)
         self.deploy_command = ("sv", sv_command)
         self.herder = herder
@@ -192,6 +206,11 @@ class Herder(Setup):
             f.write(RUN_SCRIPT.format(current=self.app.current, user=USER, herder=self.herder,
                                       pid_file=self.app.pid_file))
         os.chmod(run, 0o755)
+        # runit's own logging of the run script's output (unicornherder's log): svlogd
+        os.makedirs(os.path.join(self.sv_dir, "log", "main"))
+        with open(os.path.join(self.sv_dir, "log", "run"), "w") as f:
+            f.write(f"#!/bin/sh\nexec svlogd -tt {self.sv_dir}/log/main\n")
+        os.chmod(os.path.join(self.sv_dir, "log", "run"), 0o755)
         os.makedirs(self.service_dir)
         os.symlink(self.sv_dir, os.path.join(self.service_dir, "app"))
         return RUNIT_SERVICE.format(service_dir=self.service_dir)
@@ -202,19 +221,32 @@ class Herder(Setup):
         r.stdout = r.stdout.replace(self.sv_dir + ": ", "")
         return r
 
+    def log(self) -> str:
+        try:
+            with open(os.path.join(self.sv_dir, "log", "main", "current")) as f:
+                return "\n--- svlogd (unicornherder) ---\n" + f.read()
+        except OSError as e:
+            return f"\n--- no svlogd log: {e}\n"
+
+    def notes(self) -> str:
+        log = self.log()
+        return (f"unicornherder crashed {log.count('Traceback (most recent call last)')}×, "
+                f"Unicorn 'master failed to start' {log.count('master failed to start')}×")
+
     def state(self) -> str:
         status = subprocess.run(["sv", "status", self.sv_dir], capture_output=True, text=True).stdout
         return status.replace(self.sv_dir + ": ", "").strip()
 
 
 class Shim(Setup):
-    """The shim with the same before_fork hook (and its readiness hook), a .socket unit."""
+    """The shim (with its readiness hook) and a .socket unit; `seed_hook`: the config
+    also has the before_fork hook of the USR2 setups, which the shim does not need."""
 
     deploy_command = ("systemctl", "reload")
 
-    def __init__(self, manager: UserManager, root: str, args) -> None:
+    def __init__(self, manager: UserManager, root: str, args, seed_hook: bool = False) -> None:
         self.m, self.root, self.args = manager, root, args
-        self.d = Deployment(manager, root, seed_hook=True)
+        self.d = Deployment(manager, root, seed_hook=seed_hook)
         self.app, self.port, self.socket_unit = self.d.app, self.d.port, True
 
     def release(self, broken: bool = False) -> str:
@@ -234,7 +266,10 @@ SETUPS = {
     "herder sv 2": lambda m, root, args: Herder(m, root, args, "2", args.herder_bin),
     "herder sv hup": lambda m, root, args: Herder(m, root, args, "hup", args.herder_bin),
     "herder sv restart": lambda m, root, args: Herder(m, root, args, "restart", args.herder_bin),
+    "herder sv hup (no hook)": lambda m, root, args: Herder(m, root, args, "hup", args.herder_bin,
+                                                          seed_hook=False),
     "shim": lambda m, root, args: Shim(m, root, args),
+    "shim+same hook": lambda m, root, args: Shim(m, root, args, seed_hook=True),
 }
 
 
@@ -316,6 +351,11 @@ def run_setup(name: str, args, base: str) -> dict:
         out["error"] = f"{type(e).__name__}: {e}"
     finally:
         setup.stop()
+        out["notes"] = setup.notes()
+        if args.journal:
+            os.makedirs(args.journal, exist_ok=True)
+            with open(os.path.join(args.journal, name.replace(" ", "_") + ".log"), "w") as f:
+                f.write(manager.journal_text() + setup.log())
         manager.down()
     return out
 
@@ -327,7 +367,7 @@ def first_line(r: subprocess.CompletedProcess) -> str:
 
 def summary(r: dict, args) -> list:
     if "error" in r:
-        return [r["error"]] + [""] * 8
+        return [r["error"]] + [""] * 9
     rcs = Counter(r["rc"])
     took = sum(1 for deployed, served in r["served"] if served == deployed)
     return [
@@ -340,6 +380,7 @@ def summary(r: dict, args) -> list:
         r["bad_serves"],
         str(r["bad_failed"]),
         r["bad_state"],
+        r["notes"],
     ]
 
 
@@ -355,10 +396,14 @@ def main() -> None:
     parser.add_argument("--unicornherder", default="unicornherder", metavar="SPEC",
                         help="what pip installs as unicornherder")
     parser.add_argument("--setups", default=",".join(SETUPS))
+    parser.add_argument("--journal", metavar="DIR", help="keep each setup's journal (app.service) in DIR")
     args = parser.parse_args()
     gc.disable()      # see bench/reload.py: GC passes over the results would count as latency
     base = tempfile.mkdtemp(prefix="unicorn-shim-alternatives.")
     names = args.setups.split(",")
+    unknown = [n for n in names if n not in SETUPS]
+    if unknown:
+        parser.error(f"unknown setup {unknown[0]!r}; setups: {', '.join(SETUPS)}")
     rows = []
     try:
         args.herder_bin, why_not = (install_herder(base, args.unicornherder)
@@ -369,14 +414,16 @@ def main() -> None:
                 continue
             print(f"{name} ...", file=sys.stderr, flush=True)
             rows.append(run_setup(name, args, base))
+            print(" | ".join(summary(rows[-1], args)), file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     print(f"\n{args.deploys} good deploys {args.interval:g} s apart, then a bad one; {args.clients} clients; "
           f"latencies in ms (median / worst over the deploys)\n")
     head = ["setup", "failed in good deploys (of requests)", "worst latency per deploy",
             "longest time without an answer per deploy", "deploy command returned",
-            "took effect (release serving after each)", "bad deploy: command returned, after",
-            f"bad deploy: then serving (+{args.after_bad:g} s)", "bad deploy: failed requests", "state at the end"]
+            f"took effect (release serving {args.interval:g} s after each)", "bad deploy: command returned, after",
+            f"bad deploy: then serving (+{args.after_bad:g} s)", "bad deploy: failed requests", "state at the end",
+            "the supervisor's log"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
