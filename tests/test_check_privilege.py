@@ -95,6 +95,7 @@ def test_a_known_user_runs_the_release_code_with_its_own_groups_and_home(setup, 
 @pytest.mark.parametrize("user_lines,why", [
     ("DynamicUser=yes\n", "not evaluated: DynamicUser=yes: the unit's user exists only while it runs"),
     ("User=no-such-user-x\n", "not evaluated: User=no-such-user-x is no user on this machine"),
+    ("User=nobody\nGroup=no-such-group-x\n", "not evaluated: Group=no-such-group-x is no group on this machine"),
 ])
 def test_no_release_code_runs_when_the_units_user_is_unknown(setup, server, user_lines, why):
     layout, out = setup
@@ -108,8 +109,10 @@ def test_no_release_code_runs_when_the_units_user_is_unknown(setup, server, user
         assert "to tell: run what check would, as a dynamic user" in r.stdout
         assert "systemd-run --wait --pipe -p DynamicUser=yes" in r.stdout and "unicorn_shim_eval" in r.stdout
     else:
-        assert r.returncode == 1 and "status=217/USER" in r.stdout
-        assert "to tell: correct User= (or create that user), then check again" in r.stdout
+        key = why.split(": ")[1].split("=")[0]
+        status = {"User": "217/USER", "Group": "216/GROUP"}[key]
+        assert r.returncode == 1 and f"status={status}" in r.stdout
+        assert f"to tell: correct {key}= (or create that {key.lower()}), then check again" in r.stdout
 
 
 @pytest.mark.parametrize("server", sorted(SERVERS))
@@ -121,8 +124,8 @@ def test_a_caller_who_is_not_the_units_user_runs_nothing(setup, server):
     r = subprocess.run(["runuser", "-u", "daemon", "--", SHIM, "check", unit], capture_output=True, text=True,
                        timeout=120)
     assert who_ran(out) == [], r.stdout + r.stderr
-    assert (f"cannot tell: the {server} config: not evaluated: this check runs as uid {caller.pw_uid}, not as "
-            "nobody (User=); check runs release code only as the unit's user; nothing in it was checked\n"
+    assert (f"cannot tell: the {server} config: not evaluated: this check runs as uid {caller.pw_uid} and the "
+            "unit as nobody; check runs release code only as the unit's user; nothing in it was checked\n"
             "    to tell: check as root (it evaluates as nobody), or as nobody itself") in r.stdout, r.stdout
     # The unit's own user may: what runs is what the service would run.
     r = subprocess.run(["runuser", "-u", "nobody", "--", SHIM, "check", unit], capture_output=True, text=True,

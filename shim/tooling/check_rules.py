@@ -178,7 +178,7 @@ def host_rules(ctx: Context, config_rules: Any) -> List[Finding]:
         writable_dir(ctx, run_as, ctx.shim.pid_file, "--pid-file")
     if ctx.app_dir is None or os.path.isdir(ctx.app_dir):
         if run_as is None:
-            evaluation = config_eval.refused(ctx.profile, unknown, _by_hand(ctx, env))
+            evaluation = config_eval.refused(ctx.profile, unknown, _by_hand(ctx, env, unknown))
         else:
             evaluation = config_eval.evaluate(ctx.profile, ctx.server_command, ctx.start_dir, env, run_as)
         config_rules(ctx, run_as, evaluation, env_uncertain, env).run()
@@ -223,10 +223,12 @@ def _run_as(ctx: Context) -> Tuple[Optional[config_eval.RunAs], str]:
     return run_as, ""
 
 
-def _by_hand(ctx: Context, env: Dict[str, str]) -> str:
-    """How an operator sees the config load as the unit's own user, where check will not run it."""
-    if (last(ctx.service, "DynamicUser") or "no").lower() not in ("yes", "true", "1", "on"):
-        return f"correct {ctx.key('User')} (or create that user), then check again"
+def _by_hand(ctx: Context, env: Dict[str, str], unknown: str) -> str:
+    """How an operator sees the config load as the unit's own user, where check will not run it
+    (`unknown`: why _run_as could not tell who that is)."""
+    key = unknown.split("=", 1)[0]
+    if key != "DynamicUser":       # User= or Group=, not on this machine
+        return f"correct {ctx.key(key)} (or create that {key.lower()}), then check again"
     argv, _why = config_eval.evaluator_argv(ctx.profile, ctx.server_command, ctx.start_dir, env)
     if argv is None:
         return (f"start it where a failure costs nothing (systemctl start {ctx.setup.name or 'UNIT'}) "

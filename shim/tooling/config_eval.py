@@ -171,7 +171,7 @@ def evaluate(profile: ServerProfile, command: Sequence[str], app_dir: Optional[s
     if argv is None:
         return Evaluation(profile_name, {}, why)
     if not run_as.can_switch:
-        return refused(profile, f"this check runs as uid {os.geteuid()}, not as {run_as.name} (User=)",
+        return refused(profile, f"this check runs as uid {os.geteuid()} and the unit as {run_as.name}",
                        f"check as root (it evaluates as {run_as.name}), or as {run_as.name} itself")
     as_user = True
     # Bundler resolves and writes a missing Gemfile.lock: a check must not change the release.
