@@ -399,11 +399,11 @@ def main() -> None:
     parser.add_argument("--journal", metavar="DIR", help="keep each setup's journal (app.service) in DIR")
     args = parser.parse_args()
     gc.disable()      # see bench/reload.py: GC passes over the results would count as latency
-    base = tempfile.mkdtemp(prefix="unicorn-shim-alternatives.")
     names = args.setups.split(",")
     unknown = [n for n in names if n not in SETUPS]
     if unknown:
         parser.error(f"unknown setup {unknown[0]!r}; setups: {', '.join(SETUPS)}")
+    base = tempfile.mkdtemp(prefix="unicorn-shim-alternatives.")
     rows = []
     try:
         args.herder_bin, why_not = (install_herder(base, args.unicornherder)
