@@ -63,14 +63,14 @@ def last_lines(out: str, n: int) -> str:
 def roll_out_under_load(hs: List[Host], deploy: Callable[[], subprocess.CompletedProcess], new: str) -> tuple:
     """`deploy` rolls release `new` out; it reaches every host with no failed request.
     Returns the tool's result and its run time."""
-    old = hs[0].serves()
+    olds = [h.serves() for h in hs]
     generations = [h.status()["generation"] for h in hs]
     with LoadOnAll(hs) as load:
         t0 = time.monotonic()
         r = deploy()
         took = time.monotonic() - t0
         assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
-    for h, generation in zip(hs, generations):
+    for h, generation, old in zip(hs, generations, olds):
         result = load.results[h.name]
         assert result["failed"] == 0 and result["ok"] > 0, (h.name, result)
         assert result["releases"] == sorted({f"release={old}", f"release={new}"}), (h.name, result)
@@ -328,4 +328,4 @@ def test_the_deploy_user_may_reload_its_app_and_nothing_else(hosts):
     assert r.returncode != 0 and "Missing sudo password" in r.stdout, r.stdout
     for h in hs[:2]:
         assert h.run("systemctl", "is-active", "unicorn-shim@myapp.service").stdout.strip() == "active"
-        assert h.serves() == os.path.basename(h.current()), h.name
+        assert h.status()["release"] == h.current(), h.name

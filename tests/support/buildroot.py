@@ -40,7 +40,7 @@ def root() -> str:
 def build(rootfs: str, work: str) -> subprocess.CompletedProcess:
     """Builds the checkout's .deb in an overlay of `rootfs`, offline, as dpkg-buildpackage
     with its checks: dpkg-checkbuilddeps, then debian/rules with its tests. The .deb
-    lands in `work`/out."""
+    lands in `work`. The root gets the /etc/hosts every build chroot has (localhost)."""
     layers = tempfile.mkdtemp(prefix="build.", dir=work)
     for d in ("upper", "work", "merged", "out"):
         os.mkdir(os.path.join(layers, d))
@@ -50,10 +50,11 @@ def build(rootfs: str, work: str) -> subprocess.CompletedProcess:
                    check=True, cwd=REPO)
     script = f"""set -e
 mount -t overlay overlay -o lowerdir={rootfs},upperdir={layers}/upper,workdir={layers}/work {layers}/merged
+printf '127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n' > {layers}/merged/etc/hosts
 mount -t proc proc {layers}/merged/proc
 mount --rbind /dev {layers}/merged/dev
 chroot {layers}/merged /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/build LANG=C.UTF-8 \
-    sh -ec 'cd /build/src && dpkg-checkbuilddeps && dpkg-buildpackage -us -uc -b'
+    sh -ec 'cd /build/src && date +%s.%N && dpkg-checkbuilddeps && dpkg-buildpackage -us -uc -b && date +%s.%N'
 cp {layers}/merged/build/*.deb {layers}/out/
 """
     r = subprocess.run(["unshare", "--mount", "--net", "--propagation", "private", "sh", "-c", script],
