@@ -64,6 +64,12 @@ class _Reporter:
 
 if _PATH and sys.stderr is not None:
     sys.stderr = _Reporter(sys.stderr)
+if _PATH:
+    try:
+        import unicorn_shim_gthread          # gthread's graceful stop serves what it accepted
+        unicorn_shim_gthread.install()
+    except Exception:
+        pass
 
 
 def _chain():

@@ -5,6 +5,7 @@
 # missing gem). Then the distribution's own file of this name (Debian ships
 # one that sets its gem paths) is loaded exactly as it would have been.
 require_relative "../../unicorn_shim_report"
+require_relative "../../unicorn_shim_listen"
 
 here = File.expand_path(__dir__)
 original = $LOAD_PATH.map { |dir| File.join(dir, "rubygems", "defaults", "operating_system.rb") }
