@@ -42,7 +42,7 @@ class Recorder(Notifier):
 @pytest.fixture
 def fake(monkeypatch, tmp_path):
     """Unicorn's masters (the classic test subject: its own USR2, WINCH and HUP)."""
-    fos = FakeOS(str(tmp_path), "unicorn")
+    fos = FakeOS(str(tmp_path / "app"), "unicorn")
     install(monkeypatch, fos)
     yield fos
     fos.close()
@@ -51,7 +51,7 @@ def fake(monkeypatch, tmp_path):
 @pytest.fixture(params=sorted(PROFILES))
 def any_server(request, monkeypatch, tmp_path):
     """The masters of each server in turn."""
-    fos = FakeOS(str(tmp_path), request.param)
+    fos = FakeOS(str(tmp_path / "app"), request.param)
     install(monkeypatch, fos)
     yield fos
     fos.close()
@@ -376,7 +376,7 @@ def _rollback_xfail(server: str):
 
 @pytest.mark.parametrize("server", [pytest.param(name, marks=_rollback_xfail(name)) for name in sorted(PROFILES)])
 def test_a_failed_health_check_leaves_the_old_generation_serving_the_old_release(monkeypatch, tmp_path, server):
-    fake = FakeOS(str(tmp_path), server)
+    fake = FakeOS(str(tmp_path / "app"), server)
     install(monkeypatch, fake)
     sup = supervisor(fake, upgrade="spawn", health_check="http://127.0.0.1:1/health")
     served = []
