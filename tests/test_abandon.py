@@ -10,6 +10,7 @@ import time
 
 from support.deploy import SHIM
 from support.load import Load, get
+from support.systemd import WAIT
 
 BOOT = 12          # seconds the new release's config takes to load
 GIVE_UP = 3        # when the reload's client goes away
@@ -47,7 +48,7 @@ def _client_goes_away(d, manager, reload, meanwhile) -> None:
         took = time.monotonic() - t
         assert r.returncode != 0, r.stderr
         assert took < GIVE_UP + 3, took
-        failed = _event(manager, "reload-failed", timeout=10)
+        failed = _event(manager, "reload-failed")
         assert "went away" in failed["REASON"], failed
         # past the moment the slow release would have finished booting
         deadline = t + BOOT + 4
@@ -67,12 +68,8 @@ def _client_goes_away(d, manager, reload, meanwhile) -> None:
     assert get(d.port).release == f"r{d.app.count}"
 
 
-def _event(manager, name: str, timeout: float) -> dict:
+def _event(manager, name: str, timeout: float = WAIT) -> dict:
     """The first `name` event, waited for: journald may store it a moment later."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = manager.events(name)
-        if found or time.monotonic() > deadline:
-            assert found, f"no {name} event within {timeout} s"
-            return found[0]
-        time.sleep(0.2)
+    found = manager.wait_events(name, timeout=timeout)
+    assert found, f"no {name} event within {timeout} s"
+    return found[0]

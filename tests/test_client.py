@@ -43,7 +43,7 @@ def test_unit_option_finds_the_shim_through_systemd(deploy, manager):
         assert r.returncode == 0, r.stderr
         assert r.stdout.startswith("reloaded: generation 2") and name in r.stdout
     assert load.failures() == [] and get(d.port).release == name
-    assert [e["GENERATION"] for e in manager.events("reload-done")] == ["2"]
+    assert [e["GENERATION"] for e in manager.wait_events("reload-done")] == ["2"]
 
     d.app.release(broken=True)
     r = shim(manager, "reload", "--unit", "app", "--user")
@@ -87,7 +87,7 @@ def test_control_mode_0660_admits_the_group_and_only_it(unicorn_deploy, manager)
     os.chmod(path, 0o666)          # let the outsider connect: the shim's own check must refuse it
     r = shim(manager, "status", "--control", path, user="--clear-groups")
     assert r.returncode == 10 and "permission denied" in one_line(r)
-    assert [e["UID"] for e in manager.events("control-refused")] == ["65534"]
+    assert [e["UID"] for e in manager.wait_events("control-refused")] == ["65534"]
 
     name = d.app.release()
     r = shim(manager, "reload", "--control", path, user="--groups=0")

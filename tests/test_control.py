@@ -30,7 +30,7 @@ def test_control_socket_mode_owner_and_peer_check(unicorn_deploy, manager):
     r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                         SHIM, "reload", "--control", path], capture_output=True, text=True, timeout=30)
     assert r.returncode == 10 and "permission denied" in r.stderr
-    refused = manager.events("control-refused")
+    refused = manager.wait_events("control-refused")
     assert len(refused) == 1 and refused[0]["UID"] == "65534"
     assert manager.events("reload-start") == []
 

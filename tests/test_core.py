@@ -10,7 +10,7 @@ import time
 import pytest
 
 from support.load import Load, get, wait_accepted
-from support.systemd import proc_cmdline, proc_environ
+from support.systemd import eventually, proc_cmdline, proc_environ
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,10 +63,15 @@ def test_ready_hook_reports_within_100ms(unicorn_deploy, manager):
     """Unicorn logs `worker=N ready` from the same place the hook reports."""
     d = unicorn_deploy(workers=3)
     d.start()
-    entries = manager.journal(unit="app.service")
-    worker_ready = [int(e["__REALTIME_TIMESTAMP"]) for e in entries
-                    if "worker=" in str(e.get("MESSAGE")) and " ready" in str(e.get("MESSAGE"))]
-    shim_ready = [e for e in entries if e.get("SHIM_EVENT") == "ready"]
+    def worker_ready(entries):
+        return [int(e["__REALTIME_TIMESTAMP"]) for e in entries
+                if "worker=" in str(e.get("MESSAGE")) and " ready" in str(e.get("MESSAGE"))]
+
+    def shim_ready(entries):
+        return [e for e in entries if e.get("SHIM_EVENT") == "ready"]
+    entries = eventually(lambda: manager.journal(unit="app.service"),
+                         lambda es: len(worker_ready(es)) >= 3 and shim_ready(es))
+    worker_ready, shim_ready = worker_ready(entries), shim_ready(entries)
     assert len(worker_ready) == 3 and len(shim_ready) == 1
     assert "hook" in shim_ready[0]["MESSAGE"]
     delay = (int(shim_ready[0]["__REALTIME_TIMESTAMP"]) - max(worker_ready)) / 1e6
@@ -77,7 +82,7 @@ def test_heuristic_readiness_without_hook(deploy, manager):
     d = deploy(ready_hook=False)
     d.start()
     assert get(d.port, timeout=5).release == "r1"
-    ready = manager.events("ready")
+    ready = manager.wait_events("ready")
     assert len(ready) == 1 and "heuristic" in ready[0]["MESSAGE"]
 
 
@@ -93,7 +98,7 @@ def test_master_crash_is_seen_by_systemd_and_restarted(deploy, manager, socket_u
                               SubState="running")
         assert st["NRestarts"] == "1", st
         time.sleep(1.0)
-    text = manager.journal_text()
+    text = manager.wait_journal("Main process exited, code=killed, status=9/KILL")
     assert "Main process exited, code=killed, status=9/KILL" in text
     new_master = d.assert_main_pid_is_live_master()
     assert new_master != master
@@ -118,14 +123,14 @@ def test_stop_is_graceful_and_leaves_nothing(deploy, manager):
     st = d.state()
     assert (st["ActiveState"], st["Result"]) == ("inactive", "success"), st
     assert manager.unit_processes() == []
-    stopping = manager.events("stopping")
+    stopping = manager.wait_events("stopping")
     assert len(stopping) == 1
 
 
 def test_ready_hook_is_used(deploy, manager):
     d = deploy(workers=3)
     d.start()
-    ready = manager.events("ready")
+    ready = manager.wait_events("ready")
     assert len(ready) == 1 and "ready with 3 workers" in ready[0]["MESSAGE"] and "hook" in ready[0]["MESSAGE"]
 
 
@@ -136,7 +141,7 @@ def test_start_fails_when_master_never_ready(deploy, manager):
     assert r.returncode != 0
     st = d.state()
     assert st["ActiveState"] == "failed", st
-    assert "not ready within 3 s" in manager.journal_text()
+    assert "not ready within 3 s" in manager.wait_journal("not ready within 3 s")
     assert manager.unit_processes() == []
 
 
@@ -146,7 +151,7 @@ def test_start_fails_when_master_dies(deploy, manager):
     r = d.start(check=False)
     assert r.returncode != 0
     assert d.state()["ActiveState"] == "failed"
-    text = manager.journal_text()
+    text = manager.wait_journal("start failed: master", "before it was ready")
     assert "start failed: master" in text and "before it was ready" in text
     assert manager.unit_processes() == []
 

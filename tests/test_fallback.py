@@ -28,7 +28,7 @@ def assert_degraded(d, manager, good, bad):
     assert (st["ActiveState"], st["SubState"]) == ("active", "running"), st
     assert st["StatusText"].startswith("degraded: serving last good release"), st
     assert good in st["StatusText"] and bad in st["StatusText"], st
-    event = manager.events("fallback")[-1]
+    event = manager.wait_events("fallback")[-1]
     assert event["RELEASE"].endswith(good) and event["FAILED_RELEASE"].endswith(bad)
     assert event["PRIORITY"] == "3" and "broken" in event["SERVER_ERROR"]
     d.assert_main_pid_is_live_master()
@@ -73,9 +73,9 @@ def test_no_fallback_fails_the_start_for_good(unicorn_deploy, manager):
     time.sleep(1.5)                               # longer than RestartSec=: no restart follows
     st = manager.show("app.service", "ActiveState", "Result", "NRestarts", "ExecMainStatus")
     assert st["ActiveState"] == "failed" and st["ExecMainStatus"] == "7" and st["NRestarts"] == "0", st
-    failed = manager.events("start-failed")[-1]
+    failed = manager.wait_events("start-failed")[-1]
     assert "broken" in failed["SERVER_ERROR"]
-    assert "--no-fallback" in manager.events("no-fallback")[-1]["MESSAGE"]
+    assert "--no-fallback" in manager.wait_events("no-fallback")[-1]["MESSAGE"]
 
 
 def test_no_fallback_when_the_last_good_release_was_deleted(unicorn_deploy, manager):
@@ -85,4 +85,4 @@ def test_no_fallback_when_the_last_good_release_was_deleted(unicorn_deploy, mana
     r = manager.systemctl("restart", "app.service")
     assert r.returncode != 0
     assert manager.show("app.service", "ActiveState")["ActiveState"] == "failed"
-    assert "no longer exists" in manager.events("no-fallback")[-1]["MESSAGE"]
+    assert "no longer exists" in manager.wait_events("no-fallback")[-1]["MESSAGE"]

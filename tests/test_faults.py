@@ -15,7 +15,7 @@ import time
 import pytest
 
 from support.load import Load, get
-from support.systemd import exited, is_shim, proc_cmdline, proc_parent
+from support.systemd import WAIT, eventually, exited, is_shim, proc_cmdline, proc_parent
 
 
 def finish(d, manager):
@@ -51,12 +51,11 @@ def assert_restarted_promptly(d, manager, reload_thread):
 WORKER_TITLE = re.compile(r"worker\[\d+\]|cluster worker \d+")
 
 
-def wait_new_master(d, old, timeout=10):
+def wait_new_master(d, old, timeout=WAIT):
     """The new master once it exists (usr2: the old master's non-worker child; spawn: a
     second master beside the old). The server's name in its command line tells it from
     the ExecReload= process, which systemd 257 starts as systemd-executor."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def new_master():
         for pid in d.m.unit_processes():
             # (the server's name: not a child of the manager that has not exec'd yet, as
             # ExecReload='s process for a moment, which a test that stops "new" would hang)
@@ -65,8 +64,10 @@ def wait_new_master(d, old, timeout=10):
                     and proc_parent(pid) in (old, d.m.pid) and not WORKER_TITLE.search(cmdline) \
                     and pid not in d.app_workers(old):
                 return pid
-        time.sleep(0.01)
-    raise AssertionError("no new master appeared")
+        return None
+    pid = eventually(new_master, bool, timeout, interval=0.01)
+    assert pid, "no new master appeared"
+    return pid
 
 
 def test_kill9_new_master_while_it_boots(deploy, manager):
@@ -81,8 +82,8 @@ def test_kill9_new_master_while_it_boots(deploy, manager):
         os.kill(new, signal.SIGKILL)
         t.join()
     assert result["r"].returncode != 0
-    assert "killed by SIGKILL" in manager.events("reload-failed")[-1]["REASON"] or \
-        "exited" in manager.events("reload-failed")[-1]["REASON"]
+    assert "killed by SIGKILL" in manager.wait_events("reload-failed")[-1]["REASON"] or \
+        "exited" in manager.wait_events("reload-failed")[-1]["REASON"]
     assert load.failures() == [], load.failure_kinds()
     assert d.assert_main_pid_is_live_master() == old
     finish(d, manager)
@@ -99,7 +100,7 @@ def test_stopped_new_master_fails_at_ready_timeout(deploy, manager):
         os.kill(new, signal.SIGSTOP)
         t.join()
     assert result["r"].returncode != 0
-    assert "not ready within 3 s" in manager.events("reload-failed")[-1]["REASON"]
+    assert "not ready within 3 s" in manager.wait_events("reload-failed")[-1]["REASON"]
     assert load.failures() == [], load.failure_kinds()
     assert d.assert_main_pid_is_live_master() == old
     assert not os.path.exists(f"/proc/{new}") or open(f"/proc/{new}/stat").read().split()[2] == "Z"
@@ -128,21 +129,17 @@ def test_gunicorn_halting_after_boot_errors_is_rejected_in_seconds(deploy, manag
         d.app.release(broken=True, extra=WAIT_FOR_FILE % fail_now)
         t, result = reload_in_background(d)
         new = wait_new_master(d, old)
-        deadline = time.monotonic() + 10
-        while len(d.app_workers(new)) < 2 and time.monotonic() < deadline:
-            time.sleep(0.005)
-        workers = d.app_workers(new)
+        workers = eventually(lambda: d.app_workers(new), lambda ws: len(ws) >= 2, interval=0.005)
         os.kill(new, signal.SIGSTOP)
         open(fail_now, "w").close()
-        while not all(exited(w) for w in workers) and time.monotonic() < deadline:
-            time.sleep(0.005)
+        eventually(lambda: all(exited(w) for w in workers), bool, interval=0.005)
         os.kill(new, signal.SIGCONT)
         cont = time.monotonic()
         t.join()
         took = time.monotonic() - cont
     assert len(workers) == 2
     assert result["r"].returncode != 0
-    assert "left 1 unreaped" in manager.events("reload-failed")[-1]["REASON"]
+    assert "left 1 unreaped" in manager.wait_events("reload-failed")[-1]["REASON"]
     assert took < 10, took              # Gunicorn alone ends this after graceful_timeout = 30 s
     assert load.failures() == [], load.failure_kinds()
     assert d.assert_main_pid_is_live_master() == old
@@ -157,10 +154,7 @@ def test_kill9_a_new_worker_during_hand_over(deploy, manager):
         name = d.app.release()
         t, result = reload_in_background(d)
         new = wait_new_master(d, old)
-        deadline = time.monotonic() + 10
-        while not d.app_workers(new) and time.monotonic() < deadline:
-            time.sleep(0.005)
-        os.kill(d.app_workers(new)[0], signal.SIGKILL)
+        os.kill(eventually(lambda: d.app_workers(new), bool, interval=0.005)[0], signal.SIGKILL)
         t.join()
         time.sleep(0.3)
     # Unicorn respawns the worker and the reload goes through; Gunicorn does the same.
@@ -219,7 +213,7 @@ def test_kill9_shim_in_steady_state(deploy, manager):
         r = d.reload()
         time.sleep(0.3)
     assert r.returncode != 0
-    assert "no shim is running" in manager.journal_text()
+    assert "no shim is running" in manager.wait_journal("no shim is running")
     assert load.failures() == [], load.failure_kinds()
     assert d.m.main_pid() == master and d.state()["ActiveState"] == "active"
     finish(d, manager)
@@ -274,7 +268,8 @@ def test_pid_file_damage_between_reloads(unicorn_deploy, manager, damage):
     assert load.failures() == [], load.failure_kinds()
     master = d.assert_main_pid_is_live_master()
     assert open(pid_file).read().strip() == str(master)
-    assert bool(manager.events("pid-file-repaired")) == (damage in ("pid-1", "other-pid"))   # it named a process
+    named = damage in ("pid-1", "other-pid")       # it named a process: repaired, and said so
+    assert bool(manager.wait_events("pid-file-repaired") if named else manager.events("pid-file-repaired")) == named
     finish(d, manager)
 
 
@@ -302,7 +297,7 @@ def test_pid_directory_unwritable_at_reload(unicorn_deploy, manager, tmp_path, f
             r = d.reload()
             took = time.monotonic() - t
         assert r.returncode != 0
-        reason = manager.events("reload-failed")[-1]["REASON"]
+        reason = manager.wait_events("reload-failed")[-1]["REASON"]
         want = "Read-only file system" if fault == "read-only" else "No space left on device"
         assert "pid file" in reason and want in reason, reason
         assert took < 10      # at once, not at the ready timeout
@@ -327,7 +322,7 @@ def test_watchdog_restarts_a_hung_master(deploy, manager):
                               SubState="running")
         time.sleep(0.5)
     assert st["NRestarts"] == "1", st
-    assert "Watchdog timeout" in manager.journal_text()
+    assert "Watchdog timeout" in manager.wait_journal("Watchdog timeout")
     assert "ConnectionRefusedError" not in load.failure_kinds()
     assert load.ok_count() > 0
     assert d.assert_main_pid_is_live_master() != master

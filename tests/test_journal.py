@@ -10,8 +10,9 @@ from support.load import get
 
 
 def one(manager, event, **fields):
-    entries = [e for e in manager.events(event) if all(e.get(k) == str(v) for k, v in fields.items())]
-    assert len(entries) == 1, (event, fields, manager.events(event))
+    found = manager.wait_events(event, **fields)
+    entries = [e for e in found if all(e.get(k) == str(v) for k, v in fields.items())]
+    assert len(entries) == 1, (event, fields, found)
     return entries[0]
 
 

@@ -100,7 +100,7 @@ def test_puma_binds_nothing_of_its_own_and_stays_quiet_to_systemd(deploy, manage
         assert d.reload().returncode == 0
     assert load.failures() == [], load.failure_kinds()
     assert listening(manager.unit_processes()) == {f"127.0.0.1:{d.port}"}
-    text = manager.journal_text()
+    text = manager.wait_journal("Activated tcp://127.0.0.1:%d" % d.port)
     assert "Activated tcp://127.0.0.1:%d" % d.port in text          # Puma's own word for LISTEN_FDS
     # what Puma logs when it finds NOTIFY_SOCKET and WATCHDOG_USEC
     assert "Enabling systemd notification integration" not in text and "Pinging systemd watchdog" not in text
@@ -137,9 +137,10 @@ def test_puma_bad_release_fails_in_seconds_with_its_own_error(deploy, manager, s
         took = time.monotonic() - t
         assert get(d.port, timeout=5).release == "r1"
     assert r.returncode != 0 and took < 5, took
-    reason = manager.events("reload-failed")[-1]["REASON"]
+    reason = manager.wait_events("reload-failed")[-1]["REASON"]
     assert ("exited" if preload else "crash-looping") in reason, reason
     # the server's own error: preload names the exception; a worker, only where it was raised
-    assert ("release r2 is broken" if preload else "Unable to start worker") in manager.journal_text()
+    said = "release r2 is broken" if preload else "Unable to start worker"
+    assert said in manager.wait_journal(said)
     assert load.failures() == [], load.failure_kinds()
     assert d.assert_main_pid_is_live_master() == old

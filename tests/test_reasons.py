@@ -15,14 +15,16 @@ import pytest
 from support.classic import ClassicDeployment
 from support.deploy import SHIM
 from support.load import Load, get
+from support.systemd import eventually
 
 
 def failed_reload(d, manager, **release_kw):
     good = f"r{d.app.count}"
     d.app.release(**release_kw)
+    before = len(manager.events("reload-failed"))
     r = d.reload()
     assert r.returncode != 0
-    event = manager.events("reload-failed")[-1]
+    event = manager.wait_events("reload-failed", before + 1)[-1]
     assert get(d.port, timeout=5).release == good
     return event
 
@@ -32,12 +34,14 @@ def assert_reason_everywhere(d, manager, event, text):
     assert text in event["REASON"] and text in event["MESSAGE"]
     assert event["PRIORITY"] == "3" and event["SYSLOG_IDENTIFIER"] == "unicorn-shim"
     # the ExecReload= process's own line too, not under the app's SyslogIdentifier=
-    client_lines = [e for e in manager.journal("SYSLOG_IDENTIFIER=unicorn-shim")
+    client_lines = [e for e in eventually(lambda: manager.journal("SYSLOG_IDENTIFIER=unicorn-shim"),
+                                          lambda es: any(str(e.get("MESSAGE", "")).startswith(
+                                              "unicorn-shim: reload failed") for e in es))
                     if str(e.get("MESSAGE", "")).startswith("unicorn-shim: reload failed")]
     assert client_lines and client_lines[-1]["PRIORITY"] == "3" and text in client_lines[-1]["MESSAGE"]
     assert not [e for e in manager.journal("SYSLOG_IDENTIFIER=app")
                 if "reload failed" in str(e.get("MESSAGE", ""))]
-    assert text in d.state()["StatusText"]
+    assert text in eventually(d.state, lambda st: text in st["StatusText"])["StatusText"]
     status = subprocess.run([SHIM, "status", "--json", "--control",
                              os.path.join(manager.runtime_dir, "app", "control.sock")],
                             capture_output=True, text=True)
@@ -96,8 +100,9 @@ def test_missing_gem_is_the_reason_under_a_non_root_user(manager):
             f.write('gem "no-such-gem-here"\n')
         r = d.reload()
         assert r.returncode != 0
-        event = manager.events("reload-failed")[-1]
+        event = manager.wait_events("reload-failed")[-1]
         assert "no-such-gem-here" in event["SERVER_ERROR"], event
-        assert "no-such-gem-here" in d.state()["StatusText"]
+        assert "no-such-gem-here" in eventually(d.state, lambda st: "no-such-gem-here" in st["StatusText"])[
+            "StatusText"]
     finally:
         d.stop()

@@ -79,7 +79,7 @@ def test_release_pinned_by_bundler_under_usr2_is_a_failed_deploy(classic, manage
             assert r.returncode != 0
             assert time.monotonic() - t0 < 20
             assert "BUNDLE_GEMFILE" in r.stderr or "BUNDLE_GEMFILE" in d.journal_text()[-3000:]
-        failed = manager.events("reload-failed")
+        failed = manager.wait_events("reload-failed", 3)
         assert len(failed) == 3 and all("BUNDLE_GEMFILE" in f["REASON"] for f in failed)
         assert "releases/r1/Gemfile" in failed[-1]["REASON"]
         d.release(broken=True)

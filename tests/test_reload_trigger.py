@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 
 from support.deploy import REPO, SHIM
 from support.load import Load, get
+from support.systemd import eventually
 
 
 def trigger_lines() -> str:
@@ -33,15 +33,6 @@ def shim_pid(manager) -> int:
         return int(f.read().split()[0])
 
 
-def wait_for_events(manager, event: str, count: int, timeout: float = 60) -> list:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = manager.events(event)
-        if len(found) >= count or time.monotonic() > deadline:
-            return found
-        time.sleep(0.2)
-
-
 def client(manager, *args: str) -> subprocess.CompletedProcess:
     control = os.path.join(manager.runtime_dir, "app", "control.sock")
     return subprocess.run([SHIM, "reload", "--signalled", "--control", control, *args], capture_output=True,
@@ -60,19 +51,21 @@ def test_systemctl_reload_through_the_signal_deploys_once_and_reports(deploy, ma
         assert get(d.port).release == name
         d.assert_main_pid_is_live_master()
         # the signal started the reload; the client reported it and asked for no other
-        assert [e["SIGNAL"] for e in manager.events("signal")] == ["SIGHUP"]
-        assert [e["GENERATION"] for e in manager.events("reload-start")] == ["2"]
-        assert "reloaded: generation 2" in manager.journal_text()
+        assert [e["SIGNAL"] for e in manager.wait_events("signal")] == ["SIGHUP"]
+        assert [e["GENERATION"] for e in manager.wait_events("reload-start")] == ["2"]
+        assert "reloaded: generation 2" in manager.wait_journal("reloaded: generation 2")
 
         d.app.release(broken=True)
         r = d.reload()
         assert r.returncode != 0
         assert get(d.port).release == name
     assert load.failures() == [], load.failure_kinds()
-    assert [e["GENERATION"] for e in manager.events("reload-start")] == ["2", "3"]
-    assert [e["GENERATION"] for e in manager.events("reload-failed")] == ["3"]
-    assert "reload failed" in manager.journal_text() + "\n".join(
-        str(e.get("MESSAGE")) for e in manager.journal("SYSLOG_IDENTIFIER=unicorn-shim"))
+    assert [e["GENERATION"] for e in manager.wait_events("reload-start", 2)] == ["2", "3"]
+    assert [e["GENERATION"] for e in manager.wait_events("reload-failed")] == ["3"]
+    client_lines = eventually(lambda: manager.journal_text() + "\n".join(
+        str(e.get("MESSAGE")) for e in manager.journal("SYSLOG_IDENTIFIER=unicorn-shim")),
+        lambda text: "reload failed" in text)
+    assert "reload failed" in client_lines
     st = d.state()
     assert (st["ActiveState"], st["SubState"]) == ("active", "running"), st
 
@@ -84,7 +77,7 @@ def test_a_reload_over_before_the_client_asks_is_reported_once(unicorn_deploy, m
     d.start()
     first = d.app.release()
     os.kill(shim_pid(manager), signal.SIGHUP)
-    assert len(wait_for_events(manager, "reload-done", 1)) == 1
+    assert len(manager.wait_events("reload-done")) == 1
     r = client(manager)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("reloaded: generation 2") and first in r.stdout
@@ -107,8 +100,8 @@ def test_without_the_pid_file_the_client_reloads_itself(unicorn_deploy, manager)
     r = d.reload()
     assert r.returncode == 0, r.stderr + manager.journal_text()[-3000:]
     assert get(d.port).release == name
+    assert [e["GENERATION"] for e in manager.wait_events("reload-done")] == ["2"]
     assert manager.events("signal") == []
-    assert [e["GENERATION"] for e in manager.events("reload-done")] == ["2"]
 
 
 def test_a_pid_reused_after_a_crash_is_not_signalled(unicorn_deploy, manager):
@@ -128,8 +121,8 @@ def test_a_pid_reused_after_a_crash_is_not_signalled(unicorn_deploy, manager):
         assert r.returncode == 0, r.stderr + manager.journal_text()[-3000:]
         assert other.poll() is None
         assert get(d.port).release == name
+        assert [e["GENERATION"] for e in manager.wait_events("reload-done")] == ["2"]
         assert manager.events("signal") == []
-        assert [e["GENERATION"] for e in manager.events("reload-done")] == ["2"]
     finally:
         other.kill()
         other.wait()
@@ -141,9 +134,7 @@ def test_a_signalled_reload_refused_while_starting_is_reported(unicorn_deploy, m
     d.write_units()
     assert manager.systemctl("start", "app.socket").returncode == 0
     assert manager.systemctl("start", "--no-block", "app.service").returncode == 0
-    deadline = time.monotonic() + 30
-    while not os.path.exists(shim_pid_file(manager)) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    eventually(lambda: os.path.exists(shim_pid_file(manager)), bool, interval=0.05)
     os.kill(shim_pid(manager), signal.SIGHUP)
     r = client(manager)
     assert r.returncode == 10 and "still starting" in r.stderr, (r.stdout, r.stderr)

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 from support.load import Load, get
-from support.systemd import exited
+from support.systemd import eventually, exited
 from test_faults import SHIM_EXIT_TIMEOUTS, assert_restarted_promptly, reload_in_background, wait_new_master
 
 
@@ -31,14 +30,12 @@ def test_nothing_serving_after_a_failed_reload_restarts_the_unit_at_once(deploy,
         new = wait_new_master(d, old)
         os.kill(old, signal.SIGKILL)
         name = d.app.release()
-        deadline = time.monotonic() + 10
-        while not exited(old) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        eventually(lambda: exited(old), bool, interval=0.01)
         os.kill(new, signal.SIGKILL)
         assert_restarted_promptly(d, manager, t)
     assert result["r"].returncode != 0
     assert d.assert_main_pid_is_live_master() not in (old, new)
     assert get(d.port).release == name
-    assert manager.events("reload-failed")[-1]["RESULT"] == "nothing-serving"
+    assert manager.wait_events("reload-failed")[-1]["RESULT"] == "nothing-serving"
     assert "ConnectionRefusedError" not in load.failure_kinds()
     assert d.stop().returncode == 0 and manager.unit_processes() == []

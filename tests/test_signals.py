@@ -36,9 +36,9 @@ def test_systemctl_kill_reaches_the_server_and_the_shim_lives(deploy, manager, s
         assert r.returncode == 0, r.stderr
         assert get(d.port).release == name
     assert load.failures() == [], load.failure_kinds()
-    assert any(sig in e["MESSAGE"] for e in manager.events("signal"))
+    assert any(sig in e["MESSAGE"] for e in manager.wait_events("signal"))
     if sig == "USR1" and server == "unicorn":
-        assert "reopening logs" in manager.journal_text()
+        assert "reopening logs" in manager.wait_journal("reopening logs")
 
 
 def test_signals_that_would_end_or_freeze_the_shim_do_not(unicorn_deploy, manager):
@@ -53,7 +53,7 @@ def test_signals_that_would_end_or_freeze_the_shim_do_not(unicorn_deploy, manage
     name = d.app.release()
     assert d.reload().returncode == 0
     assert get(d.port).release == name
-    assert len(manager.events("signal")) == 5
+    assert len(manager.wait_events("signal", 5)) == 5
 
 
 def test_usr2_to_the_shim_is_a_reload(unicorn_deploy, manager):
@@ -61,8 +61,6 @@ def test_usr2_to_the_shim_is_a_reload(unicorn_deploy, manager):
     d.start()
     name = d.app.release()
     os.kill(shim_pid(manager), signal.SIGUSR2)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and not manager.events("reload-done"):
-        time.sleep(0.1)
+    assert manager.wait_events("reload-done")
     assert get(d.port).release == name
     d.assert_main_pid_is_live_master()

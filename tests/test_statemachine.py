@@ -1,133 +1,26 @@
 """The supervisor's state machine against a fake process layer (no processes,
 no systemd): what it tells systemd, in which order, when masters boot, die,
-hang or leave on their own. The real thing is tested in test_reload/test_faults;
-here the races are placed exactly."""
+hang or leave on their own, and what serves afterwards. The fake masters answer
+signals as Unicorn, Gunicorn and Puma do (tests/support/fake_servers.py), so a
+wrong signal fails here in milliseconds. The real thing is tested in
+test_reload/test_faults; here the races are placed exactly, on the process
+events that define them rather than on timers."""
 from __future__ import annotations
 
 import os
 import signal
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import pytest
 
-from shim.runtime import procs, spawn
 from shim.runtime.journal import Log
-from shim.runtime.loop import Loop
-from shim.runtime.notify import Notifier
-from shim.runtime.servers import UNICORN
-from shim.runtime.readiness import UNREAPED_LIMIT
 from shim.runtime.masters import WORKERLESS_GRACE
+from shim.runtime.notify import Notifier
+from shim.runtime.readiness import UNREAPED_LIMIT
+from shim.runtime.servers import PROFILES
 from shim.runtime.supervisor import Config, Supervisor
-
-
-class FakeProcess:
-    def __init__(self, pid: int, parent: int, title: str) -> None:
-        self.pid, self.parent, self.title = pid, parent, title
-        self.r, self.w = os.pipe()       # the "pidfd": readable (EOF) once the process exits
-        self.signals: List[int] = []
-        self.zombie = False              # exited, not yet waited for by its parent
-        self.deaf = False                # ignores every signal but KILL
-        self.drain = 0.0                 # seconds a graceful stop takes (requests in flight)
-
-    @property
-    def alive(self) -> bool:
-        return self.w >= 0
-
-    def exit(self) -> None:
-        if self.w >= 0:
-            os.close(self.w)
-            self.w = -1
-
-
-class FakeOS:
-    """Masters that boot `workers` workers after `boot_delay`, re-exec on USR2
-    (the new master behaving as `next_behaviour` says), stop on QUIT."""
-
-    def __init__(self, workers: int = 2, boot_delay: float = 0.05) -> None:
-        self.loop = Loop()                    # the supervisor's: the fake's events happen on it
-        self.procs: Dict[int, FakeProcess] = {}
-        self.next_pid = 1000
-        self.workers, self.boot_delay = workers, boot_delay
-        self.boot_delays: List[float] = []     # for the next masters, in turn; then boot_delay
-        self.next_behaviour = "healthy"       # healthy | dies | hangs | quits-old | halts
-        self.manager = 1
-        self.cpu_wait: Dict[int, float] = {}  # seconds a process waited for a CPU, by pid
-
-    def new(self, parent: int, title: str) -> FakeProcess:
-        self.next_pid += 1
-        p = FakeProcess(self.next_pid, parent, title)
-        self.procs[p.pid] = p
-        return p
-
-    def start_master(self, parent: int, behaviour: str = "healthy") -> int:
-        master = self.new(parent, "unicorn master")
-        loop = self.loop
-        delay = self.boot_delays.pop(0) if self.boot_delays else self.boot_delay
-        if behaviour == "dies":
-            loop.call_later(delay, master.exit)
-        elif behaviour != "hangs":
-            loop.call_later(delay, self._boot_workers, master, behaviour)
-        return master.pid
-
-    def _boot_workers(self, master: FakeProcess, behaviour: str) -> None:
-        if not master.alive:
-            return
-        for nr in range(self.workers):
-            worker = self.new(master.pid, f"unicorn worker[{nr}]")
-            if behaviour == "halts":      # Gunicorn's boot error: one worker reaped, one left
-                worker.exit()
-                worker.zombie = nr == 0
-                master.deaf = True
-        if behaviour == "quits-old":       # the common before_fork hook QUITs the old master
-            self.signal(master.parent, signal.SIGQUIT)
-
-    def signal(self, pid: int, sig: int) -> bool:
-        p = self.procs.get(pid)
-        if p is None or not p.alive:
-            return False
-        p.signals.append(sig)
-        if p.deaf and sig != signal.SIGKILL:
-            return True
-        if sig in (signal.SIGQUIT, signal.SIGTERM) and p.drain:
-            drain, p.drain = p.drain, 0.0
-            self.loop.call_later(drain, self.signal, pid, signal.SIGKILL)
-            return True
-        if sig in (signal.SIGQUIT, signal.SIGKILL, signal.SIGTERM):
-            for child in self.children(pid):
-                if "worker" in self.procs[child].title:
-                    self.procs[child].exit()
-            p.exit()
-            for child in self.children(pid):      # the new master is reparented to the manager
-                self.procs[child].parent = self.manager
-        elif sig == signal.SIGUSR2 and not p.title.endswith("(old)"):
-            p.title += " (old)"                 # as Unicorn's master renames itself on USR2
-            return self.signal(pid, sig)
-        elif sig == signal.SIGUSR2 and self.next_behaviour == "respawn-first":
-            # A worker respawned just now, not yet renamed: it bears the master's title.
-            respawned = self.new(pid, p.title)
-            loop = self.loop
-            loop.call_later(0.3, setattr, respawned, "title", "unicorn worker[9]")
-            loop.call_later(0.1, self.start_master, pid)
-        elif sig == signal.SIGUSR2 and self.next_behaviour == "slow-fork":   # found only later
-            self.loop.call_later(0.5, self.start_master, pid)
-        elif sig == signal.SIGUSR2:
-            new = self.start_master(pid, self.next_behaviour)
-            if self.next_behaviour == "old-killed-at-once":   # before the shim could look at its children
-                p.exit()
-                self.procs[new].parent = self.manager
-        return True
-
-    def children(self, pid: int) -> List[int]:
-        return [p.pid for p in self.procs.values() if p.parent == pid and (p.alive or p.zombie)]
-
-    def pin(self, pid: int, cgroup: Optional[str], *, parent: Optional[int] = None,
-            not_before: Optional[int] = None, role: str = "master") -> procs.Pinned:
-        p = self.procs.get(pid)
-        if p is None or not p.alive or (parent is not None and p.parent != parent):
-            raise procs.UntrustedPid(f"pid {pid} is not what it should be")
-        return procs.Pinned(pid, os.dup(p.r), 0, role=role)
-
+from support.fake_servers import CRASH_LOOP, DIES, HANGS, UNHEALTHY, FakeOS, install
 
 class Recorder(Notifier):
     """The real Notifier's messages, kept instead of sent."""
@@ -142,43 +35,46 @@ class Recorder(Notifier):
     def mainpids(self) -> List[int]:
         return [m["MAINPID"] for m in self.messages if "MAINPID" in m]
 
+    def ready_pids(self) -> List[int]:
+        return [m["MAINPID"] for m in self.messages if m.get("READY")]
+
 
 @pytest.fixture
 def fake(monkeypatch, tmp_path):
-    fos = FakeOS()
-    monkeypatch.setattr(procs, "children", fos.children)
-    monkeypatch.setattr(procs, "title",
-                        lambda pid: fos.procs[pid].title if pid in fos.procs and fos.procs[pid].alive else "")
-    monkeypatch.setattr(procs, "activity", lambda pid: ("S", 0))
-    monkeypatch.setattr(procs, "wchan", lambda pid, thread=None: "poll_schedule_timeout")
-    monkeypatch.setattr(procs, "cpu_wait", lambda pid: fos.cpu_wait.get(pid, 0.0))
-    monkeypatch.setattr(procs, "is_zombie", lambda pid: pid in fos.procs and fos.procs[pid].zombie)
-    monkeypatch.setattr(procs, "parent_of", lambda pid: fos.procs[pid].parent if pid in fos.procs else None)
-    monkeypatch.setattr(procs, "cwd", lambda pid: "/srv/app/releases/r1")
-    monkeypatch.setattr(procs, "exit_description", lambda pid: "exited with status 1")
-    monkeypatch.setattr(procs, "pin", fos.pin)
-    monkeypatch.setattr(procs, "cgroup_members", lambda cg: [p.pid for p in fos.procs.values() if p.alive])
-    monkeypatch.setattr(procs.Pinned, "signal", lambda self, sig: fos.signal(self.pid, sig))
-    monkeypatch.setattr(spawn, "spawn", lambda argv, env, fds, **kw: fos.start_master(fos.manager))
-    fos.tmp = str(tmp_path)
-    return fos
+    """Unicorn's masters (the classic test subject: its own USR2, WINCH and HUP)."""
+    fos = FakeOS(str(tmp_path / "app"), "unicorn")
+    install(monkeypatch, fos)
+    yield fos
+    fos.close()
 
 
-def supervisor(fake: FakeOS, ready_timeout: float = 2.0, retire_timeout: float = 1.0) -> Supervisor:
-    config = Config(command=["unicorn"], profile=UNICORN, upgrade="usr2", pid_file=None,
-                    ready_timeout=ready_timeout, retire_timeout=retire_timeout, settle=0.1, health_check=None,
-                    chdir=None, control_path=None, control_mode=0o600, runtime_dir=fake.tmp)
+@pytest.fixture(params=sorted(PROFILES))
+def any_server(request, monkeypatch, tmp_path):
+    """The masters of each server in turn."""
+    fos = FakeOS(str(tmp_path / "app"), request.param)
+    install(monkeypatch, fos)
+    yield fos
+    fos.close()
+
+
+CONFIG = {"unicorn": "config/unicorn.rb", "gunicorn": "config/gunicorn.py", "puma": "config/puma.rb"}
+
+
+def supervisor(fake: FakeOS, ready_timeout: float = 2.0, retire_timeout: float = 1.0, upgrade: str = "usr2",
+               health_check: str = None) -> Supervisor:
+    """A shim as `unicorn-shim run --chdir current -- SERVER -c config/...` makes it: the
+    config is read through `current`."""
+    profile = PROFILES[fake.server.name]
+    config = Config(command=[profile.name, profile.config_flags[0], CONFIG[profile.name]], profile=profile,
+                    upgrade=upgrade, pid_file=None, ready_timeout=ready_timeout, retire_timeout=retire_timeout,
+                    settle=0.1, health_check=health_check, chdir=fake.current, control_path=None,
+                    control_mode=0o600, runtime_dir=fake.root)
     return Supervisor(config, [], Recorder(), Log(use_journal=False), {}, loop=fake.loop)
 
 
-def when_serving(sup: Supervisor, action) -> None:
-    """`action` is called from the supervisor's loop once the first master serves."""
-    def look() -> None:
-        if sup.state == "serving":
-            action()
-        else:
-            sup.loop.call_later(0.01, look)
-    sup.loop.call_later(0.01, look)
+def stop_signal(sig: int = signal.SIGTERM) -> None:
+    """What systemd does to stop the unit: a signal to the shim (handled by its loop)."""
+    os.kill(os.getpid(), sig)
 
 
 class Asker:
@@ -194,21 +90,44 @@ class Asker:
         return False
 
 
-def drive(sup: Supervisor, *reloads: str, fake: FakeOS, stop_during_reload: bool = False) -> list:
+def reload(sup: Supervisor, reply) -> None:
+    """What `unicorn-shim reload` asks over the control socket."""
+    sup.handle_request({"command": "reload"}, Asker(reply))
+
+
+def when_serving(sup: Supervisor, action) -> None:
+    """`action` is called from the supervisor's loop once systemd was told READY=1."""
+    def look() -> None:
+        if sup.notifier.ready_pids():
+            action()
+        else:
+            sup.loop.call_later(0.01, look)
+    sup.loop.call_later(0.01, look)
+
+
+def drive(sup: Supervisor, *reloads: str, fake: FakeOS, stop_during_reload: bool = False,
+          deploy: bool = False, served: list = None) -> list:
     """Boot, run one reload per behaviour given (each asked for once the one before
-    answered), then stop; the reload results."""
+    answered), then stop; the reload results. `deploy`: each reload first deploys a
+    new release that behaves so; otherwise the next master is forced to. `served`
+    gets the releases that serve when each answer arrives."""
     results, todo = [], list(reloads)
 
     def next_reload(answer=None) -> None:
         if answer is not None:
             results.append(answer)
+            if served is not None:
+                served.append(fake.serving())
         if not todo:
-            sup._on_stop_signal(signal.SIGQUIT)
+            stop_signal(signal.SIGQUIT)
             return
-        fake.next_behaviour = todo.pop(0)
-        sup.request_reload(Asker(next_reload))
+        if deploy:
+            fake.deploy(f"r{len(results) + 2}", todo.pop(0))
+        else:
+            fake.next_behaviour = todo.pop(0)
+        reload(sup, next_reload)
         if stop_during_reload:
-            sup.loop.call_later(0.02, sup._on_stop_signal, signal.SIGQUIT)
+            sup.loop.call_later(0.02, stop_signal)
     when_serving(sup, next_reload)
     assert sup.run() == 0
     return results
@@ -216,8 +135,8 @@ def drive(sup: Supervisor, *reloads: str, fake: FakeOS, stop_during_reload: bool
 
 def test_boot_then_a_good_reload(fake):
     sup = supervisor(fake)
-    [result] = (drive(sup, "healthy", fake=fake))
-    old, new = 1001, 1004
+    [result] = drive(sup, "healthy", fake=fake)
+    old, new = (m.pid for m in fake.started)
     assert result["ok"] and result["master_pid"] == new and result["old_master_pid"] == old
     n = sup.notifier
     assert n.mainpids() == [old, os.getpid(), new]        # boot, hand-over (the shim), new master
@@ -233,20 +152,21 @@ def test_boot_then_a_good_reload(fake):
 
 def test_old_master_leaving_on_its_own_is_a_good_hand_over(fake):
     sup = supervisor(fake)
-    [result] = (drive(sup, "quits-old", fake=fake))
+    [result] = drive(sup, "quits-old", fake=fake)
     assert result["ok"]
-    assert sup.notifier.mainpids() == [1001, os.getpid(), 1004]
+    assert sup.notifier.mainpids() == [fake.started[0].pid, os.getpid(), fake.started[1].pid]
 
 
 @pytest.mark.parametrize("behaviour,reason", [("dies", "exited with status 1 before it was ready"),
                                               ("hangs", "not ready within 0.5 s")])
 def test_rollback_keeps_the_old_master(fake, behaviour, reason):
     sup = supervisor(fake, ready_timeout=0.5)
-    [result] = (drive(sup, behaviour, fake=fake))
+    [result] = drive(sup, behaviour, fake=fake)
+    old, new = fake.started
     assert not result["ok"] and reason in result["error"]
-    assert sup.notifier.mainpids() == [1001, os.getpid(), 1001]   # back on the old master
-    assert signal.SIGQUIT not in fake.procs[1001].signals[:-1]    # only the final stop's QUIT
-    assert not fake.procs[1004].alive                             # the failed one is gone
+    assert sup.notifier.mainpids() == [old.pid, os.getpid(), old.pid]   # back on the old master
+    assert signal.SIGQUIT not in old.signals[:-1]                       # only the final stop's QUIT
+    assert not new.alive                                                # the failed one is gone
 
 
 def test_a_halting_master_is_rejected_and_killed_in_seconds(fake):
@@ -254,92 +174,120 @@ def test_a_halting_master_is_rejected_and_killed_in_seconds(fake):
     20.1 after a boot error): neither the ready timeout nor the retire grace is waited."""
     sup = supervisor(fake, ready_timeout=30, retire_timeout=30)
     t0 = time.monotonic()
-    [result] = (drive(sup, "halts", fake=fake))
+    [result] = drive(sup, "halts", fake=fake)
+    old, new = fake.started
     assert not result["ok"] and "left 1 unreaped" in result["error"], result
     assert time.monotonic() - t0 < UNREAPED_LIMIT + WORKERLESS_GRACE + 2
-    assert fake.procs[1004].signals[-1] == signal.SIGKILL and not fake.procs[1004].alive
-    assert sup.notifier.mainpids() == [1001, os.getpid(), 1001]
+    assert new.signals[-1] == signal.SIGKILL and not new.alive
+    assert sup.notifier.mainpids() == [old.pid, os.getpid(), old.pid]
 
 
 def test_old_master_killed_before_its_child_was_found(fake):
     """The new master is already the manager's child: found in the unit's cgroup."""
     sup = supervisor(fake)
-    [result] = (drive(sup, "old-killed-at-once", fake=fake))
-    assert result["ok"] and result["master_pid"] == 1004, result
-    assert sup.notifier.mainpids() == [1001, os.getpid(), 1004]
+    [result] = drive(sup, "old-killed-at-once", fake=fake)
+    old, new = fake.started
+    assert result["ok"] and result["master_pid"] == new.pid, result
+    assert sup.notifier.mainpids() == [old.pid, os.getpid(), new.pid]
 
 
 def test_a_second_reload_waits_for_the_first(fake):
     sup = supervisor(fake)
-    results = (drive(sup, "healthy", "healthy", fake=fake))
+    results = drive(sup, "healthy", "healthy", fake=fake)
     assert [r["generation"] for r in results] == [2, 3]
 
 
 def test_stop_during_a_hand_over_stops_every_master(fake):
     fake.boot_delay = 0.2
     sup = supervisor(fake)
-    [result] = (drive(sup, "healthy", fake=fake, stop_during_reload=True))
+    [result] = drive(sup, "healthy", fake=fake, stop_during_reload=True)
     assert not result["ok"] and "stopping" in result["error"]
     assert all(not p.alive for p in fake.procs.values())
     assert any(m.get("STOPPING") for m in sup.notifier.messages)
 
 
-@pytest.mark.parametrize("phase", ["finding", "booting", "health-check", "draining", "rolling-back"])
-def test_stop_ends_a_hand_over_cleanly_from_every_phase(fake, monkeypatch, phase):
-    """Every reload client gets an answer, no READY=1 follows the stop, nothing is left."""
-    from shim.runtime import health
-    sup = supervisor(fake, ready_timeout=0.3 if phase == "rolling-back" else 5.0, retire_timeout=5.0)
-    behaviour = {"finding": "slow-fork", "rolling-back": "hangs"}.get(phase, "healthy")
-    if phase == "booting":
-        fake.boot_delay = 0.5
-    if phase == "health-check":
-        sup.config.health_check = "http://127.0.0.1:1/"
+@pytest.mark.parametrize("phase", ["finding", "booting", "health-check", "draining",
+    pytest.param("rolling-back", marks=pytest.mark.xfail(
+        strict=True, reason="a stop seen while the rollback waits for the failed master "
+                            "is not checked once the rollback ends: READY=1 (MAINPID=old) follows the stop"))])
+def test_stop_ends_a_hand_over_cleanly_from_every_phase(fake, phase):
+    """Every reload client gets an answer, no READY=1 follows the stop, nothing is left.
+    The stop is sent on the process event that shows the hand-over is in that phase,
+    and the test checks it was."""
+    sup = supervisor(fake, ready_timeout=0.3 if phase == "rolling-back" else 5.0, retire_timeout=5.0,
+                     health_check="http://127.0.0.1:1/health" if phase == "health-check" else None)
+    results, stop_at, seen = [], [], {}
 
-        def slow_check(*args):
-            time.sleep(0.5)       # the loop is held: the stop is seen right after the check
-            return ""
-        monkeypatch.setattr(health, "check", slow_check)
-    results, stop_at = [], []
-
-    def stop() -> None:
-        stop_at.append(len(sup.notifier.messages))
-        sup._on_stop_signal(signal.SIGTERM)
+    def stop(why: str) -> None:
+        """The stop, once: with each master's (pid, alive, workers) when it was sent."""
+        if not stop_at:
+            seen[why] = [(p.pid, p.alive, len(p.workers())) for p in fake.started]
+            stop_at.append(len(sup.notifier.messages))
+            stop_signal()
+    old = []
+    if phase == "finding":       # USR2 sent, no new master yet
+        fake.on_signal.append(lambda p, sig: sig == signal.SIGUSR2 and p in old and stop("usr2"))
+    elif phase == "booting":     # the new master exists, has no worker yet
+        fake.on_start.append(lambda p: old and stop("started"))
+    elif phase == "health-check":
+        fake.on_health.append(lambda: old and stop("checking"))    # not the boot's check
+    elif phase == "draining":    # the old master QUIT by the retire, finishing its requests
+        fake.on_signal.append(lambda p, sig: sig == signal.SIGQUIT and p in old and stop("retiring"))
+    elif phase == "rolling-back":   # the new master QUIT by the rollback; hung, it ignores that
+        fake.on_start.append(lambda p: old and setattr(p, "deaf", True))
+        fake.on_signal.append(lambda p, sig: sig == signal.SIGQUIT and len(fake.started) == 2
+                              and p is fake.started[1] and stop("rolling back"))
 
     def begin() -> None:
-        if phase == "draining":
-            fake.procs[sup.master.pid].drain = 1.0
-        fake.next_behaviour = behaviour
-        sup.request_reload(Asker(results.append))
-        sup.loop.call_later({"draining": 0.25, "rolling-back": 0.35}.get(phase, 0.1), stop)
+        old.append(fake.started[0])
+        fake.started[0].drain = 1.0 if phase == "draining" else 0.0
+        fake.boot_delay = 0.5 if phase == "booting" else fake.boot_delay
+        fake.next_behaviour = {"finding": "slow-fork", "rolling-back": HANGS}.get(phase, "")
+        reload(sup, results.append)
+        sup.loop.call_later(10, stop, "never")     # the phase never came: fail, not hang
     when_serving(sup, begin)
     assert sup.run() == 0
     [result], after_stop = results, sup.notifier.messages[stop_at[0]:]
+    # the stop landed in the phase named
+    if phase == "finding":
+        assert seen["usr2"] == [(old[0].pid, True, 2)], seen     # no new master yet
+    elif phase == "booting":
+        [(_, _, _), (_, alive, workers)] = seen["started"]
+        assert alive and workers == 0, seen
+    elif phase == "health-check":
+        # the boot's check passed; the reload's had begun, with the new workers up
+        assert fake.health_checks[:1] == ["HTTP 200"] and seen["checking"][1][2] == 2, (fake.health_checks, seen)
+    elif phase == "draining":
+        assert seen["retiring"][0][1] and seen["retiring"][1][1:] == (True, 2), seen  # old drains, new serves
+    else:
+        assert seen["rolling back"][1][1], seen
     assert not result["ok"], result
-    assert "stopping" in result["error"] or phase == "rolling-back", result
+    # a rollback under way finishes: its answer says why the deploy failed
+    assert "stopping" in result["error"] or "not ready within" in result["error"] and phase == "rolling-back", result
     assert not [m for m in after_stop if m.get("READY")], after_stop
     assert any(m.get("STOPPING") for m in after_stop)
     assert all(not p.alive for p in fake.procs.values())
-    assert sup.state == "stopping"
 
 
 def test_overlapping_reloads_both_run_in_turn(fake):
     """A second reload asked for while the first is in flight waits, then runs."""
     fake.boot_delay = 0.2
     sup = supervisor(fake)
-
-    results, states = [], []
+    results, mainpid_then = [], []
 
     def answered(answer) -> None:
         results.append(answer)
         if len(results) == 2:
-            sup._on_stop_signal(signal.SIGTERM)
+            stop_signal()
 
     def second() -> None:
-        states.append(sup.state)
-        sup.request_reload(Asker(answered))
-    when_serving(sup, lambda: (sup.request_reload(Asker(answered)), sup.loop.call_later(0.05, second)))
+        mainpid_then.append(sup.notifier.mainpids()[-1])
+        reload(sup, answered)
+    # the second is asked for once the new master exists: the hand-over is under way
+    fake.on_start.append(lambda p: len(fake.started) == 2 and sup.loop.call_later(0, second))
+    when_serving(sup, lambda: reload(sup, answered))
     assert sup.run() == 0
-    assert states == ["reloading"]
+    assert mainpid_then == [os.getpid()]       # MAINPID was the shim: a hand-over in flight
     assert [r["ok"] for r in results] == [True, True]
     assert [r["generation"] for r in results] == [2, 3]
     assert results[1]["old_master_pid"] == results[0]["master_pid"]
@@ -347,10 +295,10 @@ def test_overlapping_reloads_both_run_in_turn(fake):
 
 def test_a_fork_that_has_not_renamed_itself_is_not_taken_for_the_new_master(fake):
     sup = supervisor(fake)
-    [result] = (drive(sup, "respawn-first", fake=fake))
+    [result] = drive(sup, "respawn-first", fake=fake)
     assert result["ok"], result
-    assert "worker" not in fake.procs[result["master_pid"]].title
-    assert result["master_pid"] == 1005      # not 1004, the respawned worker
+    new = fake.procs[result["master_pid"]]
+    assert new.kind == "master" and "worker" not in new.title, new.title   # not the respawned worker
 
 
 def test_time_a_booting_master_waits_for_a_cpu_extends_the_ready_timeout(fake):
@@ -363,9 +311,8 @@ def test_time_a_booting_master_waits_for_a_cpu_extends_the_ready_timeout(fake):
     t0 = []
 
     def busy_host() -> None:                   # the new master waits 0.9 s of every second
-        if sup.state == "reloading" and sup.masters:
-            new = max(sup.masters)
-            fake.cpu_wait[new] = 0.9 * (time.monotonic() - t0[0])
+        if len(fake.started) == 2:
+            fake.cpu_wait[fake.started[1].pid] = 0.9 * (time.monotonic() - t0[0])
         sup.loop.call_later(0.05, busy_host)
     when_serving(sup, lambda: (t0.append(time.monotonic()), busy_host()))
     [result] = drive(sup, "healthy", fake=fake)
@@ -381,3 +328,210 @@ def test_a_master_waiting_for_nothing_still_fails_on_time(fake):
     assert not result["ok"] and "not ready within 0.5 s (" in result["error"], result
     assert time.monotonic() - t0 < 1.2 + 1
 
+
+# -- each server ----------------------------------------------------------------
+# The shim starts each generation itself (--upgrade spawn, every server's default)
+# and must speak each server's own signals: Gunicorn's and Puma's QUIT is a quick
+# stop that cuts requests in flight, Unicorn's HUP re-reads a config that now
+# names the new release.
+
+def test_a_good_deploy_serves_the_new_release_and_cuts_no_request(any_server):
+    fake = any_server
+    sup = supervisor(fake, upgrade="spawn")
+    fake.on_start.append(lambda p: setattr(p, "drain", 0.2))    # every master has requests in flight
+    served = []
+    [result] = drive(sup, "healthy", fake=fake, deploy=True, served=served)
+    old, new = fake.started
+    assert result["ok"], result
+    assert served == [{"r2"}] and result["release"] == fake.realpath(fake.current)
+    assert not old.alive and fake.cut_requests == 0      # retired gracefully, then stopped gracefully
+    assert all(not p.alive for p in fake.procs.values())
+
+
+@pytest.mark.parametrize("behaviour,reason", [(DIES, "before it was ready"), (HANGS, "not ready within"),
+                                              (CRASH_LOOP, "workers crash-looping")])
+def test_a_failed_deploy_leaves_the_old_release_serving(any_server, behaviour, reason):
+    fake = any_server
+    sup = supervisor(fake, ready_timeout=1.0, upgrade="spawn")
+    served = []
+    [result] = drive(sup, behaviour, fake=fake, deploy=True, served=served)
+    old, new = fake.started
+    assert not result["ok"] and reason in result["error"], result
+    assert served == [{"r1"}]
+    assert old.signals == [PROFILES[fake.server.name].graceful_stop]   # untouched until the final stop
+    assert sup.notifier.ready_pids() == [old.pid, old.pid]
+
+
+@pytest.mark.parametrize("server", sorted(PROFILES))
+def test_a_failed_health_check_leaves_the_old_generation_serving_the_old_release(monkeypatch, tmp_path, server):
+    fake = FakeOS(str(tmp_path / "app"), server)
+    install(monkeypatch, fake)
+    sup = supervisor(fake, upgrade="spawn", health_check="http://127.0.0.1:1/health")
+    served = []
+    try:
+        [result] = drive(sup, UNHEALTHY, fake=fake, deploy=True, served=served)
+    finally:
+        fake.close()
+    old, new = fake.started
+    # at boot (r1 passes), then at the reload (r2 fails); over each generation's probe socket
+    assert fake.health_checks == ["HTTP 200", "HTTP 500"]
+    assert not result["ok"] and "HTTP 500" in result["error"], result
+    assert served == [{"r1"}], served                           # what curl sees after the rollback
+    assert old.release == fake.realpath(os.path.join(fake.root, "releases", "r1"))
+    assert sup.notifier.ready_pids() == [old.pid, old.pid]
+
+
+# -- the fake servers themselves ----------------------------------------------------
+# What each fake does on each signal, checked against what the real server was seen
+# doing (each class's docstring in support/fake_servers.py says what was seen).
+
+def booted(fake: FakeOS, config: str):
+    """A master started as the shim starts one, with its workers up."""
+    pid = fake.spawn([fake.server.name, "-c", os.path.join(fake.current, config)], {}, [], chdir=fake.current)
+    master = fake.procs[pid]
+    settle(fake, lambda: len(master.workers()) == fake.workers)
+    return master
+
+
+def settle(fake: FakeOS, done, timeout: float = 5.0) -> None:
+    """Run the fake's events until `done()` holds (or fail after `timeout`)."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, "the fake never got there"
+        fake.loop.poll(0.01)
+
+
+def after(fake: FakeOS, master, sig: int, done=lambda: True) -> None:
+    fake.signal(master.pid, sig)
+    settle(fake, done)
+    fake.loop.poll(0.05)        # and whatever the master does next
+
+
+@pytest.fixture
+def bare(tmp_path):
+    made = []
+
+    def make(server: str) -> FakeOS:
+        made.append(FakeOS(str(tmp_path / server), server))
+        return made[-1]
+    yield make
+    for fos in made:
+        fos.close()
+
+
+def test_fake_unicorn_winch_ttin_hup_ttou_as_seen(bare):
+    fake = bare("unicorn")
+    m = booted(fake, "config/unicorn.rb")
+    after(fake, m, signal.SIGWINCH, lambda: not m.workers())
+    assert m.alive and fake.serving() == set()
+    after(fake, m, signal.SIGTTIN, lambda: len(m.workers()) == 1)
+    assert fake.serving() == {"r1"}
+    fake.deploy("r2")
+    after(fake, m, signal.SIGHUP)
+    assert len(m.workers()) == 2 and fake.serving() == {"r2"} and m.release.endswith("/releases/r2")
+    after(fake, m, signal.SIGTTOU)
+    assert len(m.workers()) == 1
+    fake.tty = True                               # "SIGWINCH ignored because we're not daemonized"
+    after(fake, m, signal.SIGWINCH)
+    assert len(m.workers()) == 1
+
+
+@pytest.mark.parametrize("server,graceful,quick", [("unicorn", signal.SIGQUIT, signal.SIGTERM),
+                                                   ("gunicorn", signal.SIGTERM, signal.SIGQUIT),
+                                                   ("puma", signal.SIGTERM, signal.SIGQUIT)])
+def test_fake_stops_finish_requests_only_on_the_graceful_signal(bare, server, graceful, quick):
+    fake = bare(server)
+    for sig, cut in ((graceful, 0), (quick, 2)):
+        m = booted(fake, "config/x")
+        m.drain = 0.1                             # each worker has a request in flight
+        after(fake, m, sig, lambda: not m.alive)
+        assert not m.workers() and fake.cut_requests == cut, (signal.Signals(sig).name, fake.cut_requests)
+        fake.cut_requests = 0
+
+
+def test_fake_unicorn_usr2_forks_one_new_master_that_reads_current(bare):
+    fake = bare("unicorn")
+    m = booted(fake, "config/unicorn.rb")
+    fake.deploy("r2")
+    after(fake, m, signal.SIGUSR2, lambda: len(fake.masters()) == 2 and fake.serving() == {"r1", "r2"})
+    after(fake, m, signal.SIGUSR2)                # "reexec-ed child already running"
+    assert len(fake.masters()) == 2 and m.title.endswith("(old)")
+
+
+def test_fake_gunicorn_ignores_winch_keeps_one_worker_and_hup_moves_to_current(bare):
+    fake = bare("gunicorn")
+    m = booted(fake, "config/gunicorn.py")
+    after(fake, m, signal.SIGWINCH)               # not daemonized: ignored
+    assert len(m.workers()) == 2
+    after(fake, m, signal.SIGTTOU)
+    after(fake, m, signal.SIGTTOU)
+    assert len(m.workers()) == 1
+    fake.deploy("r2")
+    after(fake, m, signal.SIGHUP)
+    assert fake.serving() == {"r2"} and m.release.endswith("/releases/r2")
+    after(fake, m, signal.SIGUSR2)                # the re-exec'd master dies on the inherited socket
+    [_, child] = fake.started
+    assert child.parent == m.pid and not child.alive and fake.masters() == [m]
+
+
+def test_fake_puma_phased_restart_hup_and_winch_as_seen(bare):
+    fake = bare("puma")
+    m = booted(fake, "config/puma.rb")
+    after(fake, m, signal.SIGWINCH)               # no handler: ignored
+    after(fake, m, signal.SIGTTOU)
+    after(fake, m, signal.SIGTTOU)
+    assert len(m.workers()) == 1
+    fake.deploy("r2")
+    after(fake, m, signal.SIGUSR1, lambda: fake.serving() == {"r2"})
+    assert m.release.endswith("/releases/r2")
+    after(fake, m, signal.SIGHUP, lambda: not m.alive)   # no stdout_redirect: a stop
+
+
+def test_fake_stopped_worker_handles_its_signal_on_cont(bare):
+    """SIGSTOP (the shim's pause for a health check) holds every other signal until SIGCONT."""
+    fake = bare("gunicorn")
+    m = booted(fake, "config/gunicorn.py")
+    w = m.workers()[0]
+    fake.signal(w.pid, signal.SIGSTOP)
+    fake.signal(w.pid, signal.SIGTERM)
+    assert w.alive and w not in fake.accepting()
+    fake.signal(w.pid, signal.SIGCONT)
+    assert not w.alive
+
+
+def test_fake_workers_answer_http_on_their_masters_own_socket(bare, tmp_path):
+    """A socket handed to one master (the shim's probe socket) is answered by that
+    master's workers only, once one accepts; a health page of an unhealthy release is a 500."""
+    import socket
+    fake = bare("unicorn")
+    fake.deploy("r2", UNHEALTHY)
+    path = str(tmp_path / "probe.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen()
+    pid = fake.spawn(["unicorn", "-c", os.path.join(fake.current, "config/unicorn.rb")], {}, [listener.fileno()],
+                     chdir=fake.current)
+    listener.close()                                   # the master holds it now
+    master = fake.procs[pid]
+
+    def ask(path_asked: str) -> bytes:
+        client = socket.socket(socket.AF_UNIX)
+        client.connect(path)
+        client.sendall(f"GET {path_asked} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+        client.setblocking(False)
+        answer = []
+
+        def read() -> bool:
+            try:
+                answer.append(client.recv(4096))
+            except BlockingIOError:
+                return False
+            return True
+        settle(fake, read)
+        client.close()
+        return answer[0]
+    assert ask("/").startswith(b"HTTP/1.1 200") and b"release=r2" in ask("/")   # answered once workers boot
+    assert ask("/health").startswith(b"HTTP/1.1 500")
+    fake.signal(master.pid, signal.SIGKILL)
+    with socket.socket(socket.AF_UNIX) as late, pytest.raises(ConnectionRefusedError):
+        late.connect(path)                             # gone with its master

@@ -43,7 +43,7 @@ def test_workers_that_cannot_reach_the_readiness_socket_fall_back_to_the_heurist
     try:
         d.start()
         assert get(d.port).release == "r1"
-        assert "never arrived" in manager.events("ready")[-1]["MESSAGE"]
+        assert "never arrived" in manager.wait_events("ready")[-1]["MESSAGE"]
         name = d.app.release(extra='user = "nobody"\ngroup = "nogroup"')
         r = d.reload()
         assert r.returncode == 0, r.stderr

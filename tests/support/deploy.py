@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 
 from support.apps import App, free_port
-from support.systemd import UserManager, is_shim, proc_cmdline, proc_parent
+from support.systemd import UserManager, eventually, is_shim, proc_cmdline, proc_parent
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHIM = os.path.join(REPO, "bin", "unicorn-shim")
@@ -155,13 +154,8 @@ class Deployment:
 
     def assert_main_pid_is_live_master(self) -> int:
         """systemd's MainPID is the one Unicorn master alive, and the manager is its parent."""
-        deadline = time.monotonic() + 5
-        while True:
-            pid = self.m.main_pid()
-            masters = self.master_pids()
-            if masters == [pid] or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
+        pid, masters = eventually(lambda: (self.m.main_pid(), self.master_pids()),
+                                  lambda got: got[1] == [got[0]], interval=0.05)
         assert masters == [pid], (pid, masters, [proc_cmdline(p) for p in masters])
         assert proc_parent(pid) == self.m.pid
         return pid

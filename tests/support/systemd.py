@@ -11,9 +11,33 @@ import os
 import subprocess
 import time
 import uuid
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, TypeVar
+
+T = TypeVar("T")
 
 HARNESS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "harness")
+
+
+# How long a test waits for what it expects to see in the journal, in `systemctl show`
+# or among the unit's processes: far beyond what it takes, so that a loaded host
+# (two CPU hogs beside the suite) never fails a test that would pass on an idle one.
+WAIT = 30.0
+
+
+def eventually(read: Callable[[], T], done: Callable[[T], object], timeout: float = WAIT,
+               interval: float = 0.1) -> T:
+    """read() again until done(value) holds or `timeout` passes; the last value read
+    either way, so that the caller's assert shows what was there.
+
+    Every look at another process's state (journald's store, systemd's view of a
+    unit, the unit's processes) goes through here: what a test expects may not be
+    written yet when it first looks."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = read()
+        if done(value) or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
 
 
 class UserManager:
@@ -56,13 +80,10 @@ class UserManager:
     def main_pid(self, unit: str = "app.service") -> int:
         return int(self.show(unit, "MainPID")["MainPID"])
 
-    def wait_for(self, unit: str, timeout: float = 30, **want: str) -> Dict[str, str]:
-        deadline = time.monotonic() + timeout
-        while True:
-            got = self.show(unit, *want)
-            if all(got.get(k) == v for k, v in want.items()) or time.monotonic() > deadline:
-                return got
-            time.sleep(0.05)
+    def wait_for(self, unit: str, timeout: float = WAIT, **want: str) -> Dict[str, str]:
+        """`systemctl show` once every property has the value wanted (the last read, else)."""
+        return eventually(lambda: self.show(unit, *want), lambda got: all(got.get(k) == v for k, v in want.items()),
+                          timeout, interval=0.05)
 
     def journal(self, *matches: str, unit: Optional[str] = None) -> List[Dict[str, str]]:
         """Entries as dicts (journalctl -o json), oldest first."""
@@ -87,7 +108,20 @@ class UserManager:
         return "\n".join(str(e.get("MESSAGE", "")) for e in self.journal(unit=unit))
 
     def events(self, event: str) -> List[Dict[str, str]]:
+        """The shim's events of that kind stored so far: for what must be absent, after
+        waiting for something that comes later (wait_events, wait_journal)."""
         return self.journal(f"SHIM_EVENT={event}")
+
+    def wait_events(self, event: str, count: int = 1, timeout: float = WAIT,
+                    **fields: object) -> List[Dict[str, str]]:
+        """Every event of that kind, once at least `count` of them carry `fields`."""
+        def enough(entries: List[Dict[str, str]]) -> bool:
+            return len([e for e in entries if all(e.get(k) == str(v) for k, v in fields.items())]) >= count
+        return eventually(lambda: self.events(event), enough, timeout)
+
+    def wait_journal(self, *needles: str, unit: str = "app.service", timeout: float = WAIT) -> str:
+        """The unit's journal text once every one of `needles` is in it."""
+        return eventually(lambda: self.journal_text(unit), lambda text: all(n in text for n in needles), timeout)
 
     def unit_processes(self, unit: str = "app.service") -> List[int]:
         """Every pid in the unit's cgroup (any hierarchy), zombies excluded."""
