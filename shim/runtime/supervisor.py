@@ -326,7 +326,8 @@ class Supervisor(Boot):
             return {"ok": False, "error": f"{out.reason}; {kept}"}
         if out.result == "rolled-back":
             old.role, self.state = "master", "serving"
-            self.notifier.ready(old.pid, self.status_line())
+            if not self.stop_requested:      # a stop came meanwhile: STOPPING=1 is the next word, not READY=1
+                self.notifier.ready(old.pid, self.status_line())
             self.log.event("reload-failed", f"reload to generation {gen} failed: {out.reason}; "
                            f"master {old.pid} keeps serving the old release", ERR, **fields)
             return {"ok": False, "error": f"{out.reason}; the old release keeps serving (master {old.pid})"}
