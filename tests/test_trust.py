@@ -98,20 +98,69 @@ def test_a_failed_fork_leaks_no_pipe(monkeypatch):
     assert len(os.listdir("/proc/self/fd")) == before
 
 
-def test_the_last_words_of_a_master_not_yet_reaped_are_kept(monkeypatch):
-    """An exited process shows the root cgroup in /proc until its parent waits for it:
-    its report (sent while it ran) is kept; a live process outside the unit is refused."""
-    from shim.runtime.masters import Masters
+def _channels():
+    from shim.runtime.loop import Loop
+    from shim.runtime.reports import HookChannels, HookReports
+    loop = Loop()
+    return loop, HookChannels(loop, HookReports(), procs.cgroup_of(os.getpid()))
+
+
+def _child_says(channel, *lines, linger: bool = False) -> int:
+    """A forked child that holds the channel's far end writes `lines`; it exits
+    (and is reaped by us) unless `linger`."""
     pid = os.fork()
     if pid == 0:
-        os._exit(0)
+        try:
+            for line in lines:
+                channel.peer.send(line.encode())
+            if linger:
+                time.sleep(30)
+        finally:
+            os._exit(0)
+    return pid
+
+
+def test_a_report_names_its_sender_by_the_kernel_not_by_the_message():
+    """The reporter's old `ppid=` was taken from the message: any sender could name
+    any master. Now the channel a report arrives on names the masters it is about."""
+    loop, channels = _channels()
     try:
-        while not procs.is_zombie(pid):
-            time.sleep(0.01)
-        masters = Masters.__new__(Masters)
-        masters.cgroup = "/system.slice/app.service"
-        monkeypatch.setattr(procs, "cgroup_of", lambda p: "/")      # as /proc shows both here
-        assert masters._of_the_unit(pid)
-        assert not masters._of_the_unit(os.getpid())
+        mine, other = channels.open(), channels.open()
+        worker = _child_says(mine, "error boom (RuntimeError) at config.ru:3", linger=True)
+        channels.started(mine, os.getpid())            # this process is the channel's master
+        stranger = _child_says(other, f"error ppid={os.getpid()} forged", linger=True)
+        channels.started(other, 999999)
+        deadline = time.monotonic() + 10
+        while channels.reports.error_of(os.getpid()) is None and time.monotonic() < deadline:
+            loop.poll(0.05)
+        loop.poll(0.1)
+        assert channels.reports.error_of(os.getpid()) == "boom (RuntimeError) at config.ru:3"
+        assert "forged" not in str(channels.reports.errors)
     finally:
-        os.waitpid(pid, 0)
+        for pid in (worker, stranger):
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        channels.close()
+        loop.close()
+
+
+def test_a_live_sender_outside_the_unit_is_refused_even_on_the_channel(monkeypatch):
+    """A process handed the fd (pidfd_getfd needs root or the app's user) but living
+    outside the unit's cgroup is refused; one gone by now proves itself by the channel."""
+    loop, channels = _channels()
+    child = None
+    try:
+        channel = channels.open()
+        child = _child_says(channel, "hello", "error from outside", linger=True)
+        channels.started(channel, os.getpid())
+        monkeypatch.setattr(procs, "in_cgroup", lambda pid, cg: pid != child)
+        deadline = time.monotonic() + 5
+        while channel.refused < 2 and time.monotonic() < deadline:
+            loop.poll(0.05)
+        assert channel.refused == 2 and not channels.reports.errors
+    finally:
+        if child:
+            os.kill(child, 9)
+            os.waitpid(child, 0)
+        channels.close()
+        loop.close()

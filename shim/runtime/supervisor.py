@@ -21,7 +21,8 @@ from shim.runtime.journal import ERR, WARNING, Log
 from shim.runtime.loop import Loop
 from shim.runtime.notify import Notifier
 from shim.runtime.masters import FAILED_MASTER_GRACE, Masters
-from shim.runtime.readiness import HookSocket, Verdict
+from shim.runtime.readiness import Verdict
+from shim.runtime.reports import HookChannels
 from shim.runtime.servers import ServerProfile
 from shim.runtime.sockets import HeldSocket
 from shim.runtime.state import State
@@ -98,8 +99,7 @@ class Supervisor(Masters):
         loop.add_signal_handler(signal.SIGUSR2, self._on_reload_signal, signal.SIGUSR2)
         for sig in NOTED_SIGNALS:
             loop.add_signal_handler(sig, self._on_other_signal, sig)
-        self.hook_socket = HookSocket(os.path.join(self.config.runtime_dir, "ready.sock"))
-        loop.add_reader(self.hook_socket.fileno(), self._on_hook_message)
+        self.hook_socket = HookChannels(loop, self.reports, self.cgroup)
         if self.config.control_path:
             self.control = ControlServer(self.config.control_path, self.config.control_mode,
                                          self.handle_request, self._on_refused, loop)
@@ -422,6 +422,5 @@ class Supervisor(Masters):
         except OSError:
             pass
         if self.hook_socket:
-            self.loop.remove_reader(self.hook_socket.fileno())
             self.hook_socket.close()
         self.loop.close()
