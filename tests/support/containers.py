@@ -65,8 +65,8 @@ class Container:
     """One booted container of an image; `run` executes a command inside it."""
 
     def __init__(self, rootfs: str, base_dir: str, binds: Optional[List[str]] = None,
-                 unified_cgroup: bool = False, volatile: str = "overlay") -> None:
-        self.name = "c" + uuid.uuid4().hex[:8]
+                 unified_cgroup: bool = False, volatile: str = "overlay", prefix: str = "c") -> None:
+        self.name = prefix + uuid.uuid4().hex[:8]
         self.rootfs = rootfs
         self.env = dict(os.environ, SDH_BASE=base_dir, SDH_VOLATILE=volatile, SDH_NSPAWN_ARGS=" ".join(
             ["--private-network"] + [f"--bind-ro={b}" for b in binds or []]))
