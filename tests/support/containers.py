@@ -31,6 +31,11 @@ IMAGES: Dict[str, tuple] = {
     "trixie": ("rootfs-trixie-v1",
                "unicorn,ruby-rack,gunicorn,python3,python3-pytest,python3-psutil,python3-systemd,"
                "python3-sdnotify,procps,curl,util-linux"),
+    # tests/test_reporters.py: Debian 13's own Bundler (2.6, the `bundler` package), whose
+    # `bundle exec` has RubyGems require bundler/setup ($BUNDLER_SETUP) at interpreter start.
+    "trixie-bundler": ("rootfs-trixie-bundler-v1",
+                       "unicorn,ruby-rack,gunicorn,python3,python3-pytest,python3-psutil,python3-systemd,"
+                       "python3-sdnotify,procps,curl,util-linux,bundler", "trixie"),
     # tests/test_migration.py: the supervisors an app is moved away from (runit,
     # Gunicorn in a venv per release, Puma with its own systemd notify plugin,
     # Unicorn under Bundler) and the web server in front (nginx).
