@@ -143,7 +143,7 @@ def main() -> None:
     print("|---|---|" + "---|" * len(setups))
     for lang in INTERPRETERS:
         for i, measure in enumerate((f"{LINES:,} log lines (stdout)", f"{PROGRESS:,} '\\r' writes (stderr)",
-                                     "whole process (start, both loops, the failure reported, exit)")):
+                                     "whole process, start to exit")):
             base = statistics.median(r[i] for r in results[(lang, "bare")])
             cells = []
             for setup in setups:

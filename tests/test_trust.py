@@ -164,3 +164,19 @@ def test_a_live_sender_outside_the_unit_is_refused_even_on_the_channel(monkeypat
             os.waitpid(child, 0)
         channels.close()
         loop.close()
+
+
+def test_a_dead_pid_does_not_load_psutil():
+    """A kernel with /proc/PID/task/PID/children lists children itself: a pid gone
+    meanwhile has none, and psutil (3.5 MiB) stays out of the shim."""
+    import subprocess
+    import sys
+    gone = os.fork()
+    if gone == 0:
+        os._exit(0)
+    os.waitpid(gone, 0)
+    probe = (f"import sys; from shim.runtime import procs; print(procs.children({gone}), "
+             f"procs.children({os.getpid()}) != [], 'psutil' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout
+    assert out.split() == ["[]", "True", "False"], out

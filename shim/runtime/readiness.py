@@ -155,8 +155,8 @@ class WorkerWatch:
             expected = self.reports.expected(self.master)
             if expected and len(live) >= expected:
                 return Verdict("ready", expected, "the readiness hook", max(live))
-            # Every worker waits for connections, yet their reports do not come: they
-            # cannot reach the readiness socket (workers that switched to another user).
+            # Every worker waits for connections, yet their reports do not come: the
+            # channel did not reach them (a server or app that closes inherited fds).
             if heuristic_ready and now - self.all_waiting_since >= HOOK_SILENCE:
                 return Verdict("ready", n, f"heuristic: {n} workers waiting for connections; the hook's "
                                            f"worker reports never arrived ({len(live)} of {n})",
