@@ -180,3 +180,17 @@ def test_a_dead_pid_does_not_load_psutil():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout
     assert out.split() == ["[]", "True", "False"], out
+
+
+def test_a_re_exec_d_master_that_dies_at_once_still_gives_its_reason(monkeypatch):
+    """Unicorn's USR2: the next master announces itself (`exec`) on its parent's
+    channel. A broken release dies in a fraction of a second, before the shim reads
+    anything: its error is its own, and the reason of the reload of the master it
+    came from."""
+    from shim.runtime.reports import HookReports
+    monkeypatch.setattr(procs, "parent_of", lambda pid: 1 if pid == 100 else None)   # 200 gone when read
+    reports, family = HookReports(), [100]
+    reports.record(200, "exec", family)
+    reports.record(200, "error release r3 is broken (RuntimeError) at config.ru:3", family)
+    assert family == [100, 200]
+    assert reports.error_of(200) == reports.error_of(100) == "release r3 is broken (RuntimeError) at config.ru:3"

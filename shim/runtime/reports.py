@@ -68,8 +68,10 @@ class HookReports:
                     self.hello.add(sender)
         elif kind == "exec":
             # A master's fork about to exec the next master (Unicorn's USR2): that
-            # generation shares its parent's channel.
-            if sender not in family and procs.parent_of(sender) in family:
+            # generation shares its parent's channel. One gone already (a broken
+            # release dies in a fraction of a second) proves itself by the channel.
+            parent = procs.parent_of(sender)
+            if sender not in family and (parent is None or parent in family):
                 family[:] = [pid for pid in family if procs.parent_of(pid) is not None][-(MAX_FAMILY - 1):]
                 family.append(sender)
         elif kind == "error":
@@ -90,18 +92,23 @@ class HookReports:
         if not line or not family:
             return
         if sender in family:           # a master's own last words
-            master, of_worker = sender, False
-        else:
-            parent = procs.parent_of(sender)
-            if parent is None:
-                # Reaped before this was read (a failed worker often is): on a master's
-                # own channel it was one of its workers, of the newest master there.
-                master = family[-1]
-            elif parent in family:
-                master = parent
-            else:
-                return                 # a process the app started, not a worker
-            of_worker = True
+            self._blame(sender, line, of_worker=False)
+            at = family.index(sender)
+            if at > 0:
+                # A re-exec'd master that failed: the reason of the master it came from
+                # too, whose reload it was (it may be gone before the shim could watch it).
+                self._blame(family[at - 1], line, of_worker=True)
+            return
+        parent = procs.parent_of(sender)
+        if parent is None:
+            # Reaped before this was read (a failed worker often is): on a master's
+            # own channel it was one of its workers, of the newest master there.
+            self._blame(family[-1], line, of_worker=True)
+        elif parent in family:
+            self._blame(parent, line, of_worker=True)
+        # else: a process the app started, not a worker
+
+    def _blame(self, master: int, line: str, of_worker: bool) -> None:
         if master in self.worker_errors:
             return                     # the first worker's error is the cause; later ones its aftermath
         if master not in self.errors and len(self.errors) >= MAX_ERRORS:
