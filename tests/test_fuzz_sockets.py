@@ -15,19 +15,16 @@ import errno
 import json
 import os
 import random
-import socket
 import shutil
+import socket
 import struct
 import tempfile
 import time
-
-import pytest
 
 from shim.runtime import procs
 from shim.runtime.control import MAX_READING, ControlServer
 from shim.runtime.loop import Loop
 from shim.runtime.reports import MAX_ERRORS, MAX_MASTERS, ROUND, HookChannels, HookReports
-from support.deploy import SHIM
 from support.load import Load
 from support.systemd import proc_environ
 

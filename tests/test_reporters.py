@@ -7,13 +7,9 @@ in a booted Debian 13."""
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
 import time
 import xml.etree.ElementTree as ET
-
-import pytest
 
 from shim.runtime import reports, spawn
 from shim.runtime.loop import Loop
