@@ -35,6 +35,10 @@ class WrongRelease(ReloadFailed):
     """The new master is ready but serves another release than the one deployed."""
 
 
+class Abandoned(ReloadFailed):
+    """Every client that asked for a reload went away before its point of no return."""
+
+
 class Stopping(Exception):
     """A stop was requested while a master was booting or a hand-over ran."""
 

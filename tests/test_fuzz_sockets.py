@@ -24,7 +24,7 @@ import time
 from shim.runtime import procs
 from shim.runtime.control import MAX_READING, ControlServer
 from shim.runtime.loop import Loop
-from shim.runtime.reports import MAX_ERRORS, MAX_MASTERS, ROUND, HookChannels, HookReports
+from shim.runtime.channel import MAX_ERRORS, MAX_MASTERS, ROUND, HookChannels, HookReports
 from support.load import Load
 from support.systemd import proc_environ
 

@@ -54,6 +54,7 @@ BASE = "APP_DIR=/srv/app/current\nSERVER_COMMAND=unicorn -c config/unicorn.rb\nL
     ("SOCKET_MODE=660x", "octal mode"),
     ("LISTEN=unix:/run/unicorn-shim/myapp/unicorn.sock", "RuntimeDirectory="),
     ("LISTEN=unix:/run/unicorn-shim/myapp/../myapp/u.sock", "RuntimeDirectory="),
+    ("SHIM_OPTIONS=--ready-timeout soon", "unicorn-shim run would refuse it: .*--ready-timeout"),
 ])
 def test_values_systemd_would_misread_are_refused(line, message):
     with pytest.raises(generator.ConfError, match=message.replace("$", r"\$")):
@@ -74,6 +75,17 @@ def test_environment_and_socket_permissions():
     socket = socket_of(text + "SOCKET_GROUP=nginx\nSOCKET_MODE=660\n")
     assert "SocketGroup=nginx" in socket.splitlines() and "SocketMode=0660" in socket.splitlines()
     assert "SocketMode" not in socket_of(BASE)        # TCP only: nothing to own
+
+
+@pytest.mark.parametrize("options,timeout", [
+    ("", 150),                                                     # the template's own value
+    ("SHIM_OPTIONS=--ready-timeout 150\n", 240),
+    ("SHIM_OPTIONS=--retire-timeout 10 --ready-timeout 20\n", 60),
+])
+def test_the_job_timeout_follows_the_shims_own_timeouts(options, timeout):
+    """TimeoutStartSec= bounds each start and each reload job: it is derived, so that
+    what `check` asks for is what the conf already gives."""
+    assert f"TimeoutStartSec={timeout}" in service_of(BASE + options).splitlines()
 
 
 def _group_exists(name: str) -> bool:
@@ -140,6 +152,8 @@ def test_systemd_runs_exactly_what_the_conf_says(manager, tmp_path):
     r = manager.systemctl("start", "gen.service")
     assert r.returncode == 0, r.stderr
     got = json.loads(out.read_text())
+    shown = manager.systemctl("show", "-p", "TimeoutStartUSec", "gen.service").stdout.strip()
+    assert shown == "TimeoutStartUSec=2min 30s", shown      # the derived TimeoutStartSec=150, as systemd read it
     assert got["cwd"] == str(app_dir)
     assert got["argv"] == ["run", "--pid-file", "/run/unicorn-shim/myapp/server.pid", "--chdir", str(app_dir),
                            "--", *HOSTILE_ARGS]

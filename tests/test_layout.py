@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 from typing import Dict, List, Set
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,3 +79,13 @@ def test_runtime_imports_only_runtime_and_errors():
 def test_client_stands_alone():
     assert GRAPH["shim.client"] <= {"shim.errors"}
 
+
+def test_only_the_loop_waits():
+    """One wait point: nothing in the running shim but its event loop calls poll(),
+    select() or sleep(): every other module yields a Wait that the loop ends."""
+    waiting = re.compile(r"\.(poll|select)\(|\btime\.sleep\(")
+    for module, path in MODULES.items():
+        if module.startswith("shim.runtime") and module != "shim.runtime.loop":
+            with open(path) as f:
+                hits = [line.strip() for line in f if waiting.search(line)]
+            assert not hits, f"{module} waits outside the loop: {hits}"

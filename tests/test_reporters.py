@@ -11,7 +11,8 @@ import subprocess
 import time
 import xml.etree.ElementTree as ET
 
-from shim.runtime import reports, spawn
+from shim.runtime import spawn
+from shim.runtime.channel import HOOK_ENV, HookChannels, HookReports
 from shim.runtime.loop import Loop
 from shim.runtime.readiness import hook_environment
 from support.containers import Container, image
@@ -62,13 +63,13 @@ def start_as_master(argv, tmp_path, extra_env=None):
     hooks on RUBYLIB/PYTHONPATH); every report it and its tree send, by sender."""
     loop = Loop()
     got = []
-    channels = reports.HookChannels(loop, reports.HookReports(), None)
+    channels = HookChannels(loop, HookReports(), None)
     channels.reports.record = lambda sender, text, family: got.append((sender, text))
     channels._of_the_unit = lambda pid: True
     channel = channels.open()
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), **(extra_env or {})}
-    env.update({**hook_environment(env), reports.HOOK_ENV: channel.environment(spawn.FD_START)})
-    master = spawn.spawn(argv, env, [channel.peer.fileno()], chdir=str(tmp_path), pid_env=(reports.HOOK_ENV,))
+    env.update({**hook_environment(env), HOOK_ENV: channel.environment(spawn.FD_START)})
+    master = spawn.spawn(argv, env, [channel.peer.fileno()], chdir=str(tmp_path), pid_env=(HOOK_ENV,))
     channels.started(channel, master)
     deadline = time.monotonic() + 60
     while channels.channels and time.monotonic() < deadline:     # end of file: the whole tree is gone

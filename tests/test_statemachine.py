@@ -181,6 +181,19 @@ def when_serving(sup: Supervisor, action) -> None:
     sup.loop.call_later(0.01, look)
 
 
+class Asker:
+    """A reload's client that stays connected: called with the answer."""
+
+    def __init__(self, answer) -> None:
+        self.answer = answer
+
+    def __call__(self, result) -> None:
+        self.answer(result)
+
+    def gone(self) -> bool:
+        return False
+
+
 def drive(sup: Supervisor, *reloads: str, fake: FakeOS, stop_during_reload: bool = False) -> list:
     """Boot, run one reload per behaviour given (each asked for once the one before
     answered), then stop; the reload results."""
@@ -193,7 +206,7 @@ def drive(sup: Supervisor, *reloads: str, fake: FakeOS, stop_during_reload: bool
             sup._on_stop_signal(signal.SIGQUIT)
             return
         fake.next_behaviour = todo.pop(0)
-        sup.request_reload(next_reload)
+        sup.request_reload(Asker(next_reload))
         if stop_during_reload:
             sup.loop.call_later(0.02, sup._on_stop_signal, signal.SIGQUIT)
     when_serving(sup, next_reload)
@@ -296,7 +309,7 @@ def test_stop_ends_a_hand_over_cleanly_from_every_phase(fake, monkeypatch, phase
         if phase == "draining":
             fake.procs[sup.master.pid].drain = 1.0
         fake.next_behaviour = behaviour
-        sup.request_reload(results.append)
+        sup.request_reload(Asker(results.append))
         sup.loop.call_later({"draining": 0.25, "rolling-back": 0.35}.get(phase, 0.1), stop)
     when_serving(sup, begin)
     assert sup.run() == 0
@@ -323,8 +336,8 @@ def test_overlapping_reloads_both_run_in_turn(fake):
 
     def second() -> None:
         states.append(sup.state)
-        sup.request_reload(answered)
-    when_serving(sup, lambda: (sup.request_reload(answered), sup.loop.call_later(0.05, second)))
+        sup.request_reload(Asker(answered))
+    when_serving(sup, lambda: (sup.request_reload(Asker(answered)), sup.loop.call_later(0.05, second)))
     assert sup.run() == 0
     assert states == ["reloading"]
     assert [r["ok"] for r in results] == [True, True]

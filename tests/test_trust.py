@@ -100,7 +100,7 @@ def test_a_failed_fork_leaks_no_pipe(monkeypatch):
 
 def _channels():
     from shim.runtime.loop import Loop
-    from shim.runtime.reports import HookChannels, HookReports
+    from shim.runtime.channel import HookChannels, HookReports
     loop = Loop()
     return loop, HookChannels(loop, HookReports(), procs.cgroup_of(os.getpid()))
 
@@ -187,7 +187,7 @@ def test_a_re_exec_d_master_that_dies_at_once_still_gives_its_reason(monkeypatch
     channel. A broken release dies in a fraction of a second, before the shim reads
     anything: its error is its own, and the reason of the reload of the master it
     came from."""
-    from shim.runtime.reports import HookReports
+    from shim.runtime.channel import HookReports
     monkeypatch.setattr(procs, "parent_of", lambda pid: 1 if pid == 100 else None)   # 200 gone when read
     reports, family = HookReports(), [100]
     reports.record(200, "exec", family)

@@ -24,8 +24,15 @@ TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see 
 if TYPE_CHECKING:
     from typing import Any, Callable, Dict, FrozenSet, Optional
 
-    Reply = Callable[[Dict[str, Any]], None]
-    Handler = Callable[[Dict[str, Any], Reply], None]
+    from typing import Protocol
+
+    Handler = Callable[[Dict[str, Any], "Reply"], None]
+
+    class Asker(Protocol):
+        """Who asked for a reload: called with its answer; gone() once nobody waits for it."""
+
+        def __call__(self, answer: Dict[str, Any]) -> None: ...
+        def gone(self) -> bool: ...
 
 MAX_REQUEST = 4096
 REQUEST_TIMEOUT = 5.0
@@ -176,7 +183,7 @@ class ControlServer:
             self._malformed(fd)
             return
         conn = self._forget(fd).conn
-        self.handler(asked, lambda answer: _send(conn, answer))
+        self.handler(asked, Reply(conn))
 
     def _malformed(self, fd: int) -> None:
         if fd in self.reading:
@@ -217,6 +224,32 @@ def _send(conn: socket.socket, answer: Dict[str, Any]) -> None:
         conn.close()
 
 
+class Reply:
+    """A request's connection, kept open until its answer is sent."""
+
+    __slots__ = ("conn", "sent")
+
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn, self.sent = conn, False
+
+    def __call__(self, answer: Dict[str, Any]) -> None:
+        if not self.sent:
+            self.sent = True
+            _send(self.conn, answer)
+
+    def gone(self) -> bool:
+        """Whether the client closed its end (it sends nothing after its request):
+        one look at the socket, without waiting."""
+        if self.sent:
+            return True
+        try:
+            return self.conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+
+
 class SignalledReload:
     """A reload a signal asked for: its answer, kept for the one client that asks
     for it (`reload --signalled`, which may connect before or after it is over)."""
@@ -225,10 +258,15 @@ class SignalledReload:
         self.result: Optional[Dict[str, Any]] = None
         self.waiting: Optional[Reply] = None
 
-    def answer(self, result: Dict[str, Any]) -> None:
+    def __call__(self, result: Dict[str, Any]) -> None:
         self.result = result
         if self.waiting:
             self.waiting(result)
+
+    def gone(self) -> bool:
+        """Gone once its client connected and left; before it connects, not gone
+        (the kill that asked for it is followed by the client at once)."""
+        return self.waiting is not None and self.waiting.gone()
 
     def report_to(self, reply: Reply) -> None:
         if self.result is not None:

@@ -16,12 +16,14 @@ from collections import namedtuple
 
 from shim.runtime import health, procs, release
 from shim.errors import ReloadFailed, Stopping, WrongRelease
-from shim.runtime.masters import FAILED_MASTER_GRACE
+from shim.runtime.loop import Wait
+from shim.runtime.masters import FAILED_MASTER_GRACE, SAMPLE
 
 TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see shim/client.py)
 if TYPE_CHECKING:
     from typing import Optional, Tuple
 
+    from shim.runtime.masters import Steps
     from shim.runtime.upgrade import Host, Strategy
 
 OLD_MASTER_GOING = 3.0     # seconds an old master, maybe QUIT by a hook, gets to exit on its own
@@ -38,7 +40,8 @@ class Outcome(namedtuple("Outcome", "result old new generation intended duration
     __slots__ = ()
 
 
-def hand_over(host: "Host", old: procs.Pinned, gen: int, strategy: "Strategy") -> Outcome:
+def hand_over(host: "Host", old: procs.Pinned, gen: int, strategy: "Strategy") -> Steps[Outcome]:
+    """The hand-over's steps (the loop drives them, shim/runtime/loop.py)."""
     t0, started = time.monotonic(), procs.now_ticks()
     deadline = t0 + host.config.ready_timeout
     new: Optional[procs.Pinned] = None
@@ -49,26 +52,27 @@ def hand_over(host: "Host", old: procs.Pinned, gen: int, strategy: "Strategy") -
     def outcome(result: str, reason: str = "", **kw: object) -> Outcome:
         return Outcome(result, old, new, gen, intended, time.monotonic() - t0, reason, **kw)
     try:
-        new = strategy.start_next(old, started, deadline, intended)
+        new = yield from strategy.start_next(old, started, deadline, intended)
         new.generation = gen
         if new.pid not in host.masters:
             host.watch(new)
         host.checkpoint()
         host.notifier.status(f"reloading: new master {new.pid} booting, old master {old.pid} serving")
         found_ms = int((time.monotonic() - t0) * 1000)
-        ready = host.wait_ready(new, deadline, "new master")
+        ready = yield from host.wait_ready(new, deadline, "new master")
         ready_ms = int((time.monotonic() - t0) * 1000)
         wrong_release = intended and release.mismatch(new.pid, intended)
         if wrong_release:
             raise WrongRelease(wrong_release)
         host.checkpoint()
         if host.config.health_check:
-            reason, workers_stopped = _health_check(host, old, new)
+            reason, workers_stopped = yield from _health_check(host, old, new)
             if reason:
                 raise ReloadFailed(reason)
             host.checkpoint()
+        host.commit()       # from here on the old master goes: no client leaving can undo it
         retire_start = time.monotonic()
-        host.retire(old, keep=new.pid, stoppable=True)
+        yield from host.retire(old, keep=new.pid, interruptible=True)
         retire_end = time.monotonic()
         host.checkpoint()
     except WrongRelease as e:
@@ -76,22 +80,22 @@ def hand_over(host: "Host", old: procs.Pinned, gen: int, strategy: "Strategy") -
             # The config's before_fork hook may have QUIT the old master a moment ago
             # (it is finishing its requests): rolling back now would stop the only
             # master left. Give it the time to go if it is going.
-            host.wait_exit(old, OLD_MASTER_GOING)
+            yield from host.wait_exit(old, OLD_MASTER_GOING)
         if not old.alive() and new is not None and new.alive():
             # The config's own hook already retired the old master; the new one
             # serves the old release as well as it did: keep it, fail the deploy.
             strategy.finish(new)
             return outcome("not-deployed", str(e))
-        return outcome(_roll_back(host, old, new, workers_stopped, strategy), str(e))
+        return outcome((yield from _roll_back(host, old, new, workers_stopped, strategy)), str(e))
     except ReloadFailed as e:
-        return outcome(_roll_back(host, old, new, workers_stopped, strategy), str(e))
+        return outcome((yield from _roll_back(host, old, new, workers_stopped, strategy)), str(e))
     except Stopping:
         if workers_stopped and old.alive():
             old.signal(host.profile.respawn_workers)    # serve on while the stop drains it
         return outcome("stopped", "the service is stopping")
     except Exception as e:   # a bug must not leave MAINPID on the shim and the state "reloading"
         host.log.error("internal-error", f"reload: {type(e).__name__}: {e}")
-        return outcome(_roll_back(host, old, new, workers_stopped, strategy),
+        return outcome((yield from _roll_back(host, old, new, workers_stopped, strategy)),
                        f"internal error: {type(e).__name__}: {e}")
 
     strategy.finish(new)
@@ -106,7 +110,7 @@ def hand_over(host: "Host", old: procs.Pinned, gen: int, strategy: "Strategy") -
 
 
 def _health_check(host: "Host", old: procs.Pinned,
-                  new: procs.Pinned) -> Tuple[Optional[str], bool]:
+                  new: procs.Pinned) -> Steps[Tuple[Optional[str], bool]]:
     """Check the new release alone: the old master's workers must not answer.
 
     Unicorn: WINCH stops them gracefully (HUP brings them back on a rollback).
@@ -120,9 +124,9 @@ def _health_check(host: "Host", old: procs.Pinned,
     if old.alive() and host.profile.stop_workers is not None:
         old.signal(host.profile.stop_workers)
         stopped = True
-        deadline = time.monotonic() + host.config.retire_timeout
-        while [p for p in procs.children(old.pid) if p != new.pid] and time.monotonic() < deadline:
-            host.tick()
+        yield Wait(f"the old master {old.pid}'s workers to stop",
+                   lambda wait: None if [p for p in procs.children(old.pid) if p != new.pid] else True,
+                   deadline=time.monotonic() + host.config.retire_timeout, every=SAMPLE)
     elif old.alive():
         for pid in procs.children(old.pid):
             try:
@@ -133,9 +137,9 @@ def _health_check(host: "Host", old: procs.Pinned,
             paused.append(worker)
         # SIGSTOP takes effect thread by thread, when each next runs: a Puma worker's
         # accept thread was seen taking the check's connection after it was sent.
-        deadline = time.monotonic() + 1.0
-        while not all(_all_threads_stopped(w.pid) for w in paused) and time.monotonic() < deadline:
-            host.tick(0.002)
+        yield Wait(f"the old master {old.pid}'s workers to pause",
+                   lambda wait: True if all(_all_threads_stopped(w.pid) for w in paused) else None,
+                   deadline=time.monotonic() + 1.0, every=0.002)
     try:
         return (health.check(host.config.health_check) or None), stopped
     finally:
@@ -156,18 +160,18 @@ def _all_threads_stopped(pid: int) -> bool:
 
 
 def _roll_back(host: "Host", old: procs.Pinned, new: Optional[procs.Pinned],
-               workers_stopped: bool, strategy: "Strategy") -> str:
+               workers_stopped: bool, strategy: "Strategy") -> Steps[str]:
     """Put the old master back in charge; "rolled-back", or "nothing-serving"
     when it is gone too."""
     if workers_stopped and old.alive():
         old.signal(host.profile.respawn_workers)
         try:
-            host.wait_ready(old, time.monotonic() + host.config.ready_timeout, "old master")
+            yield from host.wait_ready(old, time.monotonic() + host.config.ready_timeout, "old master")
         except ReloadFailed as e:
             host.log.error("rollback-error", f"old master did not get its workers back: {e}")
         except Stopping:
             pass              # the stop that follows retires every master anyway
     if new is not None and new.alive():
-        host.retire(new, grace=min(FAILED_MASTER_GRACE, host.config.retire_timeout))
+        yield from host.retire(new, grace=min(FAILED_MASTER_GRACE, host.config.retire_timeout))
     strategy.restore(old)
     return "rolled-back" if old.alive() else "nothing-serving"

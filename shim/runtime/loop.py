@@ -1,11 +1,18 @@
 """The supervisor's event loop: readable file descriptors, timers and signals,
-each turned into a call made from the loop itself.
+each turned into a call made from the loop itself, and the one place where the
+shim waits.
 
 A shim is one of many on a host and sits idle nearly all its life, so this is
 a selector and a heap of timers rather than asyncio: asyncio (with the modules
-it imports) would be a third of an idle shim's memory. Nothing here blocks but
-`poll`, and the supervisor's lifecycle code calls `poll` wherever it waits, so
-control requests, signals and master exits are seen during a hand-over too.
+it imports) would be a third of an idle shim's memory.
+
+The lifecycle (boot, each hand-over, the stop) is a generator of steps: each
+step yields a Wait saying what it waits for and until when, and `run` drives it.
+The loop alone decides what ends a wait, in this order: an interruption (a
+stop, the reload's client gone, the job's timeout: whatever the `interrupt`
+function given to `run` says), the awaited event, the step's deadline. Control
+requests, signals and master exits are handled between the rounds, so they are
+seen during a hand-over too.
 
 Signals: the handler installed does nothing; the kernel-level handler writes the
 signal's number to a wakeup pipe (signal.set_wakeup_fd), and the loop reads the
@@ -15,15 +22,50 @@ from __future__ import annotations
 
 import heapq
 import os
+import select
 import selectors
 import signal
 import time
 
 TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see shim/client.py)
 if TYPE_CHECKING:
-    from typing import Callable, Dict, List, Optional, Tuple
+    from typing import Callable, Dict, Generator, List, Optional, Tuple, TypeVar
 
     Callback = Callable[..., None]
+    T = TypeVar("T")
+
+
+class Wait:
+    """What a step waits for. `check(wait)` is called after every round of the loop
+    (and at least every `every` seconds): a result other than None ends the wait and
+    is what the step's `yield` returns; an exception it raises is raised where the
+    step waits. At `deadline` (time.monotonic(); None: no deadline of its own)
+    the yield returns `expired(wait)` (or None), or raises what that raises. A
+    check may move its wait's deadline (a busy host's CPU wait extends a boot).
+    `interruptible`: whether a stop or the reload's client going away ends it."""
+
+    __slots__ = ("what", "check", "deadline", "every", "expired", "interruptible")
+
+    def __init__(self, what: str, check: Optional[Callable[["Wait"], object]] = None, *,
+                 deadline: Optional[float] = None, every: Optional[float] = None,
+                 expired: Optional[Callable[["Wait"], object]] = None, interruptible: bool = True) -> None:
+        self.what, self.check, self.deadline, self.every = what, check, deadline, every
+        self.expired, self.interruptible = expired, interruptible
+
+    def __repr__(self) -> str:
+        return f"Wait({self.what!r})"
+
+
+def readable_now(fd: int) -> bool:
+    """Whether `fd` is readable at this moment (a pidfd: its process exited); never waits."""
+    poller = select.poll()        # not select(): fds above 1024 are fine
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def pause(what: str, seconds: float, interruptible: bool = True) -> Wait:
+    """A wait that only its deadline ends (or an interruption)."""
+    return Wait(what, deadline=time.monotonic() + seconds, interruptible=interruptible)
 
 
 class Timer:
@@ -80,9 +122,45 @@ class Loop:
 
     # -- waiting ----------------------------------------------------------------
 
+    def run(self, task: Generator[Wait, object, T],
+            interrupt: Callable[[Wait], Optional[BaseException]]) -> T:
+        """Drive `task`, a generator of Waits, to its end and return its value."""
+        value: object = None
+        error: Optional[BaseException] = None
+        while True:
+            try:
+                wait = task.throw(error) if error is not None else task.send(value)
+            except StopIteration as done:
+                return done.value       # type: ignore[no-any-return]
+            value, error = None, None
+            while True:
+                try:
+                    error = interrupt(wait)
+                    if error is not None:
+                        break
+                    if wait.check is not None:
+                        value = wait.check(wait)
+                        if value is not None:
+                            break
+                    if wait.deadline is not None and time.monotonic() >= wait.deadline:
+                        value = wait.expired(wait) if wait.expired else None
+                        break
+                except Exception as e:    # raised where the step waits, which decides
+                    error = e
+                    break
+                self.poll(self._round(wait))
+
+    @staticmethod
+    def _round(wait: Wait) -> Optional[float]:
+        timeout = wait.every
+        if wait.deadline is not None:
+            left = max(0.0, wait.deadline - time.monotonic())
+            timeout = left if timeout is None else min(timeout, left)
+        return timeout
+
     def poll(self, timeout: Optional[float] = None) -> None:
-        """Wait up to `timeout` seconds (None: until something happens), then make
-        the calls for what happened."""
+        """One round: wait up to `timeout` seconds (None: until something happens),
+        then make the calls for what happened. Only `run` calls it in a running shim."""
         if self.timers:
             first = max(0.0, self.timers[0].when - time.monotonic())
             timeout = first if timeout is None else min(timeout, first)

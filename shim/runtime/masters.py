@@ -12,15 +12,18 @@ import time
 from shim.runtime import procs, spawn
 from shim.errors import ReloadFailed, Stopping
 from shim.runtime.journal import WARNING, Log
-from shim.runtime.loop import Loop
+from shim.runtime.loop import Loop, Wait
 from shim.runtime.readiness import Verdict, WorkerWatch, hook_environment
-from shim.runtime.reports import HOOK_ENV, HookChannels, HookReports
+from shim.runtime.channel import HOOK_ENV, HookChannels, HookReports
 from shim.runtime.release import config_through
 from shim.runtime.sockets import HeldSocket
 
 TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see shim/client.py)
 if TYPE_CHECKING:
-    from typing import Dict, List, Optional
+    from typing import Dict, Generator, List, Optional, TypeVar
+
+    T = TypeVar("T")
+    Steps = Generator[Wait, object, T]     # a step of the lifecycle: the loop drives it (loop.run)
 
 SAMPLE = 0.05           # how often workers are looked at while a master boots
 WORKERLESS_GRACE = 2.0  # how long a master with no live worker gets to stop gracefully
@@ -71,11 +74,6 @@ class Masters:
             self._on_master_exit(master)
         return True
 
-    def tick(self, seconds: float = SAMPLE) -> None:
-        """Wait until the next look, or less when something happens (a hook's report,
-        a master's exit, a signal, a control request: all handled meanwhile)."""
-        self.loop.poll(seconds)
-
     def start_master(self, not_before: int, release: Optional[str] = None,
                      link: Optional[str] = None) -> procs.Pinned:
         """Spawn a master from the held sockets and pin it.
@@ -116,14 +114,13 @@ class Masters:
         self.masters[master.pid] = master
         self.loop.add_reader(master.pidfd, self._on_master_exit, master)
 
-    def wait_ready(self, master: procs.Pinned, deadline: float, what: str) -> Verdict:
+    def wait_ready(self, master: procs.Pinned, deadline: float, what: str) -> Steps[Verdict]:
         """Wait until `master`'s workers are ready, or raise ReloadFailed."""
         watch = WorkerWatch(master.pid, self.profile, self.reports, self.config.settle, time.monotonic())
         waits = CpuWait(master.pid)
-        extended = 0.0
-        while True:
-            if self.stop_requested:
-                raise Stopping()
+        extended = [0.0, 0.0]      # seconds of CPU wait counted, and told to systemd
+
+        def ready(wait: Wait) -> Optional[Verdict]:
             if self.gone(master):
                 raise ReloadFailed(f"{what} {master.pid} {master.exit_text or 'exited'} before it was ready"
                                    + self.server_error(master.pid))
@@ -135,15 +132,22 @@ class Masters:
             if verdict.state == "failed":
                 raise ReloadFailed(f"{what} {master.pid}: {verdict.detail}" + self.server_error(master.pid))
             waited = min(waits.seconds(), CPU_WAIT_LIMIT * self.config.ready_timeout)
-            if waited - extended >= 1.0 and self.notifier:
+            wait.deadline = deadline + waited
+            if waited - extended[1] >= 1.0 and self.notifier:
                 # systemd's job timeout moves with ours (its reload job is bounded too)
-                self.notifier.extend_timeout(deadline + waited - now + self.config.retire_timeout + 10)
-                extended = waited
-            if now > deadline + waited:
-                lost = f", and {waited:.0f} s more it spent waiting for a CPU" if waited >= 1 else ""
-                raise ReloadFailed(f"{what} {master.pid} not ready within {self.config.ready_timeout:g} s"
-                                   f"{lost} ({verdict.workers} workers up)" + self.server_error(master.pid))
-            self.tick()
+                self.notifier.extend_timeout(wait.deadline - now + self.config.retire_timeout + 10)
+                extended[1] = waited
+            extended[0] = waited
+            return None
+
+        def too_late(wait: Wait) -> None:
+            waited = extended[0]
+            lost = f", and {waited:.0f} s more it spent waiting for a CPU" if waited >= 1 else ""
+            raise ReloadFailed(f"{what} {master.pid} not ready within {self.config.ready_timeout:g} s"
+                               f"{lost} ({watch.verdict(time.monotonic()).workers} workers up)"
+                               + self.server_error(master.pid))
+        return (yield Wait(f"{what} {master.pid} ready", ready, deadline=deadline, every=SAMPLE,
+                           expired=too_late))
 
     def server_error(self, pid: int) -> str:
         """': <the server's own error line>' for `pid` or its workers, as its
@@ -154,30 +158,23 @@ class Masters:
         error = self.reports.error_of(pid)
         return f": {error}" if error else " (the server's own log in the journal says why)"
 
-    def wait_exit(self, proc: procs.Pinned, timeout: float, stoppable: bool = False) -> bool:
-        deadline = time.monotonic() + timeout
-        while proc.alive():
-            if stoppable and self.stop_requested:
-                raise Stopping()
-            if time.monotonic() > deadline:
-                return False
-            self.tick(min(SAMPLE, max(0.0, deadline - time.monotonic())))
-        return True
-
-    def checkpoint(self) -> None:
-        """Between two steps of a hand-over: a stop requested meanwhile ends it here."""
-        if self.stop_requested:
-            raise Stopping()
+    def wait_exit(self, proc: procs.Pinned, timeout: float, interruptible: bool = False) -> Steps[bool]:
+        """True once `proc` exited, False after `timeout` seconds."""
+        exited = yield Wait(f"{proc.role} {proc.pid} to exit", lambda wait: True if not proc.alive() else None,
+                            deadline=time.monotonic() + timeout, every=SAMPLE, expired=lambda wait: False,
+                            interruptible=interruptible)
+        return bool(exited)
 
     def retire(self, master: procs.Pinned, keep: Optional[int] = None,
-               grace: Optional[float] = None, stoppable: bool = False) -> None:
+               grace: Optional[float] = None, interruptible: bool = False) -> Steps[None]:
         """Graceful stop of `master`; KILL it and its workers after `grace`
-        (default --retire-timeout). `stoppable`: a stop requested meanwhile raises
-        Stopping at once (the drain goes on; the stop retires every master)."""
-        self.retire_all([master], keep, grace, stoppable)
+        (default --retire-timeout). `interruptible`: a stop or the reload's client
+        going away ends the wait at once (the drain goes on; a stop retires every
+        master)."""
+        yield from self.retire_all([master], keep, grace, interruptible)
 
     def retire_all(self, masters: List[procs.Pinned], keep: Optional[int] = None,
-                   grace: Optional[float] = None, stoppable: bool = False) -> None:
+                   grace: Optional[float] = None, interruptible: bool = False) -> Steps[None]:
         """`retire` for several masters at once: all are asked to stop, then waited for."""
         grace = self.config.retire_timeout if grace is None else grace
         going = []
@@ -198,12 +195,12 @@ class Masters:
             going.append((master, workers, time.monotonic() + own_grace, own_grace))
         try:
             for master, _workers, deadline, own_grace in going:
-                if not self.wait_exit(master, deadline - time.monotonic(), stoppable):
+                if not (yield from self.wait_exit(master, deadline - time.monotonic(), interruptible)):
                     self.log.event("retire-timeout", f"master {master.pid} still running after "
                                    f"{own_grace:g} s; killing it", WARNING, MASTER_PID=master.pid)
                     master.signal(signal.SIGKILL)
-                    self.wait_exit(master, 5)
-        except Stopping:
+                    yield from self.wait_exit(master, 5)
+        except (Stopping, ReloadFailed):
             for _master, workers, _deadline, _grace in going:
                 for worker in workers:
                     worker.close()       # they drain on: the stop that follows retires their master

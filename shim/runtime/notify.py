@@ -7,7 +7,6 @@ NOTIFY_SOCKET (not run by systemd) every message is a no-op.
 from __future__ import annotations
 
 import os
-import select
 import socket
 
 TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see shim/client.py)
@@ -42,9 +41,10 @@ class Notifier:
     def ready(self, mainpid: int, status: str) -> None:
         self.send(MAINPID=mainpid, READY=1, STATUS=status)
 
-    def reloading(self, mainpid: int, status: str) -> None:
-        """The hand-over begins: MAINPID moves to the shim, and systemd has taken
-        it in when this returns, so the old master may exit from then on.
+    def reloading(self, mainpid: int, status: str) -> Optional[int]:
+        """The hand-over begins: MAINPID moves to the shim. Returns the read end of
+        a barrier (sd_notify_barrier) that systemd closes once it has taken the
+        message in; the old master may exit only from then on. None without a manager.
 
         No RELOADING=1: the unit already shows "reloading" while `systemctl
         reload` runs ExecReload=, and after it systemd >= 253 waits for READY=1
@@ -52,7 +52,7 @@ class Notifier:
         mid hand-over left the unit stuck until TimeoutStartSec= instead of
         restarting it (252 restarts it at once either way)."""
         self.send(MAINPID=mainpid, STATUS=status)
-        _barrier()
+        return barrier()
 
     def status(self, status: str) -> None:
         self.send(STATUS=status)
@@ -67,30 +67,28 @@ class Notifier:
         self.send(WATCHDOG=1)
 
 
-def _barrier(timeout: float = 5.0) -> bool:
-    """sd_notify_barrier(): wait until the manager has processed every message sent
-    before (it closes the pipe end passed with BARRIER=1 once it has). Datagrams
-    are read asynchronously: without this, systemd may still see the old master
-    as the main process when it exits. False without a manager or on timeout."""
+def barrier() -> Optional[int]:
+    """sd_notify_barrier()'s first half: sends BARRIER=1 with the write end of a pipe
+    and returns the read end, which the manager's side makes readable (closed) once
+    it has processed every message sent before. Datagrams are read asynchronously:
+    until then systemd may still see the old master as the main process. None when
+    it cannot be sent (the caller then cannot know either)."""
     address = os.environ.get("NOTIFY_SOCKET")
     if not address or address[0] not in "/@":
-        return False
+        return None
     if address[0] == "@":
         address = "\0" + address[1:]
-    r, w = os.pipe()
+    r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
             s.connect(address)
             socket.send_fds(s, [b"BARRIER=1"], [w])
-        os.close(w)
-        w = -1
-        return bool(select.select([r], [], [], timeout)[0])
     except OSError:
-        return False
-    finally:
         os.close(r)
-        if w >= 0:
-            os.close(w)
+        return None
+    finally:
+        os.close(w)
+    return r
 
 
 def _watchdog_usec() -> Optional[int]:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import functools
 import os
-import select
 import signal
 import stat
 import time
+
+from shim.runtime.loop import readable_now
 
 TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see shim/client.py)
 if TYPE_CHECKING:
@@ -273,9 +274,7 @@ class Pinned:
         """False once it has exited: a pidfd polls readable then, even before reaping."""
         if self.pidfd < 0:
             return False
-        poller = select.poll()        # not select(): fds above 1024 are fine
-        poller.register(self.pidfd, select.POLLIN)
-        return not poller.poll(0)
+        return not readable_now(self.pidfd)
 
     def close(self) -> None:
         if self.pidfd >= 0:

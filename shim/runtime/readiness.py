@@ -21,7 +21,7 @@ import time
 from collections import namedtuple
 
 from shim.runtime import procs
-from shim.runtime.reports import HookReports
+from shim.runtime.channel import HookReports
 from shim.runtime.servers import ServerProfile
 
 TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see shim/client.py)

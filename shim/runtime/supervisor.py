@@ -2,10 +2,12 @@
 
 States: booting -> serving -> reloading -> serving ...; stopping at the end.
 Signals, control requests and pidfds reach it as calls from the loop (shim/runtime/loop.py)
-that only record what happened or queue a request; run() and the lifecycle
-methods below (boot, reload, stop) make every decision, and wherever they wait
-they poll the loop, so a status request is answered during a hand-over and a
-reload asked for meanwhile is queued behind it.
+that only record what happened or queue a request. The shim's life (`life`:
+boot, then each reload, then the stop) is a generator of steps that the loop
+drives; each step yields what it waits for and until when, and the loop decides
+what ends the wait, asking `_interruption` first: a stop, or the reload's
+client gone before the point of no return. So a status request is answered
+during a hand-over, and reloads asked for meanwhile are merged into the next one.
 """
 from __future__ import annotations
 
@@ -14,15 +16,15 @@ import signal
 import time
 from types import SimpleNamespace
 
-from shim.runtime import procs, release
+from shim.runtime import procs, release, report
 from shim.runtime.control import ControlServer, SignalledReload
-from shim.errors import EXIT_MASTER_EXIT, EXIT_START, ReloadFailed, ShimError, Stopping
+from shim.errors import EXIT_MASTER_EXIT, EXIT_START, Abandoned, ReloadFailed, ShimError, Stopping
 from shim.runtime.journal import ERR, WARNING, Log
-from shim.runtime.loop import Loop
+from shim.runtime.loop import Loop, Wait
 from shim.runtime.notify import Notifier
 from shim.runtime.masters import FAILED_MASTER_GRACE, Masters
 from shim.runtime.readiness import Verdict
-from shim.runtime.reports import HookChannels
+from shim.runtime.channel import HookChannels
 from shim.runtime.servers import ServerProfile
 from shim.runtime.sockets import HeldSocket
 from shim.runtime.state import State
@@ -33,9 +35,11 @@ TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see 
 if TYPE_CHECKING:
     from typing import Any, Callable, Dict, List, Optional, Tuple
 
-    from shim.runtime.control import Reply
+    from shim.runtime.control import Asker, Reply
+    from shim.runtime.masters import Steps
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+MAINPID_CONFIRM = 5.0      # seconds systemd gets to confirm MAINPID=<shim> before a hand-over
 # The shim's own pid, for a trigger that costs next to no CPU: ExecReload= signals
 # the shim (its MAINPID is the master) and then `reload --signalled` reports the outcome.
 SHIM_PID_FILE = "shim.pid"
@@ -83,11 +87,16 @@ class Supervisor(Masters):
         self.generation = 0
         self.last_reload = ""
         self.remembered = State(config.state_dir)
-        self.degraded = ""        # why the last good release serves instead of the deployed one
+        self.degraded = ""        # why what serves is not what was deployed (a fallback, a kept master)
+        self.fallback: Optional[str] = None     # the last good release a boot fell back to
         self.started = time.time()
-        self.reloads: List[Optional[Reply]] = []    # asked for, not begun: each its client's reply (or None)
+        self.reloads: List[Asker] = []     # who asked for the next reload: one hand-over answers them all
+        self.askers: List[Asker] = []      # who asked for the hand-over running now
+        self.committed = False             # the running hand-over is past its point of no return
+        self.thrown: set = set()           # interruptions already raised in the steps (each once)
         self.control: Optional[ControlServer] = None
         self.signalled: Optional[SignalledReload] = None   # the last reload a signal asked for, to report
+        self.confirmed = False             # systemd took the last MAINPID= in (its barrier came back)
 
     # -- the loop -----------------------------------------------------------
 
@@ -109,35 +118,74 @@ class Supervisor(Masters):
         if self.notifier.watchdog_usec:
             self._watchdog()
         try:
-            try:
-                self.boot()
-            except Stopping:
-                self.stop()
-                return 0
-            while True:
-                if self.stop_requested:
-                    self.stop()
-                    return 0
-                if self.state == "serving" and self.gone(self.master):
-                    self.log.error("master-exit", f"master {self.master.pid} {self.master.exit_text}; "
-                                   "systemd sees its main process exit and decides on a restart",
-                                   MASTER_PID=self.master.pid, GENERATION=self.generation)
-                    return EXIT_MASTER_EXIT
-                if self.state == "failed":
-                    return EXIT_MASTER_EXIT
-                if self.reloads:
-                    reply = self.reloads.pop(0)
-                    answer = self.reload()
-                    if reply:
-                        reply(answer)
-                    continue
-                loop.poll()
+            return loop.run(self.life(), self._interruption)
         finally:
-            for reply in self.reloads:
-                if reply:
-                    reply({"ok": False, "error": "the service is stopping"})
+            for asker in self.reloads + self.askers:
+                asker({"ok": False, "error": "the service is stopping"})
             self.reloads.clear()
             self._close()
+
+    def life(self) -> Steps[int]:
+        """Boot, serve (a reload at a time), stop: the shim's whole life, as steps."""
+        try:
+            yield from self.boot()
+        except Stopping:
+            yield from self.stop()
+            return 0
+        while True:
+            if self.stop_requested:
+                yield from self.stop()
+                return 0
+            if self.state == "serving" and self.gone(self.master):
+                self.log.error("master-exit", f"master {self.master.pid} {self.master.exit_text}; "
+                               "systemd sees its main process exit and decides on a restart",
+                               MASTER_PID=self.master.pid, GENERATION=self.generation)
+                return EXIT_MASTER_EXIT
+            if self.state == "failed":
+                return EXIT_MASTER_EXIT
+            if self.reloads:
+                # Every reload asked for until now is served by this one hand-over:
+                # it deploys whatever `current` names when it starts.
+                self.askers, self.reloads = self.reloads, []
+                answer = yield from self.reload()
+                askers, self.askers = self.askers, []
+                for asker in askers:
+                    asker(answer)
+                continue
+            yield Wait("a reload, a stop or the master's exit", self._has_work, interruptible=False)
+
+    def _has_work(self, wait: Wait) -> Optional[bool]:
+        if self.stop_requested or self.reloads or self.state == "failed" or \
+                (self.state == "serving" and not self.master.alive()):
+            return True
+        return None
+
+    def _interruption(self, wait: Wait) -> Optional[BaseException]:
+        """What ends `wait` before its event or deadline, raised where the step waits
+        (each at most once): a stop; during a hand-over, before its point of no
+        return, every client that asked for it gone (systemd's job timeout killed
+        ExecReload=, a Ctrl-C, a dropped SSH session)."""
+        if not wait.interruptible:
+            return None
+        if self.stop_requested and "stop" not in self.thrown:
+            self.thrown.add("stop")
+            return Stopping()
+        if self.state == "reloading" and not self.committed and "abandoned" not in self.thrown \
+                and self.askers and all(asker.gone() for asker in self.askers):
+            self.thrown.add("abandoned")
+            return Abandoned("every client that asked for this reload went away (systemd's job timeout "
+                             "ended ExecReload=, a Ctrl-C or a dropped connection) before the new "
+                             "release took over")
+        return None
+
+    def checkpoint(self) -> None:
+        """Between two steps: what would interrupt a wait ends the hand-over here."""
+        error = self._interruption(Wait("between two steps"))
+        if error is not None:
+            raise error
+
+    def commit(self) -> None:
+        self.committed = True
 
     def _on_stop_signal(self, sig: int) -> None:
         self.stop_requested = True
@@ -145,11 +193,12 @@ class Supervisor(Masters):
     def _on_reload_signal(self, sig: int) -> None:
         self.log.event("signal", f"{signal.Signals(sig).name}: reload requested", SIGNAL=signal.Signals(sig).name)
         self.signalled = SignalledReload()
-        self.request_reload(self.signalled.answer)
+        self.request_reload(self.signalled)
 
-    def request_reload(self, reply: Optional[Reply]) -> None:
-        """Queue a reload; `reply` gets its answer. One asked for while the service
-        starts or stops is answered at once; one asked for during another waits for it."""
+    def request_reload(self, asker: Asker) -> None:
+        """Ask for a reload; `asker` gets its answer. One asked for while the service
+        starts or stops is answered at once; one asked for during a hand-over is
+        served by the next, which all such askers share."""
         if self.stop_requested or self.state in ("stopping", "failed"):
             answer = {"ok": False, "error": "the service is stopping"}
         elif self.state == "booting":
@@ -157,12 +206,14 @@ class Supervisor(Masters):
                            "refused; the master starting now reads the release current names", WARNING)
             answer = {"ok": False, "error": "the service is still starting"}
         else:
-            if self.state == "reloading" or self.reloads:
+            if self.reloads:
+                self.log.event("reload-merged", "a reload is already waiting to run: this request is "
+                               "served by it")
+            elif self.state == "reloading":
                 self.log.event("reload-queued", "a reload is in progress; this one runs after it")
-            self.reloads.append(reply)
+            self.reloads.append(asker)
             return
-        if reply:
-            reply(answer)
+        asker(answer)
 
     def _on_other_signal(self, sig: int) -> None:
         name = signal.Signals(sig).name
@@ -187,12 +238,12 @@ class Supervisor(Masters):
 
     # -- lifecycle ----------------------------------------------------------
 
-    def boot(self) -> None:
+    def boot(self) -> Steps[None]:
         self._clean_stale_pid_files()
         t0 = time.time()
         deployed = release.resolve(self.config.chdir)
         try:
-            master, ready = self._boot_release(None)
+            master, ready = yield from self._boot_release(None)
         except ReloadFailed as e:
             fallback = self._fallback_for(deployed)
             self._remember(self.remembered.failed, deployed, str(e))
@@ -203,9 +254,10 @@ class Supervisor(Masters):
                            SERVER_ERROR=self.reports.error_of(e.master) if e.master else None)
             self.notifier.status(f"starting: {deployed} failed; trying the last good release {fallback}")
             try:
-                master, ready = self._boot_release(fallback)
+                master, ready = yield from self._boot_release(fallback)
             except ReloadFailed as e2:
                 self._start_failed(e2, fallback, also=f"; before that, {deployed} failed: {e}")
+            self.fallback = fallback
             self.degraded = (f"degraded: serving last good release {fallback} because {self.config.chdir} "
                              f"(-> {deployed}) failed: {e}")
         self.master, self.generation, self.state = master, 1, "serving"
@@ -216,7 +268,7 @@ class Supervisor(Masters):
                        f"{time.time() - t0:.2f} s (by {ready.detail})", MASTER_PID=master.pid, GENERATION=1,
                        RELEASE=self.release(master), DURATION_MS=int((time.time() - t0) * 1000))
 
-    def _boot_release(self, fallback: Optional[str]) -> Tuple[procs.Pinned, Verdict]:
+    def _boot_release(self, fallback: Optional[str]) -> Steps[Tuple[procs.Pinned, Verdict]]:
         """Start the first master, in --chdir as the strategy wants it or in the
         `fallback` release directory, and wait until it is ready."""
         self.notifier.extend_timeout(self.config.ready_timeout + 10)
@@ -228,15 +280,15 @@ class Supervisor(Masters):
                 master = self.start_master(born_after, fallback, link=fallback)
             else:
                 master = self.start_master(born_after, self.strategy.release_to_pin())
-            return master, self.wait_ready(master, deadline, "master")
+            return master, (yield from self.wait_ready(master, deadline, "master"))
         except ReloadFailed as e:
             if master is not None:
-                self.retire(master, grace=min(FAILED_MASTER_GRACE, self.config.retire_timeout))
+                yield from self.retire(master, grace=min(FAILED_MASTER_GRACE, self.config.retire_timeout))
                 e.master = master.pid
             raise
         except Stopping:
             if master is not None:
-                self.retire(master)
+                yield from self.retire(master)
             raise
 
     def _fallback_for(self, deployed: Optional[str]) -> Optional[str]:
@@ -281,23 +333,47 @@ class Supervisor(Masters):
                 self.log.event("pid-file-removed", f"removed stale pid file {path} (named {pid})")
                 os.unlink(path)
 
-    def reload(self) -> Dict[str, Any]:
-        """Run one hand-over; the answer for the client that asked for it."""
+    def reload(self) -> Steps[Dict[str, Any]]:
+        """One hand-over; the answer for the clients that asked for it."""
         if self.stop_requested or self.state in ("stopping", "failed"):
             return {"ok": False, "error": "the service is stopping"}
         old, gen = self.master, self.generation + 1
         # A master of the fallback release was started there, not through --chdir:
         # Unicorn's own re-exec would come back to it. The shim starts the next one.
-        strategy = self.strategies["spawn"] if self.degraded else self.strategy
-        self.state = "reloading"
-        self.notifier.reloading(os.getpid(), f"reloading: starting generation {gen} beside master {old.pid}")
+        strategy = self.strategies["spawn"] if self.fallback else self.strategy
+        self.state, self.committed, self.confirmed = "reloading", False, False
+        self.thrown.discard("abandoned")
+        barrier = self.notifier.reloading(os.getpid(), f"reloading: starting generation {gen} beside master {old.pid}")
+        if barrier is not None and not (yield from self._confirmed(barrier)):
+            self.state = "serving"
+            self.notifier.ready(old.pid, self.status_line())
+            reason = ("systemd did not confirm MAINPID= moving to the shim within "
+                      f"{MAINPID_CONFIRM:g} s: the old master could not be retired safely, nothing was changed")
+            self.log.event("reload-failed", f"reload to generation {gen} not begun: {reason}", ERR,
+                           RESULT="not-begun", OLD_MASTER_PID=old.pid, GENERATION=gen, REASON=reason)
+            return {"ok": False, "error": f"{reason}; the old release keeps serving (master {old.pid})"}
         # The reload job is bounded by the unit's TimeoutStartSec=; a hand-over may take the
         # new master's boot plus the old one's drain: never let systemd give up first.
         self.notifier.extend_timeout(self.config.ready_timeout + self.config.retire_timeout + 10)
         self.log.event("reload-start", f"reload to generation {gen} ({strategy.name}) from master {old.pid}",
                        OLD_MASTER_PID=old.pid, GENERATION=gen)
         self.reports.clear_errors(old.pid)
-        return self._apply(hand_over(self, old, gen, strategy))
+        return self._apply((yield from hand_over(self, old, gen, strategy)))
+
+    def _confirmed(self, barrier: int) -> Steps[bool]:
+        """Whether systemd processed every message sent before (sd_notify_barrier):
+        it closes its end of `barrier` once it has. Until then it may still take
+        the old master for the main process, and see it exit."""
+        def closed() -> None:
+            self.confirmed = True
+            self.loop.remove_reader(barrier)
+        self.loop.add_reader(barrier, closed)
+        try:
+            return bool((yield Wait("systemd to take MAINPID=<shim> in", lambda wait: self.confirmed or None,
+                                    deadline=time.monotonic() + MAINPID_CONFIRM, expired=lambda wait: False)))
+        finally:
+            self.loop.remove_reader(barrier)
+            os.close(barrier)
 
     def _apply(self, out: Outcome) -> Dict[str, Any]:
         """The hand-over's outcome becomes the supervisor's state, systemd's view,
@@ -310,7 +386,7 @@ class Supervisor(Masters):
                            GENERATION=gen, REASON=out.reason)
             return {"ok": False, "error": "reload aborted: the service is stopping"}
         if out.result == "done":
-            self.master, self.generation, self.state, self.degraded = new, gen, "serving", ""
+            self.master, self.generation, self.state, self.degraded, self.fallback = new, gen, "serving", "", None
             serving = self.release(new)
             self._remember(self.remembered.served, out.intended or serving)
             self.last_reload = f"ok in {took}"
@@ -328,7 +404,9 @@ class Supervisor(Masters):
                       DURATION_MS=int(out.duration * 1000), MASTER_PID=new.pid if new else None,
                       SERVER_ERROR=self.reports.error_of(new.pid if new else old.pid), RESULT=out.result)
         if out.result == "not-deployed":
+            # What serves is not what was deployed: say so wherever the state shows.
             self.master, self.generation, self.state = new, gen, "serving"
+            self.degraded = f"degraded: reload to generation {gen} failed and its master serves on: {out.reason}"
             kept = (f"the config's own hook had already retired the old master {old.pid}, so master "
                     f"{new.pid} serves on as it is: fix the config, then reload or restart")
             self.notifier.ready(new.pid, self.status_line())
@@ -346,13 +424,13 @@ class Supervisor(Masters):
                        "gone too, nothing serves: exiting so that systemd restarts the service", ERR, **fields)
         return {"ok": False, "error": f"{out.reason}; the old master is gone too: the service will restart"}
 
-    def stop(self) -> None:
+    def stop(self) -> Steps[None]:
         self.state = "stopping"
         self.notifier.stopping("stopping")
         live = [m for m in self.masters.values() if m.alive()]
         self.log.event("stopping", f"stopping masters {', '.join(str(m.pid) for m in live) or '(none)'}",
                        MASTER_PID=self.master.pid if self.master else None)
-        self.retire_all(live)
+        yield from self.retire_all(live)
 
     def handle_request(self, request: Dict[str, Any], reply: Reply) -> None:
         command = request["command"]
@@ -372,44 +450,16 @@ class Supervisor(Masters):
         else:
             reply({"ok": False, "error": f"unknown command {command!r}"})
 
-    # -- what the operator sees ---------------------------------------------
+    # -- what the operator sees (shim/runtime/report.py) --------------------
 
     def release(self, master: Optional[procs.Pinned]) -> Optional[str]:
         return procs.cwd(master.pid) if master else None
 
     def status_line(self, workers: Optional[int] = None) -> str:
-        """One line for systemctl status: state, master, workers (ready/expected
-        when the hook says how many), release, generation, last reload."""
-        m = self.master
-        if m is None:
-            return self.state
-        if workers is None:
-            workers = sum(1 for p in procs.children(m.pid) if self.profile.worker_title.search(procs.title(p)))
-        expected = self.reports.expected(m.pid)
-        counted = (f"{workers}/{expected} workers ready" if expected
-                   else f"{workers} worker" + ("" if workers == 1 else "s"))
-        line = (f"{self.state}: master {m.pid}, {counted}, release {self.release(m)}, "
-                f"generation {self.generation}")
-        line += f"; last reload {self.last_reload}" if self.last_reload else ""
-        return f"{self.degraded}; {line}" if self.degraded else line
+        return report.status_line(self, workers)
 
     def status(self) -> Dict[str, Any]:
-        m = self.master
-        return {
-            "state": self.state,
-            "master_pid": m.pid if m else None,
-            "masters": sorted(self.masters),
-            "generation": self.generation,
-            "release": self.release(m),
-            "last_reload": self.last_reload or None,
-            "server": self.profile.name,
-            "upgrade": self.strategy.name,
-            "sockets": [{"address": s.name, "origin": s.origin} for s in self.sockets],
-            "uptime_s": round(time.time() - self.started, 1),
-            "status_line": self.status_line(),
-            "degraded": self.degraded or None,
-            "last_good_release": self.remembered.last_good,
-        }
+        return report.status(self)
 
     def _close(self) -> None:
         for m in list(self.masters.values()):

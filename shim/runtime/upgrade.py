@@ -13,11 +13,14 @@ from __future__ import annotations
 import os
 import time
 from shim.runtime import procs, release
+from shim.runtime.loop import Wait
 from shim.errors import ReloadFailed, ShimError
 
 TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see shim/client.py)
 if TYPE_CHECKING:
     from typing import Any, Dict, Optional, Protocol, Set
+
+    from shim.runtime.masters import Steps
 
     class Host(Protocol):
         """What a strategy and a hand-over may use of the supervisor: acting on
@@ -34,12 +37,14 @@ if TYPE_CHECKING:
         def start_master(self, not_before: int, release: Optional[str] = None,
                          link: Optional[str] = None) -> procs.Pinned: ...
         def watch(self, master: procs.Pinned) -> None: ...
-        def wait_ready(self, master: procs.Pinned, deadline: float, what: str) -> Any: ...
+        def wait_ready(self, master: procs.Pinned, deadline: float, what: str) -> Steps[Any]: ...
         def retire(self, master: procs.Pinned, keep: Optional[int] = None, grace: Optional[float] = None,
-                   stoppable: bool = False) -> None: ...
-        def tick(self, seconds: float = ...) -> None: ...
-        def wait_exit(self, proc: procs.Pinned, timeout: float, stoppable: bool = False) -> bool: ...
-        def checkpoint(self) -> None: ...
+                   interruptible: bool = False) -> Steps[None]: ...
+        def wait_exit(self, proc: procs.Pinned, timeout: float, interruptible: bool = False) -> Steps[bool]: ...
+        def checkpoint(self) -> None:
+            """Between two steps: a stop, or the reload's client gone, ends the hand-over here."""
+        def commit(self) -> None:
+            """The point of no return: the old master is about to be retired."""
         def server_error(self, pid: int) -> str: ...
 
 
@@ -69,7 +74,7 @@ class Strategy:
             return
         try:
             found = procs.read_pid_file(self.pid_file)
-            if found != old.pid:
+            if found is not None and found != old.pid:     # a missing or empty file names no one to report
                 self.host.log.event("pid-file-repaired", f"pid file {self.pid_file} named {found} instead "
                                    f"of master {old.pid}; rewritten", MASTER_PID=old.pid)
             # Written even when right: the server is about to write beside it, and a
@@ -80,7 +85,7 @@ class Strategy:
             raise ReloadFailed(f"cannot repair pid file {self.pid_file}: {e.strerror or e}") from None
 
     def start_next(self, old: procs.Pinned, started: int, deadline: float,
-                   intended: Optional[str]) -> procs.Pinned:
+                   intended: Optional[str]) -> Steps[procs.Pinned]:
         """Start the next master; `intended` is the real release directory the
         deploy put behind --chdir when the hand-over began."""
         raise NotImplementedError
@@ -114,34 +119,36 @@ class Usr2(Strategy):
         pass
 
     def start_next(self, old: procs.Pinned, started: int, deadline: float,
-                   intended: Optional[str]) -> procs.Pinned:
+                   intended: Optional[str]) -> Steps[procs.Pinned]:
         known: Set[int] = set(procs.children(old.pid))   # the old master's workers
         self.prepare_pid_files(old)
         if not old.signal(self.host.profile.reexec):
             raise ReloadFailed(f"old master {old.pid} exited before the upgrade began")
-        saw_oldbin = False
-        orphan_deadline = None
-        while True:
+        seen = {"oldbin": False, "orphaned_at": None}
+
+        def found(wait: Wait) -> Optional[procs.Pinned]:
             new = self._find(old, known, started)
             if new is not None:
                 return new
             if self.oldbin and os.path.exists(self.oldbin):
-                saw_oldbin = True
-            elif saw_oldbin and procs.read_pid_file(self.pid_file) == old.pid:
+                seen["oldbin"] = True
+            elif seen["oldbin"] and procs.read_pid_file(self.pid_file) == old.pid:
                 # Unicorn reaped its re-exec'd child and put its own pid file back.
                 raise ReloadFailed("new master exited during boot, before it could be watched"
                                    + self.host.server_error(old.pid))
             if not old.alive():
                 # Its child, if it forked one, now belongs to the manager: _find looks
                 # there too, for a moment, before giving up.
-                orphan_deadline = orphan_deadline or time.monotonic() + 0.5
-                if time.monotonic() > orphan_deadline:
+                seen["orphaned_at"] = seen["orphaned_at"] or time.monotonic()
+                if time.monotonic() > seen["orphaned_at"] + 0.5:
                     raise ReloadFailed(f"old master {old.pid} exited before a new master appeared")
-            self.host.checkpoint()
-            if time.monotonic() > deadline:
-                raise ReloadFailed(f"no new master appeared within {self.host.config.ready_timeout:g} s "
-                                   f"of {self.host.profile.reexec.name} to {old.pid} (see the server's log)")
-            self.host.tick(0.02)
+            return None
+
+        def none_appeared(wait: Wait) -> None:
+            raise ReloadFailed(f"no new master appeared within {self.host.config.ready_timeout:g} s "
+                               f"of {self.host.profile.reexec.name} to {old.pid} (see the server's log)")
+        return (yield Wait(f"the re-exec'd child of {old.pid}", found, deadline=deadline, every=0.02,
+                           expired=none_appeared))
 
     def _find(self, old: procs.Pinned, known: Set[int], started: int) -> Optional[procs.Pinned]:
         """The old master's re-exec'd child; if the old master is already gone
@@ -177,7 +184,7 @@ class Spawn(Strategy):
     pins_release = True
 
     def start_next(self, old: procs.Pinned, started: int, deadline: float,
-                   intended: Optional[str]) -> procs.Pinned:
+                   intended: Optional[str]) -> Steps[procs.Pinned]:
         self.prepare_pid_files(old)
         if self.pid_file:
             try:
@@ -190,6 +197,7 @@ class Spawn(Strategy):
             return self.host.start_master(started, intended)
         except ShimError as e:       # e.g. the release's own bin/unicorn is missing
             raise ReloadFailed(str(e)) from None
+        yield  # noqa: unreachable: a generator like every strategy's start_next, though it never waits
 
 
 STRATEGIES = {"usr2": Usr2, "spawn": Spawn}

@@ -8,17 +8,15 @@ says what could not be known here, and never fails the check.
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
-import io
 import os
 import re
 import shlex
 from typing import Dict, List, Optional, Tuple
 
 from shim.runtime import servers
-from shim.tooling import check_setup
+from shim.tooling import check_setup, generator
 from shim.tooling.check_setup import Setup
+from shim.tooling.placement import Place
 from shim.tooling.findings import CANNOT, ERROR, WARNING, Finding, last  # noqa: F401 (CANNOT: part of check's interface)
 
 def _command_words(value: str, env: Dict[str, str]) -> List[str]:
@@ -37,17 +35,7 @@ def _command_words(value: str, env: Dict[str, str]) -> List[str]:
     return words
 
 
-def parse_run_options(words: List[str]) -> Tuple[Optional[argparse.Namespace], str]:
-    """`unicorn-shim run`'s options, read by its own parser."""
-    from shim.options import build_parser
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err):
-            args = build_parser().parse_args(["run", *words])
-    except SystemExit:
-        return None, (err.getvalue().strip().splitlines() or ["invalid options"])[-1]
-    args.command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    return args, ""
+parse_run_options = generator.run_options     # `unicorn-shim run`'s options, read by its own parser
 
 
 def held_addresses(setup: Setup, listen: List[str]) -> List[str]:
@@ -71,8 +59,9 @@ def check(target: str, server_command: Optional[List[str]] = None,
 
 
 def _unit_rules(setup: Setup, server_command: Optional[List[str]], host: bool) -> List[Finding]:
-    from shim.tooling import check_config, check_rules
+    from shim.tooling import check_config, check_release, check_rules
     service = setup.service.get("Service", {})
+    place = Place(setup)
     found: List[Finding] = []
 
     def error(what: str, fix: str) -> None:
@@ -83,10 +72,10 @@ def _unit_rules(setup: Setup, server_command: Optional[List[str]], host: bool) -
 
     if last(service, "Type") != "notify":
         error(f"Type={last(service, 'Type') or 'simple (default)'}: systemd would not wait for the app "
-              "nor learn the master's pid", "Type=notify")
+              "nor learn the master's pid", place.setting("Type", "notify"))
     if last(service, "NotifyAccess") != "all":
         error(f"NotifyAccess={last(service, 'NotifyAccess') or 'none (default)'}: once MAINPID is the "
-              "master, systemd refuses the shim's own messages", "NotifyAccess=all")
+              "master, systemd refuses the shim's own messages", place.setting("NotifyAccess", "all"))
     start = last(service, "ExecStart")
     words = _command_words(start, check_setup.environment_files(service)[0]) if start else []
     if not words or os.path.basename(words[0]) != "unicorn-shim" or words[1:2] != ["run"]:
@@ -95,54 +84,59 @@ def _unit_rules(setup: Setup, server_command: Optional[List[str]], host: bool) -
         return found
     shim, why = parse_run_options(words[2:])
     if shim is None:
-        error(f"ExecStart=: `unicorn-shim run` would refuse its options: {why}", "unicorn-shim run --help")
+        error(f"ExecStart=: `unicorn-shim run` would refuse its options: {why}",
+              f"correct SHIM_OPTIONS= in {place.conf_path} (unicorn-shim run --help)" if place.packaged
+              else "unicorn-shim run --help")
         return found
     command = server_command or shim.command
     reload = last(service, "ExecReload")
     if not reload or "unicorn-shim" not in reload or " reload" not in reload:
         error("no ExecReload= calling `unicorn-shim reload`: `systemctl reload` would not deploy, "
-              "or would not report the outcome", "ExecReload=/usr/bin/unicorn-shim reload")
+              "or would not report the outcome", place.setting("ExecReload", "/usr/bin/unicorn-shim reload"))
     if not last(service, "RuntimeDirectory") and not shim.control:
         error("no RuntimeDirectory=: the control socket has nowhere to live and `unicorn-shim reload` "
-              "cannot find the shim", "RuntimeDirectory=app (any name)")
+              "cannot find the shim", place.setting("RuntimeDirectory", "app (any name)"))
     if not command:
-        error("no server command after `--` in ExecStart=", "... run [options] -- unicorn -c config/unicorn.rb")
+        error("no server command after `--` in ExecStart=", place.command("unicorn -c config/unicorn.rb"))
         return found
     try:
         profile = servers.detect(command, shim.server)
     except Exception as e:   # ShimError: tell it as a finding
-        error(str(e), "add --server unicorn|gunicorn to ExecStart=")
+        error(str(e), f"SERVER=unicorn|gunicorn|puma in {place.conf_path}" if place.packaged
+              else "add --server unicorn|gunicorn|puma to ExecStart=")
         return found
 
     if shim.upgrade == "usr2" and not profile.usr2_carries_sockets:
         error(f"--upgrade usr2: {profile.name}'s own re-exec cannot keep the sockets the shim holds; "
-              "the shim refuses to start", "--upgrade spawn (the default)")
+              "the shim refuses to start",
+              f"remove --upgrade usr2 from {'SHIM_OPTIONS=' if place.packaged else 'ExecStart='} (spawn, the default)")
     graceful = profile.graceful_stop.name
     kill_signal = last(service, "KillSignal") or "SIGTERM"
     if not kill_signal.startswith("SIG"):
         kill_signal = "SIG" + kill_signal
     if kill_signal != graceful:
         error(f"KillSignal={kill_signal}: {profile.name}'s graceful stop is {graceful}; with "
-              f"{kill_signal} `systemctl stop` cuts requests in flight", f"KillSignal={graceful}")
+              f"{kill_signal} `systemctl stop` cuts requests in flight", place.setting("KillSignal", graceful))
     kill_mode = last(service, "KillMode") or "control-group"
     if kill_mode not in ("control-group", "mixed"):
         error(f"KillMode={kill_mode}: stop would leave workers running or signal only the master",
-              "KillMode=control-group")
+              place.setting("KillMode", "control-group"))
     if not last(service, "Restart"):
-        warn("no Restart=: a crashed master is not brought back", "Restart=on-failure")
+        warn("no Restart=: a crashed master is not brought back", place.setting("Restart", "on-failure"))
     for flag in profile.daemon_flags:
         if flag in command[1:]:
             error(f"{flag} in the server command: a daemonized master escapes the shim and its logs go "
-                  "to /dev/null", f"remove {flag}")
+                  "to /dev/null", f"remove {flag} from {'SERVER_COMMAND=' if place.packaged else 'ExecStart='}")
     if "bundle" in map(os.path.basename, command[:1]) and "exec" in command[1:2] \
             and "--keep-file-descriptors" not in command:
         error("`bundle exec` without --keep-file-descriptors closes the sockets the shim hands over",
-              "bundle exec --keep-file-descriptors ...")
+              place.command("bundle exec --keep-file-descriptors ..."))
     context = check_rules.Context(setup, service, shim, command, profile,
                                   held_addresses(setup, shim.listen))
     found += check_rules.unit_rules(context)
     if host:
         found += check_rules.host_rules(context, check_config.ConfigRules)
+        found += check_release.release_rules(context)
     return found
 
 

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 from typing import Any, Dict, List, Optional
 
 from shim.tooling import config_eval
+from shim.tooling.check_release import RUBY_32_GONE
 from shim.tooling.findings import CANNOT, ERROR, WARNING
 from shim.tooling.check_rules import Context, inside, writable_dir
+from shim.runtime.readiness import HOOK_SILENCE
 from shim.runtime.release import config_through
 
 # Unicorn's own check that the pid/log directories are writable runs after the
@@ -37,22 +40,31 @@ class ConfigRules:
     def run(self) -> None:
         who = f" as {self.run_as.name}" if self.run_as and self.e.as_user else ""
         where = f" in {self.ctx.start_dir}" if self.ctx.start_dir else ""
+        if self.v.get("syntax_error"):
+            # The server reads the same file: no environment or gem makes it start.
+            checker = "ruby -c" if self.e.server != "gunicorn" else "python3 -m py_compile"
+            where = self.v["syntax_error"].split(":")[0]
+            self.ctx.add(ERROR, f"the {self.e.server} config has a syntax error: {self.v['syntax_error']}: "
+                         "every master fails to start", f"correct it (`{checker} {where}` shows the same)")
+            return
         if self.e.cannot:
             self.ctx.add(CANNOT, f"the {self.e.server} config: {self.e.cannot}; nothing in it was checked",
-                         f"what `check` ran{who}{where} is what the shim will run: make it load there"
-                         if self.e.server in config_eval.EVALUATED else "")
+                         self.e.by_hand or (f"what `check` ran{who}{where} is what the shim will run: make it "
+                                            "load there" if self.e.server in config_eval.EVALUATED else ""))
             return
         error = self.v.get("error")
         if error and not error.startswith(PATH_CHECK):
             self.ctx.add(CANNOT, f"the {self.e.server} config did not load with the server's own code{who}{where}: "
                          f"{error}; nothing in it was checked",
                          "if it needs the app's gems or environment, give the unit what the shim will give the "
-                         "master (Environment=, the packaged conf's environment), then check again")
+                         f"master ({self._environment_keys()}), then check again")
             return
-        if self.ctx.profile.name == "unicorn":
-            self.unicorn()
-        else:
-            self.gunicorn()
+        {"unicorn": self.unicorn, "gunicorn": self.gunicorn, "puma": self.puma}[self.ctx.profile.name]()
+
+    def _environment_keys(self) -> str:
+        if self.ctx.place.packaged:
+            return f"ENV_NAME= or ENVIRONMENT_FILE= in {self.ctx.place.conf_path}"
+        return "Environment=, EnvironmentFile="
 
     # --- Unicorn ---
 
@@ -62,6 +74,7 @@ class ConfigRules:
         self.release_pinning(self.v.get("working_directory"), "working_directory")
         self.bundler()
         self.oldbin_hook()
+        self.gone_in_ruby_32()
         self.readiness("require \"unicorn_shim\" in the Unicorn config")
         user = self.v.get("user")
         self.privilege_drop(user[0] if user else None, user[1] if user else None)
@@ -80,8 +93,9 @@ class ConfigRules:
                 self.error(f"the config listens on {address}, which the shim does not hold "
                            f"({', '.join(self.ctx.held) or 'nothing'}): each master binds it itself and a "
                            "reload can collide with it",
-                           "remove the `listen` line and give the address to the shim (LISTEN= in the "
-                           "packaged conf, ListenStream= or --listen); the shim passes its sockets with -l")
+                           "remove the `listen` line and give the address to the shim ("
+                           f"{self.ctx.key('ListenStream') if self.ctx.place.packaged else 'ListenStream= or --listen'}"
+                           "); the shim passes its sockets with -l")
             elif self.ctx.chdir and address.startswith(self.ctx.chdir + "/") and not self.ctx.shim.no_fallback \
                     and address not in self._listeners_read_through(os.path.realpath(self.ctx.chdir), address):
                 # The classic APP_PATH-from-__FILE__ config: read through releases/rN, it names the socket
@@ -108,21 +122,23 @@ class ConfigRules:
         gemfile = (hook.get("effect") or {}).get("gemfile")
         current = os.path.join(self.ctx.chdir, "Gemfile")
         fix = (f"before_exec {{ |server| ENV[\"BUNDLE_GEMFILE\"] = \"{current}\" }} in the config, "
-               "or --upgrade spawn")
+               f"or remove --upgrade usr2 from {'SHIM_OPTIONS=' if self.ctx.place.packaged else 'ExecStart='}")
+        # The shim refuses a new master whose BUNDLE_GEMFILE is outside the deployed release.
+        refused = ", and the shim refuses such a master: every reload to another release fails"
         if hook.get("default", True):
             self.error("`bundle exec` under --upgrade usr2 and no before_exec setting BUNDLE_GEMFILE: Bundler "
                        "pins BUNDLE_GEMFILE to the first release's Gemfile (its real path), so every re-exec'd "
-                       "master loads that release's gems", fix)
+                       "master would load that release's gems" + refused, fix)
         elif gemfile is None:
             if "BUNDLE_GEMFILE" not in (hook.get("source") or ""):
                 self.error("`bundle exec` under --upgrade usr2 and the config's before_exec does not set "
-                           "BUNDLE_GEMFILE: every re-exec'd master loads the first release's gems", fix)
+                           "BUNDLE_GEMFILE: every re-exec'd master would load the first release's gems" + refused, fix)
             else:
                 self.ctx.add(CANNOT, "where the config's before_exec points BUNDLE_GEMFILE: "
                              f"{(hook.get('effect') or {}).get('error', 'it did not say')}")
         elif not inside(gemfile, self.ctx.chdir):
             self.error(f"the config's before_exec sets BUNDLE_GEMFILE={gemfile}, outside --chdir "
-                       f"{self.ctx.chdir}: every re-exec'd master loads that release's gems", fix)
+                       f"{self.ctx.chdir}: every re-exec'd master would load that release's gems" + refused, fix)
 
     def oldbin_hook(self) -> None:
         hook = self.v.get("hooks", {}).get("before_fork") or {}
@@ -132,6 +148,18 @@ class ConfigRules:
             self.ctx.add(WARNING, f"the before_fork hook QUITs the .oldbin master: {stall}the old master is gone "
                          "before the shim knows the new release is good (no rollback with preload_app false)",
                          "remove the hook: the shim retires the old master once the new one serves")
+
+    def gone_in_ruby_32(self) -> None:
+        version = self.v.get("ruby_version") or "0"
+        if tuple(int(x) for x in re.findall(r"\d+", version)[:2]) < (3, 2):
+            return
+        for name, hook in sorted(self.v.get("hooks", {}).items()):
+            if RUBY_32_GONE.search(hook.get("source") or ""):
+                # Measured on Debian 13: a before_fork that raises takes the master down at its first fork.
+                effect = ("the master dies before its first worker starts" if name == "before_fork"
+                          else "it raises NoMethodError each time it runs")
+                self.ctx.add(ERROR, f"the config's {name} calls File.exists?, which this Ruby ({version}) no "
+                             f"longer has (gone since 3.2): {effect}", "File.exist? in the config")
 
     # --- Gunicorn ---
 
@@ -147,7 +175,21 @@ class ConfigRules:
                 user = str(uid)
             self.privilege_drop(user, str(gid))
 
-    # --- both ---
+    # --- Puma ---
+
+    def puma(self) -> None:
+        self.pid_file(self.v.get("pidfile"))
+        self.release_pinning(self.v.get("directory"), "directory")
+        if not self.v.get("workers"):
+            self.error("Puma would run in single mode (workers 0): the shim judges readiness by the master's "
+                       "workers, and there are none, so every start and reload fails at --ready-timeout",
+                       "workers 2 (or more) in the Puma config")
+        if self.v.get("fork_worker"):
+            self.error("fork_worker: Puma's workers are then children of worker 0, not of the master, and "
+                       "the shim cannot follow them", "remove fork_worker from the Puma config")
+        self.readiness('require "unicorn_shim_puma" in the Puma config')
+
+    # --- all ---
 
     def pid_file(self, pid: Optional[str]) -> None:
         mine = os.path.abspath(self.ctx.shim.pid_file) if self.ctx.shim.pid_file else None
@@ -155,7 +197,7 @@ class ConfigRules:
         if pid and (not mine or os.path.realpath(pid) != os.path.realpath(mine)):
             self.error(f"the config's pid file {pid} is not the shim's --pid-file ({mine or 'not given'}): "
                        "the shim cannot keep it truthful for the server and its hooks",
-                       f"--pid-file {pid} (PID_FILE= in the packaged conf), or the config's pid set to "
+                       f"{self.ctx.place.option('--pid-file ' + pid)}, or the config's pid set to "
                        f"{mine or 'the --pid-file'}")
 
     def release_pinning(self, directory: Optional[str], setting: str) -> None:
@@ -187,12 +229,13 @@ class ConfigRules:
     def privilege_drop(self, user: Optional[str], group: Optional[str]) -> None:
         if not user or user == "None":
             return
+        place = self.ctx.place
         unit_user = self.run_as.name if self.run_as else None
         if unit_user and unit_user != "root":
             if user not in (unit_user, str(self.run_as.uid)):
                 self.error(f"the config makes workers run as {user}, but the master runs as {unit_user} "
-                           "(User=), which cannot switch users: every worker dies at boot",
-                           f"remove `user` from the config, or User={user}")
+                           f"({place.key('User')}), which cannot switch users: every worker dies at boot",
+                           f"remove `user` from the config, or {place.setting('User', user)}")
             return
         mode_text = (self.ctx.service.get("RuntimeDirectoryMode") or ["0755"])[-1]
         try:
@@ -200,10 +243,12 @@ class ConfigRules:
         except ValueError:
             return
         if self.v.get("readiness_hook") and self.ctx.runtime_dirs and not mode & 0o001:
-            self.error(f"a root master whose workers run as {user}: they cannot reach the readiness socket in "
-                       f"{self.ctx.runtime_dirs[0]} (RuntimeDirectoryMode={mode_text}), so their reports are "
-                       "lost and every boot and reload waits for --ready-timeout",
-                       f"User={user} in the unit (the shim needs no root), or RuntimeDirectoryMode=0751")
+            # Measured: the shim waits HOOK_SILENCE for reports that never come, then trusts the heuristic.
+            self.ctx.add(WARNING, f"a root master whose workers run as {user}: they cannot reach the readiness "
+                         f"socket in {self.ctx.runtime_dirs[0]} (RuntimeDirectoryMode={mode_text}), so their "
+                         f"reports are lost and each boot and reload waits {HOOK_SILENCE:g} s more, then "
+                         "judges readiness by the heuristic",
+                         f"{place.setting('User', user)} and remove `user` from the config: the shim needs no root")
 
 
 def _held(address: str, held: List[str]) -> bool:

@@ -11,20 +11,21 @@ import json
 import os
 import pwd
 import re
+import shlex
 import sys
 import subprocess
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from shim.tooling import config_eval
+from shim.tooling import config_eval, generator
 from shim.tooling.findings import CANNOT, ERROR, WARNING, Finding, last
 from shim.tooling.check_setup import SYSTEMD_PATH, Setup, environment_files
+from shim.tooling.placement import Place
 from shim.runtime.readiness import hook_environment
 from shim.runtime.release import config_through
 from shim.runtime.servers import ServerProfile
 
 DEFAULT_TIMEOUT_START = 90.0      # systemd's DefaultTimeoutStartSec=
-STATE_ROOT = "/var/lib/unicorn-shim"
 _SPAN_UNITS = {"us": 1e-6, "usec": 1e-6, "ms": 1e-3, "msec": 1e-3, "": 1.0, "s": 1.0, "sec": 1.0,
                "second": 1.0, "seconds": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0, "minutes": 60.0,
                "h": 3600.0, "hr": 3600.0, "hour": 3600.0, "hours": 3600.0, "d": 86400.0, "day": 86400.0,
@@ -43,6 +44,7 @@ class Context:
     profile: ServerProfile
     held: List[str]
     found: List[Finding] = field(default_factory=list)
+    env: Dict[str, str] = field(default_factory=dict)     # the master's environment, once host_rules knows it
 
     @property
     def upgrade(self) -> str:
@@ -77,6 +79,13 @@ class Context:
     @property
     def runtime_dirs(self) -> List[str]:
         return [os.path.join("/run", d) for v in self.service.get("RuntimeDirectory", []) for d in v.split()]
+
+    @property
+    def place(self) -> Place:
+        return Place(self.setup)
+
+    def key(self, unit_key: str) -> str:
+        return self.place.key(unit_key)
 
     def add(self, level: str, what: str, fix: str = "") -> None:
         self.found.append(Finding(level, what, fix))
@@ -114,15 +123,15 @@ def _timeouts(ctx: Context) -> None:
         return
     ready, retire = ctx.shim.ready_timeout, ctx.shim.retire_timeout
     setting = f"TimeoutStartSec={text or '90s (default)'}"
+    fix = ctx.place.setting("TimeoutStartSec", str(generator.job_timeout(ctx.shim)))
     if ready >= limit:
         ctx.add(ERROR, f"--ready-timeout {ready:g} s is not below {setting}: systemd kills a slow start or "
                 "reload before the shim can give up and say why",
-                f"TimeoutStartSec={int(ready + retire + 30)} (or a lower --ready-timeout)")
+                fix + ("" if ctx.place.packaged else " (or a lower --ready-timeout)"))
     elif ready + retire > limit:
         ctx.add(WARNING, f"--ready-timeout {ready:g} s + --retire-timeout {retire:g} s is more than {setting}, "
                 "which also bounds ExecReload=: a reload that needs both in full is killed by systemd, which "
-                "reports it as failed while the shim carries on",
-                f"TimeoutStartSec={int(ready + retire + 30)}")
+                "reports it as failed while the shim carries on", fix)
 
 
 def _sockets_in_runtime_directory(ctx: Context) -> None:
@@ -142,7 +151,17 @@ def _sockets_in_runtime_directory(ctx: Context) -> None:
             elif mode_text.isdigit() and not int(mode_text, 8) & 0o001:
                 ctx.add(WARNING, f"the socket {address} is in {directory} (RuntimeDirectoryMode={mode_text}): "
                         "only the unit's user and group can reach it, not a web server running as www-data",
-                        "RuntimeDirectoryMode=0751, or add the web server's user to the unit's group")
+                        _socket_outside(ctx, address))
+
+
+def _socket_outside(ctx: Context, address: str) -> str:
+    if ctx.place.packaged:
+        return (f"LISTEN=unix:/run/unicorn-shim/{ctx.setup.app}.sock in {ctx.place.conf_path} instead of --listen "
+                "in SHIM_OPTIONS=: its socket unit owns it (group www-data, mode 0660; SOCKET_GROUP=, SOCKET_MODE=)")
+    group = last(ctx.service, "Group") or last(ctx.service, "User") or "GROUP"
+    return (f"let a .socket unit own it (ListenStream=/run/{os.path.basename(address)}, SocketGroup=www-data, "
+            f"SocketMode=0660), or let the web server in through the unit's group: adduser www-data {group}, "
+            "with RuntimeDirectoryMode=0750")
 
 
 # --- rules on this machine --------------------------------------------------------------------
@@ -150,31 +169,35 @@ def _sockets_in_runtime_directory(ctx: Context) -> None:
 def host_rules(ctx: Context, config_rules: Any) -> List[Finding]:
     """`config_rules`: check_config.ConfigRules, the rules on the server's evaluated config."""
     ctx.found = []
-    run_as = _run_as(ctx)
+    run_as, unknown = _run_as(ctx)
     env, env_uncertain = _environment(ctx, run_as)
+    ctx.env = env
     _directories(ctx, run_as)
     _server_command(ctx, run_as, env)
     if ctx.shim.pid_file:
         writable_dir(ctx, run_as, ctx.shim.pid_file, "--pid-file")
     if ctx.app_dir is None or os.path.isdir(ctx.app_dir):
-        evaluation = config_eval.evaluate(ctx.profile, ctx.server_command, ctx.start_dir, env, run_as)
+        if run_as is None:
+            evaluation = config_eval.refused(ctx.profile, unknown, _by_hand(ctx, env, unknown))
+        else:
+            evaluation = config_eval.evaluate(ctx.profile, ctx.server_command, ctx.start_dir, env, run_as)
         config_rules(ctx, run_as, evaluation, env_uncertain, env).run()
-    _last_release(ctx)
     return ctx.found
 
 
-def _run_as(ctx: Context) -> Optional[config_eval.RunAs]:
+def _run_as(ctx: Context) -> Tuple[Optional[config_eval.RunAs], str]:
+    """The unit's user, or (None, why it cannot be told here)."""
     if (last(ctx.service, "DynamicUser") or "no").lower() in ("yes", "true", "1", "on"):
         ctx.add(CANNOT, "DynamicUser=: the unit's user exists only while it runs; what it may read and write "
                 "is not checked")
-        return None
+        return None, "DynamicUser=yes: the unit's user exists only while it runs"
     user = last(ctx.service, "User") or "root"
     try:
         entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
     except KeyError:
         ctx.add(ERROR, f"User={user}: no such user; systemd fails the start with status=217/USER",
-                f"adduser --system --group --home /srv/{user} {user} (or correct User=)")
-        return None
+                f"adduser --system --group --home /srv/{user} {user} (or correct {ctx.key('User')})")
+        return None, f"User={user} is no user on this machine"
     group = last(ctx.service, "Group")
     gid = entry.pw_gid
     if group:
@@ -182,8 +205,8 @@ def _run_as(ctx: Context) -> Optional[config_eval.RunAs]:
             gid = grp.getgrgid(int(group)).gr_gid if group.isdigit() else grp.getgrnam(group).gr_gid
         except KeyError:
             ctx.add(ERROR, f"Group={group}: no such group; systemd fails the start with status=216/GROUP",
-                    f"addgroup --system {group} (or correct Group=)")
-            return None
+                    f"addgroup --system {group} (or correct {ctx.key('Group')})")
+            return None, f"Group={group} is no group on this machine"
     extra = []
     for value in ctx.service.get("SupplementaryGroups", []):
         for name in value.split():
@@ -192,12 +215,31 @@ def _run_as(ctx: Context) -> Optional[config_eval.RunAs]:
             except KeyError:
                 ctx.add(ERROR, f"SupplementaryGroups={name}: no such group; systemd fails the start with "
                         "status=216/GROUP", f"addgroup --system {name}")
-    extra += [g.gr_gid for g in grp.getgrall() if entry.pw_name in g.gr_mem and g.gr_gid not in extra]
+    extra += [g for g in os.getgrouplist(entry.pw_name, gid) if g not in extra]
     run_as = config_eval.RunAs(entry.pw_name, entry.pw_uid, gid, extra)
     if not run_as.can_switch:
         ctx.add(CANNOT, f"what {entry.pw_name} may read, write and run: this check runs as uid {os.geteuid()} "
                 "and cannot become it", "run the check as root")
-    return run_as
+    return run_as, ""
+
+
+def _by_hand(ctx: Context, env: Dict[str, str], unknown: str) -> str:
+    """How an operator sees the config load as the unit's own user, where check will not run it
+    (`unknown`: why _run_as could not tell who that is)."""
+    key = unknown.split("=", 1)[0]
+    if key != "DynamicUser":       # User= or Group=, not on this machine
+        return f"correct {ctx.key(key)} (or create that {key.lower()}), then check again"
+    argv, _why = config_eval.evaluator_argv(ctx.profile, ctx.server_command, ctx.start_dir, env)
+    if argv is None:
+        return (f"start it where a failure costs nothing (systemctl start {ctx.setup.name or 'UNIT'}) "
+                f"and read journalctl -u {ctx.setup.name or 'UNIT'}")
+    words = ["systemd-run", "--wait", "--pipe", "-p", "DynamicUser=yes",
+             *[f"-p{key}={value}" for key in ("EnvironmentFile", "Environment")
+               for value in ctx.service.get(key, [])],
+             *[f"-E{key}={value}" for key, value in hook_environment({}).items()],
+             f"--working-directory={ctx.start_dir or '/'}", "--", *argv]
+    return "run what check would, as a dynamic user (it prints the config as the server loads it): " + \
+        shlex.join(words)
 
 
 def _environment(ctx: Context, run_as: Optional[config_eval.RunAs]) -> Tuple[Dict[str, str], bool]:
@@ -255,7 +297,8 @@ def _directories(ctx: Context, run_as: Optional[config_eval.RunAs]) -> None:
         return
     if not os.path.isdir(chdir):
         ctx.add(ERROR, f"--chdir {chdir}: not a directory (the shim refuses to start)",
-                "deploy a release and point the symlink at it, or correct --chdir (APP_DIR= in the packaged conf)")
+                "deploy a release and point the symlink at it, or correct " + ctx.place.key("WorkingDirectory")
+                if ctx.place.packaged else "deploy a release and point the symlink at it, or correct --chdir")
         return
     allowed = _probe(run_as, [(chdir, "rx")])
     if run_as and allowed is not None and not allowed[0]:
@@ -269,8 +312,9 @@ def _server_command(ctx: Context, run_as: Optional[config_eval.RunAs], env: Dict
     where = f"in {ctx.app_dir}" if "/" in word and not os.path.isabs(word) else f"on PATH={env['PATH']}"
     if not path or not os.path.exists(path):
         ctx.add(ERROR, f"the server command {word!r} does not exist {where}: the shim exits 5 at start",
-                "give its absolute path, or the path relative to --chdir (e.g. venv/bin/gunicorn, bin/unicorn), "
-                "or set PATH with Environment=")
+                ctx.place.command("its path relative to the release (e.g. venv/bin/gunicorn, bin/unicorn) or "
+                                  "its absolute path") +
+                (f", or ENV_PATH= in {ctx.place.conf_path}" if ctx.place.packaged else ", or PATH in Environment="))
         return
     allowed = _probe(run_as, [(path, "x")])
     if (allowed is not None and not allowed[0]) or (allowed is None and not os.access(path, os.X_OK)):
@@ -284,44 +328,11 @@ def writable_dir(ctx: Context, run_as: Optional[config_eval.RunAs], path: str, w
         return          # systemd creates it for the unit's user at each start
     if not os.path.isdir(directory):
         ctx.add(ERROR, f"{what} {path}: the directory {directory} does not exist",
-                f"mkdir -p {directory} && chown {run_as.name if run_as else 'USER'} {directory}, "
-                "or use the unit's RuntimeDirectory=")
+                f"mkdir -p {directory} && chown {run_as.name if run_as else 'USER'} {directory}, or a path in "
+                + (f"/run/unicorn-shim/{ctx.setup.app}/, the service's runtime directory" if ctx.place.packaged
+                   else "the unit's RuntimeDirectory="))
         return
     allowed = _probe(run_as, [(directory, "wx")])
     if allowed is not None and not allowed[0] and run_as:
         ctx.add(ERROR, f"{what} {path}: {run_as.name} cannot write in {directory}",
                 f"chown {run_as.name} {directory}")
-
-
-def _last_release(ctx: Context) -> None:
-    if not ctx.chdir or not os.path.isdir(ctx.chdir):
-        return
-    path = _state_file(ctx)
-    try:
-        with open(path) as f:
-            state: Dict[str, Any] = json.load(f)
-    except FileNotFoundError:
-        ctx.add(CANNOT, f"whether {ctx.chdir} points at a release that failed its last reload: no record "
-                f"at {path} (none yet, or the shim has not reloaded this app)")
-        return
-    except (OSError, ValueError) as e:
-        ctx.add(CANNOT, f"whether {ctx.chdir} points at a release that failed its last reload: {path}: {e}")
-        return
-    real = os.path.realpath(ctx.chdir)
-    failed, good = state.get("last_failed_release"), state.get("last_good_release")
-    if failed and os.path.realpath(failed) == real and (not good or os.path.realpath(good) != real):
-        serving = f"; the running master serves {good}" if good else ""
-        ctx.add(ERROR, f"{ctx.chdir} points at {real}, the release whose last reload failed{serving}: a restart "
-                "or reboot would start the broken release",
-                (f"flip it back: ln -sfn {good} {ctx.chdir}.tmp && mv -T {ctx.chdir}.tmp {ctx.chdir}, or "
-                 if good else "") + "deploy a fixed release and reload")
-
-
-def _state_file(ctx: Context) -> str:
-    if os.environ.get("STATE_DIRECTORY"):
-        return os.path.join(os.environ["STATE_DIRECTORY"].split(":")[0], "state.json")
-    state_dirs = [d for v in ctx.service.get("StateDirectory", []) for d in v.split()]
-    if state_dirs:
-        return os.path.join("/var/lib", state_dirs[0], "state.json")
-    name = ctx.setup.app or (ctx.setup.name or "app").rsplit(".", 1)[0]
-    return os.path.join(STATE_ROOT, name, "state.json")

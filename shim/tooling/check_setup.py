@@ -42,6 +42,7 @@ class Setup:
     conf: Optional[Dict[str, str]] = None    # its APP.conf
     problems: List[Tuple[str, str, str]] = field(default_factory=list)   # (level, what, fix)
     socket_known: bool = True                # False: a lone unit file, its socket unit not seen
+    conf_path: Optional[str] = None          # the packaged app's APP.conf: where its fixes go
 
 
 def parse_unit(text: str, sections: Optional[Sections] = None) -> Sections:
@@ -204,7 +205,8 @@ def _load_app(app: str, conf_path: str) -> Setup:
                          "is the unicorn-shim package installed?")
     return Setup(f"{service_name} ({conf_path})", service_name,
                  parse_unit(expand_specifiers(service_text, service_name)),
-                 parse_unit(expand_specifiers(socket_text or "", socket_name)), app, conf, problems)
+                 parse_unit(expand_specifiers(socket_text or "", socket_name)), app, conf, problems,
+                 conf_path=conf_path)
 
 
 def environment_files(service: Dict[str, List[str]]) -> Tuple[Dict[str, str], List[str]]:

@@ -26,12 +26,18 @@ MARK = "unicorn-shim-eval: "
 TIMEOUT = 20.0
 UNICORN_WORDS = ("unicorn", "unicorn_rails")
 GUNICORN_WORDS = ("gunicorn", "gunicorn3")
-EVALUATED = ("unicorn", "gunicorn")       # the servers whose config check loads with their own code
+RUBY_SERVERS = {"unicorn": (UNICORN_WORDS, ("-E", "--env"), []),
+                "puma": (("puma",), ("-e", "--environment"), ["--puma"])}   # words, env flags, evaluator mode
+EVALUATED = ("unicorn", "gunicorn", "puma")   # the servers whose config check loads with their own code
 
 
 @dataclass
 class RunAs:
-    """Who runs the server's master, and whether this process can become it."""
+    """Who runs the server's master, and whether this process can become it.
+
+    Release code (the server's config, a Gemfile) is run only as this user: as
+    root with the unit's groups, gid and uid set before the exec, or by the
+    user itself. Anyone else would run it with privileges the service lacks."""
     name: str
     uid: int
     gid: int
@@ -42,7 +48,10 @@ class RunAs:
         return os.geteuid() == 0 or os.geteuid() == self.uid
 
     def popen_args(self) -> Dict[str, Any]:
-        if os.geteuid() != 0 or self.uid == os.geteuid():
+        """subprocess's setgroups, setgid, setuid in the child, before the exec."""
+        if not self.can_switch:
+            raise PermissionError(f"uid {os.geteuid()} cannot become {self.name}")
+        if os.geteuid() == self.uid:
             return {}
         return {"user": self.uid, "group": self.gid, "extra_groups": self.groups}
 
@@ -53,6 +62,7 @@ class Evaluation:
     values: Dict[str, Any]              # the evaluator's report
     cannot: Optional[str] = None        # why nothing could be evaluated
     as_user: bool = False               # evaluated as the unit's user
+    by_hand: str = ""                   # how to see it another way, when it was not evaluated
 
     @property
     def unset_env(self) -> List[str]:
@@ -104,18 +114,21 @@ def evaluator_argv(profile: ServerProfile, command: Sequence[str], app_dir: Opti
     """The command that evaluates the config with the server's interpreter, or (None, why not)."""
     path = env.get("PATH", os.defpath)
     if profile.name not in EVALUATED:
-        return None, f"`check` evaluates {' and '.join(EVALUATED)} configs, not {profile.name}'s"
-    if profile.name == "unicorn":
-        index = _server_index(command, UNICORN_WORDS)
+        return None, f"`check` evaluates {', '.join(EVALUATED)} configs, not {profile.name}'s"
+    if profile.name in RUBY_SERVERS:
+        words, env_flags, mode = RUBY_SERVERS[profile.name]
+        index = _server_index(command, words)
         if index is None:
-            return None, "the command does not name unicorn"
+            return None, f"the command does not name {profile.name}"
         script = os.path.join(HOOKS_DIR, "ruby", "unicorn_shim_eval.rb")
         rack_env = ""
         args = list(command[index + 1:])
         for i, word in enumerate(args):
-            if word in ("-E", "--env") and i + 1 < len(args):
+            if word in env_flags and i + 1 < len(args):
                 rack_env = args[i + 1]
-        tail = [script, config_option(profile, command) or "", rack_env]
+            elif word.startswith(env_flags[-1] + "="):
+                rack_env = word.split("=", 1)[1]
+        tail = [script, *mode, config_option(profile, command) or "", rack_env]
         prefix = list(command[:index])
         if prefix and os.path.basename(prefix[0]) == "bundle" and "exec" in prefix:
             bundle = resolve_executable(prefix[0], app_dir, path)
@@ -150,13 +163,17 @@ def evaluator_argv(profile: ServerProfile, command: Sequence[str], app_dir: Opti
 
 
 def evaluate(profile: ServerProfile, command: Sequence[str], app_dir: Optional[str], env: Dict[str, str],
-             run_as: Optional[RunAs], timeout: float = TIMEOUT) -> Evaluation:
-    """Load the config of `command` with the server's own code, in `app_dir`, with `env`, as `run_as`."""
+             run_as: RunAs, timeout: float = TIMEOUT) -> Evaluation:
+    """Load the config of `command` with the server's own code, in `app_dir`, with `env`, as `run_as`
+    (never as anyone else: see refused())."""
     profile_name = profile.name
     argv, why = evaluator_argv(profile, command, app_dir, env)
     if argv is None:
         return Evaluation(profile_name, {}, why)
-    as_user = run_as is not None and run_as.can_switch
+    if not run_as.can_switch:
+        return refused(profile, f"this check runs as uid {os.geteuid()} and the unit as {run_as.name}",
+                       f"check as root (it evaluates as {run_as.name}), or as {run_as.name} itself")
+    as_user = True
     # Bundler resolves and writes a missing Gemfile.lock: a check must not change the release.
     env = dict(env, BUNDLE_FROZEN="true")
     if app_dir and not os.path.isdir(app_dir):
@@ -164,7 +181,7 @@ def evaluate(profile: ServerProfile, command: Sequence[str], app_dir: Optional[s
     try:
         process = subprocess.Popen(argv, cwd=app_dir or "/", env=env, stdin=subprocess.DEVNULL,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                   start_new_session=True, **(run_as.popen_args() if run_as else {}))
+                                   start_new_session=True, **run_as.popen_args())
     except (OSError, subprocess.SubprocessError) as e:
         return Evaluation(profile_name, {}, f"cannot run {argv[0]}: {e}", as_user)
     try:
@@ -179,5 +196,11 @@ def evaluate(profile: ServerProfile, command: Sequence[str], app_dir: Optional[s
             return Evaluation(profile_name, values, values.get("cannot"), as_user)
     lines = [line for line in err.strip().splitlines() if line.strip()] or [f"exit status {process.returncode}"]
     # Ruby prints the exception first and the backtrace after it; Python the traceback, then the exception.
-    reason = lines[0] if profile_name == "unicorn" else lines[-1]
+    reason = lines[0] if profile_name in RUBY_SERVERS else lines[-1]
     return Evaluation(profile_name, {}, f"{' '.join(argv[:2])} failed: {reason[:300]}", as_user)
+
+
+def refused(profile: ServerProfile, why: str, by_hand: str) -> Evaluation:
+    """Not evaluated: the config is release code, and this check runs it only as the unit's user."""
+    return Evaluation(profile.name, {}, f"not evaluated: {why}; check runs release code only as the unit's user",
+                      by_hand=by_hand)

@@ -13,24 +13,31 @@ APP.conf, shell-style KEY=VALUE lines (an unknown key is an error):
     USER=myapp                          # default: the app's name
     GROUP=myapp                         # default: USER
     PID_FILE=/run/unicorn-shim/myapp/server.pid   # must match the server's config
-    SHIM_OPTIONS=--ready-timeout 120    # more `unicorn-shim run` options
+    SHIM_OPTIONS=--ready-timeout 120    # more `unicorn-shim run` options (TimeoutStartSec= follows them)
     FALLBACK=no                         # never boot the last good release instead (default yes)
     ENV_SECRET_KEY_BASE=...             # Environment=SECRET_KEY_BASE=... for the server
     ENVIRONMENT_FILE=/etc/myapp.env     # EnvironmentFile= (a leading - : optional)
     SOCKET_USER=, SOCKET_GROUP=, SOCKET_MODE=   # unix sockets: default USER, www-data, 0660
+
+TimeoutStartSec=, which also bounds each `systemctl reload`, is derived from
+SHIM_OPTIONS=: --ready-timeout + --retire-timeout + 30 s (150 by default), so
+that systemd never kills a start or reload the shim is still working on.
 
 Values are escaped for systemd (`%`, `$`, quotes, backslashes): what the conf
 says is what the server gets. Control characters are refused.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import grp
+import io
 import os
 import re
 import shlex
 import stat
 import sys
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 from shim.runtime import servers
 from shim.errors import ShimError
@@ -56,6 +63,26 @@ ENV_PREFIX = "ENV_"
 COMMANDS = ("SERVER_COMMAND", "SHIM_OPTIONS")
 # Debian's nginx and Apache run as www-data: a unix socket they can reach by default.
 WEB_SERVER_GROUP = "www-data"
+# What a start or reload job needs beyond the shim's own timeouts: the master's exec, the shim's answer.
+JOB_MARGIN = 30
+
+
+def run_options(words: List[str]) -> Tuple[Optional[argparse.Namespace], str]:
+    """`unicorn-shim run WORDS` as its own parser reads them, or (None, its complaint)."""
+    from shim.options import build_parser
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            args = build_parser().parse_args(["run", *words])
+    except SystemExit:
+        return None, (err.getvalue().strip().splitlines() or ["invalid options"])[-1]
+    args.command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    return args, ""
+
+
+def job_timeout(options: argparse.Namespace) -> int:
+    """The TimeoutStartSec= (seconds) under which systemd never cuts a start or reload the shim is still in."""
+    return int(options.ready_timeout + options.retire_timeout + JOB_MARGIN)
 
 
 def parse_conf(text: str) -> Dict[str, str]:
@@ -178,6 +205,9 @@ def dropins(app: str, conf: Dict[str, str]) -> Dict[str, str]:
     argv = [SHIM, "run", "--pid-file", pid_file, "--chdir", conf["APP_DIR"],
             *(["--no-fallback"] if fallback == "no" else []),
             *shlex.split(conf.get("SHIM_OPTIONS", "")), "--", *command]
+    options, why = run_options(argv[2:])
+    if options is None:
+        raise ConfError(f"SHIM_OPTIONS={conf.get('SHIM_OPTIONS', '')}: unicorn-shim run would refuse it: {why}")
     environment = [_environment(key[len(ENV_PREFIX):], value) for key, value in sorted(conf.items())
                    if key.startswith(ENV_PREFIX)]
     if conf.get("ENVIRONMENT_FILE"):
@@ -187,7 +217,7 @@ def dropins(app: str, conf: Dict[str, str]) -> Dict[str, str]:
     service = "\n".join([
         f"# generated from {CONF_DIR}/{app}.conf by unicorn-shim-generator", "[Service]",
         f"User={user}", f"Group={group}", f"WorkingDirectory={app_dir}", *environment,
-        f"KillSignal={profile.graceful_stop.name}",
+        f"KillSignal={profile.graceful_stop.name}", f"TimeoutStartSec={job_timeout(options)}",
         "ExecStart=", "ExecStart=" + " ".join(_exec_word(w) for w in argv), ""])
     streams = [_listen_stream(app, a) for a in conf["LISTEN"].split()]
     mode = conf.get("SOCKET_MODE", "0660")

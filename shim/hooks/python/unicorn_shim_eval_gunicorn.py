@@ -62,10 +62,20 @@ def main(argv):
 
     os.environ.__class__.__getitem__ = getitem
 
+    syntax = []
+
     class Probe(WSGIApplication):
         def get_config_from_filename(self, filename):
             config_files.add(filename)
             config_files.add(os.path.abspath(filename))
+            # Gunicorn's loader reports a syntax error without its place: compile first to name it.
+            try:
+                with open(filename, "rb") as f:
+                    compile(f.read(), filename, "exec")
+            except SyntaxError as e:
+                syntax.append("%s:%s: %s" % (e.filename, e.lineno, e.msg))
+            except (OSError, ValueError):
+                pass
             return super().get_config_from_filename(filename)
 
     sys.argv = ["gunicorn"] + argv
@@ -85,7 +95,8 @@ def main(argv):
         sys.stderr = real_stderr
         os.environ.__class__.__getitem__ = real_getitem
     if app is None:
-        report({"cannot": "Gunicorn's config loader failed: %s" % error}, out)
+        report({"cannot": "Gunicorn's config loader failed: %s" % error,
+                "syntax_error": syntax[0] if syntax else None}, out)
         return
     cfg = app.cfg
     settings = cfg.settings

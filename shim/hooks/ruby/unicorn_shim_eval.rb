@@ -1,6 +1,7 @@
-# `unicorn-shim check` runs this to see a Unicorn config as Unicorn sees it:
+# `unicorn-shim check` runs this to see a Unicorn (or Puma) config as the server sees it:
 #
 #   ruby unicorn_shim_eval.rb CONFIG_FILE [RACK_ENV]
+#   ruby unicorn_shim_eval.rb --puma CONFIG_FILE [RACK_ENV]
 #
 # run as the unit's user, in the app directory, with the environment the shim
 # gives its masters. It loads the config with Unicorn's own Configurator (the
@@ -108,12 +109,28 @@ module UnicornShimEval
     value.is_a?(String) ? File.expand_path(value) : nil
   end
 
-  def self.run(config_file, rack_env)
+  def self.prepare(config_file, rack_env)
     self.config_file = config_file
     ENV["RACK_ENV"] = rack_env if rack_env && !rack_env.empty?
     ENV["RACK_ENV"] ||= "development"
     ENV.singleton_class.prepend(EnvWatch)
     $stdout = $stderr # what the config prints must not mix with the report
+  end
+
+  # Runs the server's own loading of the config: [error, syntax error], nil when it loaded.
+  def self.load_config
+    yield
+    [nil, nil]
+  rescue SyntaxError => e
+    syntax_error = e.message.lines.first.to_s.strip
+    ["SyntaxError: #{syntax_error}", syntax_error]
+  rescue Exception => e # rubocop:disable Lint/RescueException
+    where = (e.backtrace || []).find { |l| l.start_with?(config_file) }
+    ["#{e.class}: #{e.message}#{where ? " (#{where})" : ''}", nil]
+  end
+
+  def self.run(config_file, rack_env)
+    prepare(config_file, rack_env)
     begin
       require "unicorn"
     rescue LoadError => e
@@ -121,14 +138,8 @@ module UnicornShimEval
     end
     Unicorn::Configurator.prepend(WorkdirWatch)
     config = Unicorn::Configurator.allocate
-    error = nil
-    begin
-      # What Unicorn::HttpServer.new does with `-c FILE`.
-      config.send(:initialize, config_file: config_file, use_defaults: true)
-    rescue Exception => e # rubocop:disable Lint/RescueException
-      where = (e.backtrace || []).find { |l| l.start_with?(config_file) }
-      error = "#{e.class}: #{e.message}#{where ? " (#{where})" : ''}"
-    end
+    # What Unicorn::HttpServer.new does with `-c FILE`.
+    error, syntax_error = load_config { config.send(:initialize, config_file: config_file, use_defaults: true) }
     set = config.set
     unless set.is_a?(Hash)
       return report("cannot" => "loading #{config_file} failed: #{error}")
@@ -148,6 +159,8 @@ module UnicornShimEval
     report(
       "unicorn_version" => Unicorn::Const::UNICORN_VERSION,
       "error" => error,
+      "syntax_error" => syntax_error,
+      "ruby_version" => RUBY_VERSION,
       "config_file" => config_file,
       "working_directory" => config.shim_working_directory,
       "cwd" => Dir.pwd,
@@ -164,6 +177,38 @@ module UnicornShimEval
       "env_reads" => ENV_READS,
     )
   end
+
+  # Puma's config, as Puma::CLI loads it: Puma::Configuration with the -C file.
+  def self.run_puma(config_file, rack_env)
+    prepare(config_file, rack_env)
+    begin
+      require "puma"
+      require "puma/configuration"
+    rescue LoadError => e
+      return report("cannot" => "Puma cannot be loaded by #{RbConfig.ruby}: #{e.message}")
+    end
+    files = config_file.to_s.empty? ? [] : [config_file]
+    conf = Puma::Configuration.new(config_files: files)
+    error, syntax_error = load_config { conf.load }
+    options = conf.options
+    report(
+      "puma_version" => Puma::Const::PUMA_VERSION,
+      "error" => error,
+      "syntax_error" => syntax_error,
+      "ruby_version" => RUBY_VERSION,
+      "cwd" => Dir.pwd,
+      "pidfile" => path(options[:pidfile]),
+      "workers" => options[:workers],
+      "fork_worker" => !!options[:fork_worker],
+      "directory" => path(options[:directory]),
+      "readiness_hook" => !!defined?(UnicornShimPuma),
+      "env_reads" => ENV_READS,
+    )
+  end
 end
 
-UnicornShimEval.run(ARGV[0], ARGV[1])
+if ARGV[0] == "--puma"
+  UnicornShimEval.run_puma(ARGV[1], ARGV[2])
+else
+  UnicornShimEval.run(ARGV[0], ARGV[1])
+end
