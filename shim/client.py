@@ -1,7 +1,7 @@
 """`unicorn-shim reload` and `status`: find a running shim's control socket and talk to it.
 
 ExecReload= starts this once per deploy, for many apps at once on a busy host,
-so it imports only os, sys, socket, json and pwd/grp (for error messages): not
+so it imports only os, sys, signal, socket, json and pwd/grp (for error messages): not
 psutil, systemd-python, nor the argparse parser that `run` needs.
 shim/cli.py calls parse() first and builds its full parser only when parse()
 cannot take the command line as it is (help, an error, an abbreviated option):
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
-import sys
 
 from shim.errors import EXIT_CONTROL, EXIT_RELOAD, EXIT_USAGE, ShimError, complain
 
@@ -32,6 +32,7 @@ PACKAGED_RUNTIME = "/run/unicorn-shim"      # RuntimeDirectory=unicorn-shim/%i o
 PACKAGED_CONF = "/etc/unicorn-shim"
 EXAMPLES = "/usr/share/doc/unicorn-shim/examples"
 STATUS_TIMEOUT = 10.0
+SERVER_SIGNALS = ("SIGUSR1", "SIGTTIN", "SIGTTOU", "SIGWINCH")   # the server's: reopen logs, workers +1/-1
 _APP_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
 
 
@@ -102,6 +103,10 @@ def parse(argv: List[str]) -> Optional[Invocation]:
 
 def run(args: Any) -> int:
     """Carry out a parsed `reload` or `status` (an Invocation or argparse's Namespace)."""
+    # As ExecReload= this runs in the unit's cgroup: `systemctl kill -s USR1 APP` (logrotate)
+    # reaches it too, and USR1's default action would end the reload's client, not the reload.
+    for name in SERVER_SIGNALS:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
     where = locate(args)
     if args.subcommand == "reload":
         answer = reload(where, args.signalled, args.timeout)
@@ -316,8 +321,7 @@ def request(path: Optional[str], command: Dict[str, Any], timeout: Optional[floa
     except (FileNotFoundError, PermissionError):
         raise
     except ConnectionRefusedError:
-        raise ShimError(f"no shim is running: nothing answers on {path} "
-                        "(the shim died; restart the service)", EXIT_CONTROL) from None
+        raise ShimError(dead_shim(os.path.dirname(path), path), EXIT_CONTROL) from None
     except socket.timeout:
         raise ShimError(f"no answer from the shim within {timeout:g} s "
                         "(the operation goes on in the shim; see journalctl)", EXIT_CONTROL) from None
@@ -329,3 +333,70 @@ def request(path: Optional[str], command: Dict[str, Any], timeout: Optional[floa
         return json.loads(data)
     except ValueError:
         raise ShimError("the shim closed the connection without an answer", EXIT_CONTROL) from None
+
+
+# -- a shim that died ------------------------------------------------------------
+
+SHIM_PID_FILE = "shim.pid"     # "PID START_TICKS", written by the running shim, removed when it exits
+
+
+def dead_shim(runtime: str, path: str) -> str:
+    """Nothing answers on the control socket: the shim was killed (its socket file
+    and shim.pid stay behind). The master serves on, but nothing supervises it and
+    no reload can work. Said in the error line and, from ExecReload= (NOTIFY_SOCKET
+    is set with NotifyAccess=all), in the unit's STATUS=, until a restart."""
+    pid = _recorded_shim(runtime)
+    who = f"the shim (pid {pid})" if pid else "the shim"
+    unit = _own_unit()
+    restart = f"systemctl restart {unit}" if unit else "restart the service"
+    master = os.environ.get("MAINPID")       # set for ExecReload=: the master systemd watches
+    serving = f"master {master} serves on" if master else "the master serves on"
+    status = (f"supervision lost: {who} died; {serving} unsupervised; reloads fail until a restart "
+              f"({restart})")
+    _tell_systemd(status)
+    return f"no shim is running: nothing answers on {path} ({who} died; {serving}, but reloads " \
+           f"cannot work: {restart})"
+
+
+def _recorded_shim(runtime: str) -> Optional[int]:
+    """The pid shim.pid names, when that process is gone (or its pid reused: the
+    start time differs); None when the file is missing or the shim still runs."""
+    try:
+        with open(os.path.join(runtime, SHIM_PID_FILE)) as f:
+            pid, start = (int(w) for w in f.read().split()[:2])
+    except (OSError, ValueError):
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return None if int(f.read().rpartition(")")[2].split()[19]) == start else pid
+    except FileNotFoundError:
+        return pid
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _own_unit() -> Optional[str]:
+    """The unit this client runs in (ExecReload= runs in the service's cgroup)."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                if line.startswith("0::"):
+                    name = line.strip().rsplit("/", 1)[-1]
+                    return name if name.endswith(".service") else None
+    except OSError:
+        pass
+    return None
+
+
+def _tell_systemd(status: str) -> None:
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path or path[0] not in "/@":
+        return
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        sock.connect("\0" + path[1:] if path[0] == "@" else path)
+        sock.sendall(f"STATUS={status}".encode())
+    except OSError:
+        pass
+    finally:
+        sock.close()

@@ -15,6 +15,7 @@ EXIT_START = 7          # the master died or was not ready in time
 EXIT_MASTER_EXIT = 8    # the master exited in steady state (systemd restarts the unit)
 EXIT_CONTROL = 9        # reload/status: no shim answers on the control socket
 EXIT_RELOAD = 10        # reload: the new release was rolled back or could not start
+EXIT_START_RETRY = 11   # the release that last served failed to start, retries too: systemd may try again
 
 
 class ShimError(Exception):

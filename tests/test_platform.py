@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import threading
 import time
 
 import pytest
@@ -178,22 +177,21 @@ class FakeManager:
 def test_hand_over_moves_mainpid_without_reloading_and_waits_for_the_manager(tmp_path, monkeypatch):
     """systemd >= 253 waits for READY=1 after ExecReload= when the last word was
     RELOADING=1, even with the main process dead: the hand-over must not say it.
-    And MAINPID=<shim> is in force before the shim signals the old master."""
+    And MAINPID=<shim> is in force before the shim signals the old master: the
+    barrier's fd becomes readable only once the manager has processed it (the
+    supervisor's loop waits for that; test_steps covers a manager that never does)."""
+    from shim.runtime.loop import readable_now
     path = str(tmp_path / "notify")
     manager = FakeManager(path)
     monkeypatch.setenv("NOTIFY_SOCKET", path)
-    notifier = notify.Notifier()
-    done = threading.Event()
-    t = threading.Thread(target=lambda: (notifier.reloading(1234, "reloading: ..."), done.set()))
-    t.start()
+    barrier = notify.Notifier().reloading(1234, "reloading: ...")
     manager.receive(2)
     assert manager.messages[0] == {"MAINPID": "1234", "STATUS": "reloading: ..."}
     assert manager.messages[1] == {"BARRIER": "1"} and len(manager.barrier_fds) == 1
-    time.sleep(0.2)
-    assert not done.is_set()                   # still waiting for the manager
+    assert barrier is not None and not readable_now(barrier)     # still waiting for the manager
     os.close(manager.barrier_fds[0])
-    t.join(5)
-    assert done.is_set()
+    assert readable_now(barrier)
+    os.close(barrier)
     manager.sock.close()
 
 

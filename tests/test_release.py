@@ -11,22 +11,9 @@ import time
 
 import pytest
 
-from support.classic import USER, ClassicDeployment
+from support.classic import USER, ClassicDeployment, classic  # noqa: F401 (a fixture)
 from support.load import Load, get
 from support.systemd import proc_cmdline
-
-
-@pytest.fixture
-def classic(manager):
-    made = []
-
-    def make(**kw) -> ClassicDeployment:
-        d = ClassicDeployment(manager, **kw)
-        made.append(d)
-        return d
-    yield make
-    for d in made:
-        d.stop()
 
 
 def owner(pid: int) -> str:

@@ -123,3 +123,29 @@ def test_cleanup_waits_are_not_interrupted_and_each_interruption_comes_once(fake
     assert sup._interruption(Wait("retiring a failed master", interruptible=False)) is None
     assert isinstance(sup._interruption(Wait("a boot")), Exception)
     assert sup._interruption(Wait("the stop's own drain")) is None
+
+
+def test_a_manager_that_never_confirms_mainpid_fails_the_reload_before_anything_starts(fake, tmp_path,
+                                                                                         monkeypatch):
+    """An unconfirmed MAINPID=<shim> barrier is not ignored: systemd may still take the
+    old master for the main process, so no hand-over begins."""
+    import socket
+    from shim.runtime import supervisor as supervisor_module
+    path = str(tmp_path / "notify")
+    manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    manager.bind(path)                     # receives, and never closes a barrier's fd
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    monkeypatch.setattr(supervisor_module, "MAINPID_CONFIRM", 0.3)
+    sup = supervisor(fake)
+    results, old = [], []
+
+    def begin() -> None:
+        old.append(sup.master.pid)
+        sup.request_reload(Asker(results.append))
+        sup.loop.call_later(1.5, sup._on_stop_signal, signal.SIGTERM)
+    when_serving(sup, begin)
+    assert sup.run() == 0
+    [result] = results
+    assert not result["ok"] and "did not confirm MAINPID" in result["error"], result
+    assert sup.generation == 1 and len([p for p in fake.procs.values() if "master" in p.title]) == 1
+    manager.close()

@@ -82,7 +82,8 @@ class Masters:
         with PWD naming it, so code it loads later (Gunicorn puts PWD on sys.path)
         comes from that release, never from the one `current` names later.
         Without, PWD names --chdir itself, which Unicorn's own re-exec follows.
-        A relative config path is named through `link` (default --chdir)."""
+        A relative config path is named through `link` (default --chdir), and a
+        path through --chdir through `link` when that is another release."""
         fds = [s.fileno() for s in self.sockets]
         fd_numbers = list(range(spawn.FD_START, spawn.FD_START + len(fds)))
         # The master's report channel comes after the held sockets, which the server counts.
@@ -90,7 +91,8 @@ class Masters:
         env = spawn.server_environment(self.environ, {**self.profile.socket_env(fd_numbers),
                                                       **hook_environment(self.environ),
                                                       HOOK_ENV: channel.environment(spawn.FD_START + len(fds))})
-        argv = config_through(self.config.command, self.profile.config_flags, link or self.config.chdir)
+        argv = config_through(self.config.command, self.profile.config_flags, link or self.config.chdir,
+                              self.config.chdir)
         argv += self.profile.listen_args([s.name for s in self.sockets])
         try:
             pid = spawn.spawn(argv, env, fds + [channel.peer.fileno()], chdir=release or self.config.chdir,

@@ -29,18 +29,26 @@ def _under(path: str, directory: str) -> bool:
     return path == directory or path.startswith(directory.rstrip("/") + "/")
 
 
-def config_through(argv: Sequence[str], flags: Sequence[str], link: Optional[str]) -> List[str]:
+def config_through(argv: Sequence[str], flags: Sequence[str], link: Optional[str],
+                   chdir: Optional[str] = None) -> List[str]:
     """`argv` with a relative config file (`-c config/unicorn.rb`) named through
-    `link` (`/srv/app/current/config/unicorn.rb`).
+    `link` (`/srv/app/current/config/unicorn.rb`), and, when `link` is a release
+    other than `chdir` (the last good one a boot falls back to), every path
+    spelled through `chdir` (`-c /srv/app/current/config/unicorn.rb`, as the
+    classic run script has it) named through that release instead.
 
     A relative path is resolved from the master's working directory, which is
     the real release: a config computing APP_PATH from __FILE__ would then name
     that one release for good (Unicorn's own re-exec reads the same path again).
     Through the symlink, __FILE__-based paths (working_directory, listen, pid)
-    name `current` and read the same on every generation."""
+    name `current` and read the same on every generation. A master of another
+    release than the one `current` names must not read anything through
+    `current`: its config would move it into the release that failed."""
     if not link:
         return list(argv)
     out = list(argv)
+    if chdir and link != chdir:
+        out = [_moved(word, chdir, link) for word in out]
     for i, word in enumerate(out):
         for flag in flags:
             if word == flag and i + 1 < len(out) and not os.path.isabs(out[i + 1]):
@@ -50,6 +58,17 @@ def config_through(argv: Sequence[str], flags: Sequence[str], link: Optional[str
                 if not os.path.isabs(value):
                     out[i] = f"{flag}={os.path.join(link, value)}"
     return out
+
+
+def _moved(word: str, chdir: str, link: str) -> str:
+    """`word` (a path, or `--flag=path`) with a leading `chdir` replaced by `link`."""
+    chdir = chdir.rstrip("/") or "/"
+    flag, eq, value = word.partition("=") if word.startswith("--") else ("", "", word)
+    if not eq:
+        flag, value = "", word
+    if _under(value, chdir):
+        return flag + eq + link.rstrip("/") + value[len(chdir):]
+    return word
 
 
 def environ_of(pid: int) -> Dict[str, str]:

@@ -47,6 +47,10 @@ class ServerProfile(SimpleNamespace):
     socket_args: Sequence[str] = ()   # arguments that make it serve the held sockets only
     # Why --upgrade usr2 is refused (when usr2_carries_sockets is False)
     usr2_refusal: str = ""
+    # The signal that makes the master reopen its log files (and pass it to its
+    # workers), which the shim passes on to a master that missed it; None: none
+    # (Puma's USR1 is a phased restart, its HUP a stop without stdout_redirect).
+    log_reopen: Optional[int] = None
 
     @property
     def sets_listen_pid(self) -> bool:
@@ -85,6 +89,7 @@ UNICORN = ServerProfile(
     listen_flag="-l",
     daemon_flags=("-D", "--daemonize"),
     config_flags=("-c", "--config-file"),
+    log_reopen=signal.SIGUSR1,
 )
 
 GUNICORN = ServerProfile(
@@ -102,6 +107,7 @@ GUNICORN = ServerProfile(
     listen_flag=None,
     daemon_flags=("-D", "--daemon"),
     config_flags=("-c", "--config"),
+    log_reopen=signal.SIGUSR1,
     usr2_refusal="gunicorn's own re-exec cannot keep the sockets the shim holds "
                  "(its new master dies with ENOTSOCK)",
 )

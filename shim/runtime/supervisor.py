@@ -16,14 +16,14 @@ import signal
 import time
 from types import SimpleNamespace
 
-from shim.runtime import procs, release, report
+from shim.runtime import procs, report
 from shim.runtime.control import ControlServer, SignalledReload
-from shim.errors import EXIT_MASTER_EXIT, EXIT_START, Abandoned, ReloadFailed, ShimError, Stopping
+from shim.errors import EXIT_MASTER_EXIT, Abandoned, Stopping
 from shim.runtime.journal import ERR, WARNING, Log
+from shim.runtime.logreopen import LogReopen
 from shim.runtime.loop import Loop, Wait
 from shim.runtime.notify import Notifier
-from shim.runtime.masters import FAILED_MASTER_GRACE, Masters
-from shim.runtime.readiness import Verdict
+from shim.runtime.boot import Boot
 from shim.runtime.channel import HookChannels
 from shim.runtime.servers import ServerProfile
 from shim.runtime.sockets import HeldSocket
@@ -33,7 +33,7 @@ from shim.runtime.upgrade import STRATEGIES
 
 TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see shim/client.py)
 if TYPE_CHECKING:
-    from typing import Any, Callable, Dict, List, Optional, Tuple
+    from typing import Any, Dict, List, Optional
 
     from shim.runtime.control import Asker, Reply
     from shim.runtime.masters import Steps
@@ -46,13 +46,12 @@ SHIM_PID_FILE = "shim.pid"
 # Signals whose default action would end or freeze the shim. `systemctl kill -s SIG`
 # signals every process of the unit: the master and its workers get them from
 # systemd directly (USR1: reopen logs; TTIN/TTOU: one worker more or less), so the
-# shim passes nothing on (that would deliver them twice) and only says so.
+# shim passes nothing on (that would deliver them twice) and only says so. Except the
+# log-reopen signal: a master that did not get it (--kill-whom=main reaches the shim
+# during a hand-over) gets it from the shim (shim/runtime/logreopen.py).
 NOTED_SIGNALS = tuple(getattr(signal, name) for name in (
     "SIGUSR1", "SIGTTIN", "SIGTTOU", "SIGTSTP", "SIGWINCH", "SIGALRM", "SIGVTALRM", "SIGPROF",
     "SIGPOLL", "SIGPWR", "SIGXCPU") if hasattr(signal, name))
-
-
-
 class Config(SimpleNamespace):
     """What `run` was told (keyword arguments only)."""
 
@@ -72,7 +71,7 @@ class Config(SimpleNamespace):
     fallback: bool = True
 
 
-class Supervisor(Masters):
+class Supervisor(Boot):
     """The loop and the lifecycle state: which master serves, the generation, what
     systemd and the journal are told. Process operations come from Masters."""
 
@@ -97,6 +96,7 @@ class Supervisor(Masters):
         self.control: Optional[ControlServer] = None
         self.signalled: Optional[SignalledReload] = None   # the last reload a signal asked for, to report
         self.confirmed = False             # systemd took the last MAINPID= in (its barrier came back)
+        self.reopen = LogReopen(self, config.profile.log_reopen) if config.profile.log_reopen else None
 
     # -- the loop -----------------------------------------------------------
 
@@ -218,6 +218,11 @@ class Supervisor(Masters):
     def _on_other_signal(self, sig: int) -> None:
         name = signal.Signals(sig).name
         master = self.master.pid if self.master else None
+        if self.reopen and sig == self.reopen.sig:
+            self.reopen.requested()
+            self.log.event("signal", f"{name}: every live master reopens its logs; the shim passes it on to "
+                           "any that did not get it (still writing to a rotated file)", SIGNAL=name)
+            return
         self.log.event("signal", f"{name} ignored by the shim: it is the server's signal; "
                        f"`systemctl kill --kill-whom=main -s {name[3:]}` sends it to the master "
                        f"({master}), `systemctl kill -s {name[3:]}` to every process of the unit",
@@ -236,102 +241,7 @@ class Supervisor(Masters):
             self.notifier.watchdog()
         self.loop.call_later(self.notifier.watchdog_usec / 2e6, self._watchdog)
 
-    # -- lifecycle ----------------------------------------------------------
-
-    def boot(self) -> Steps[None]:
-        self._clean_stale_pid_files()
-        t0 = time.time()
-        deployed = release.resolve(self.config.chdir)
-        try:
-            master, ready = yield from self._boot_release(None)
-        except ReloadFailed as e:
-            fallback = self._fallback_for(deployed)
-            self._remember(self.remembered.failed, deployed, str(e))
-            if fallback is None:
-                self._start_failed(e, deployed)
-            self.log.error("fallback", f"{deployed} failed to start ({e}); starting the last good release "
-                           f"{fallback} instead", RELEASE=fallback, FAILED_RELEASE=deployed, REASON=str(e),
-                           SERVER_ERROR=self.reports.error_of(e.master) if e.master else None)
-            self.notifier.status(f"starting: {deployed} failed; trying the last good release {fallback}")
-            try:
-                master, ready = yield from self._boot_release(fallback)
-            except ReloadFailed as e2:
-                self._start_failed(e2, fallback, also=f"; before that, {deployed} failed: {e}")
-            self.fallback = fallback
-            self.degraded = (f"degraded: serving last good release {fallback} because {self.config.chdir} "
-                             f"(-> {deployed}) failed: {e}")
-        self.master, self.generation, self.state = master, 1, "serving"
-        master.generation = 1
-        self._remember(self.remembered.served, self.release(master))
-        self.notifier.ready(master.pid, self.status_line(ready.workers))
-        self.log.event("ready", f"master {master.pid} ready with {ready.workers} workers in "
-                       f"{time.time() - t0:.2f} s (by {ready.detail})", MASTER_PID=master.pid, GENERATION=1,
-                       RELEASE=self.release(master), DURATION_MS=int((time.time() - t0) * 1000))
-
-    def _boot_release(self, fallback: Optional[str]) -> Steps[Tuple[procs.Pinned, Verdict]]:
-        """Start the first master, in --chdir as the strategy wants it or in the
-        `fallback` release directory, and wait until it is ready."""
-        self.notifier.extend_timeout(self.config.ready_timeout + 10)
-        born_after = procs.now_ticks()
-        deadline = time.monotonic() + self.config.ready_timeout
-        master = None
-        try:
-            if fallback:
-                master = self.start_master(born_after, fallback, link=fallback)
-            else:
-                master = self.start_master(born_after, self.strategy.release_to_pin())
-            return master, (yield from self.wait_ready(master, deadline, "master"))
-        except ReloadFailed as e:
-            if master is not None:
-                yield from self.retire(master, grace=min(FAILED_MASTER_GRACE, self.config.retire_timeout))
-                e.master = master.pid
-            raise
-        except Stopping:
-            if master is not None:
-                yield from self.retire(master)
-            raise
-
-    def _fallback_for(self, deployed: Optional[str]) -> Optional[str]:
-        """The last good release, when there is one to fall back to, or None (and why, logged)."""
-        last_good = self.remembered.last_good
-        why = None
-        if not self.config.fallback:
-            why = "--no-fallback"
-        elif not last_good:
-            why = "no release has served here yet" if self.remembered.path else "no state directory"
-        elif last_good == deployed:
-            why = "it is the release that failed"
-        elif not os.path.isdir(last_good):
-            why = f"the last good release {last_good} no longer exists"
-        if why:
-            self.log.event("no-fallback", f"no fallback: {why}", WARNING, RELEASE=last_good)
-            return None
-        return last_good
-
-    def _start_failed(self, e: ReloadFailed, failed: Optional[str], also: str = "") -> None:
-        error = self.reports.error_of(e.master) if e.master else None
-        self.log.error("start-failed", f"start failed: {e}{also}", REASON=str(e) + also, SERVER_ERROR=error,
-                       RELEASE=failed)
-        raise ShimError(f"start failed: {e}{also}", EXIT_START) from None
-
-    def _remember(self, record: Callable[..., None], *args: object) -> None:
-        """Write down a served or failed release; a state directory that cannot be
-        written costs the fallback, never the service."""
-        try:
-            record(*args)
-        except OSError as e:
-            self.log.event("state-error", f"cannot record the last good release in "
-                           f"{self.remembered.path}: {e}", WARNING)
-
-    def _clean_stale_pid_files(self) -> None:
-        """A pid file naming no process of this unit would mislead the server and its hooks."""
-        if not self.config.pid_file:
-            return
-        for path in (self.config.pid_file, self.config.pid_file + ".oldbin"):
-            pid = procs.read_pid_file(path)
-            if os.path.exists(path) and (pid is None or not procs.in_cgroup(pid, self.cgroup)):
-                self.log.event("pid-file-removed", f"removed stale pid file {path} (named {pid})")
-                os.unlink(path)
+    # -- lifecycle (the boot: shim/runtime/boot.py) -------------------------
 
     def reload(self) -> Steps[Dict[str, Any]]:
         """One hand-over; the answer for the clients that asked for it."""

@@ -19,6 +19,8 @@ import subprocess
 import tempfile
 from typing import Optional
 
+import pytest
+
 from support.apps import free_port
 from support.deploy import REPO
 from support.systemd import UserManager
@@ -95,6 +97,7 @@ TimeoutStopSec=60
 Restart=on-failure
 RestartSec=200ms
 SyslogIdentifier=app
+{service_extra}
 """
 
 SOCKET = """\
@@ -103,6 +106,20 @@ ListenStream={root}/current/tmp/sockets/unicorn.sock
 ListenStream=127.0.0.1:{port}
 Backlog=1024
 """
+
+
+@pytest.fixture
+def classic(manager):
+    """Makes ClassicDeployments (a test module imports this fixture by name)."""
+    made = []
+
+    def make(**kw) -> "ClassicDeployment":
+        d = ClassicDeployment(manager, **kw)
+        made.append(d)
+        return d
+    yield make
+    for d in made:
+        d.stop()
 
 
 def ensure_user() -> pwd.struct_passwd:
@@ -117,7 +134,7 @@ def ensure_user() -> pwd.struct_passwd:
 class ClassicDeployment:
     def __init__(self, manager: UserManager, *, bundler: bool = True, before_exec: bool = True,
                  preload: bool = True, absolute_config: bool = False, shim_args: str = "",
-                 listen: bool = True) -> None:
+                 listen: bool = True, service_extra: str = "") -> None:
         self.m = manager
         self.user = ensure_user()
         # The private manager's XDG_RUNTIME_DIR is root's 0700: the unit's user must reach
@@ -134,6 +151,7 @@ class ClassicDeployment:
         self.absolute_config = absolute_config
         self.listen = listen          # False: the config has no `listen` line (the shim names its sockets)
         self.shim_args = shim_args
+        self.service_extra = service_extra
         self.count = 0
         for d in ("releases", "shared/tmp/pids", "shared/tmp/sockets"):
             os.makedirs(os.path.join(self.root, d))
@@ -184,7 +202,7 @@ class ClassicDeployment:
         if not os.path.exists(self.current):
             self.release()
         self.m.write_unit("app.service", SERVICE.format(user=USER, root=self.root, shim_args=self.shim_args,
-                                                        command=self.command()))
+                                                        command=self.command(), service_extra=self.service_extra))
         self.m.write_unit("app.socket", SOCKET.format(root=self.root, port=self.port))
         r = self.m.systemctl("start", "app.socket")
         assert r.returncode == 0, r.stderr

@@ -72,6 +72,11 @@ def _install():
 
 if unicorn_shim_channel.FD is not None:
     _install()
+    try:
+        import unicorn_shim_gthread          # gthread's graceful stop serves what it accepted
+        unicorn_shim_gthread.install()
+    except Exception:
+        pass
 
 
 def _chain():
