@@ -194,3 +194,29 @@ def test_a_re_exec_d_master_that_dies_at_once_still_gives_its_reason(monkeypatch
     reports.record(200, "error release r3 is broken (RuntimeError) at config.ru:3", family)
     assert family == [100, 200]
     assert reports.error_of(200) == reports.error_of(100) == "release r3 is broken (RuntimeError) at config.ru:3"
+
+
+def test_a_report_from_a_sender_that_exited_meanwhile_is_kept(monkeypatch):
+    """A failing worker sends its error and exits; once a zombie, /proc shows it in the
+    root cgroup. Its report came on the channel, which proves it: it is kept (refusing
+    it lost a Puma worker's reason under load)."""
+    loop, channels = _channels()
+    try:
+        channel = channels.open()
+        worker = os.fork()
+        if worker == 0:
+            channel.peer.send(b"error boom (RuntimeError) at config.ru:3")
+            os._exit(1)
+        channels.started(channel, os.getpid())
+        while not procs.is_zombie(worker):
+            time.sleep(0.01)
+        monkeypatch.setattr(procs, "in_cgroup", lambda pid, cg: False)     # as /proc shows a zombie
+        deadline = time.monotonic() + 5
+        while channels.reports.error_of(os.getpid()) is None and time.monotonic() < deadline:
+            loop.poll(0.05)
+        assert channels.reports.error_of(os.getpid()) == "boom (RuntimeError) at config.ru:3"
+        assert channel.refused == 0
+    finally:
+        os.waitpid(worker, 0)
+        channels.close()
+        loop.close()

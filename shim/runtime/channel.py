@@ -246,10 +246,12 @@ class HookChannels:
     def _of_the_unit(self, pid: int) -> bool:
         """A sender holds the channel, so it is of the master's tree; one that is still
         alive must also still be in the unit's cgroup (not handed the fd outside it).
-        One gone by now (a master's last words) proves itself by the channel alone."""
-        if procs.is_zombie(pid) or procs.start_time(pid) is None:
+        One gone by now (a master's last words, a failed worker) proves itself by the
+        channel alone. In that order: a process that exits between the two looks
+        shows the root cgroup in /proc once it is a zombie."""
+        if procs.in_cgroup(pid, self.cgroup):
             return True
-        return procs.in_cgroup(pid, self.cgroup)
+        return procs.is_zombie(pid) or procs.start_time(pid) is None
 
     def close(self) -> None:
         for channel in list(self.channels):
