@@ -32,11 +32,13 @@ def test_classic_guide_config_passes(layout, relative, options):
     assert "QUITs the .oldbin master" in r.stdout            # warnings kept
     assert "readiness hook is not loaded" in r.stdout
     assert "cannot tell: the unicorn config" not in r.stdout   # it was evaluated, as nobody
-    # Read through the last good release (a boot's fallback), APP_PATH names the socket another way.
-    assert ("names its socket" in r.stdout) == relative, r.stdout
+    # The classic `listen APP_PATH + ...` is fine: read through the last good release
+    # (a boot's fallback) it names the held socket's file another way, and the shim's
+    # Unicorn hook matches the file, not the string (tests/test_failpaths_classic.py).
+    assert "names its socket" not in r.stdout, r.stdout
 
 
-def test_a_config_without_listen_keeps_the_fallback_possible(layout):
+def test_a_config_without_listen_passes_too(layout):
     layout.unicorn_release("r1", "\n".join(line for line in CLASSIC_UNICORN_RB.splitlines()
                                            if not line.startswith("listen ")) + "\n")
     unit = write_unit(layout, "bundle exec --keep-file-descriptors unicorn -c config/unicorn.rb -E production",

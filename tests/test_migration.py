@@ -70,7 +70,13 @@ def application(environ, start_response):
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [("release=%s secret=" + os.environ.get("SECRET_KEY_BASE", "")).encode() + b"\\n"]
 """
-GEMFILE = 'gem "unicorn"\ngem "rack"\n'
+# A gem that only the app's bundle has (a path gem in the release): the release
+# boots only under `bundle exec`.
+GEMFILE = 'gem "unicorn"\ngem "rack"\ngem "bundled_only", path: "vendor/bundled_only"\n'
+BUNDLED_GEM = {"vendor/bundled_only/bundled_only.gemspec":
+               'Gem::Specification.new { |s| s.name = "bundled_only"; s.version = "1.0"; s.summary = "x"; '
+               's.authors = ["app"]; s.files = ["lib/bundled_only.rb"] }\n',
+               "vendor/bundled_only/lib/bundled_only.rb": "module BundledOnly; end\n"}
 GUNICORN_CONF = "workers = 2\n"
 VENV_GUNICORN = "#!{venv}/bin/python3\nimport sys\nfrom gunicorn.app.wsgiapp import run\nsys.exit(run())\n"
 
@@ -190,17 +196,20 @@ def restart_and_reboot_keep_serving(host: Host, unit: str, old_gone) -> None:
 def ruby_release(host: Host, name: str, config: str = "RELEASE/config/unicorn.rb", bundler: bool = False) -> None:
     """A release of the Rack app with the guide's `config` block, linked as `current`."""
     d = f"/srv/app/releases/{name}"
-    host.write(f"{d}/config.ru", CONFIG_RU % name)
+    host.write(f"{d}/config.ru", ('require "bundled_only"\n' if bundler else "") + CONFIG_RU % name)
     host.step(config, release=d)
     if bundler:     # the deploy tool's `bundle install`, offline against Debian's gems
         host.write(f"{d}/Gemfile", GEMFILE)
+        for path, text in BUNDLED_GEM.items():
+            host.write(f"{d}/{path}", text)
         host.sh(f"cd {d} && HOME=/tmp bundle lock --local")
     host.sh(f"ln -sfn /srv/app/shared/tmp {d}/tmp && chown -R app:app {d} && ln -sfn {d} /srv/app/current.new "
             "&& mv -T /srv/app/current.new /srv/app/current")
 
 
 def unicorn_release(host: Host, name: str, version: str = "") -> None:
-    ruby_release(host, name, "RELEASE/config/unicorn.rb" + version)
+    # the unicornherder case runs under Bundler (its run script's `bundle exec`)
+    ruby_release(host, name, "RELEASE/config/unicorn.rb" + version, bundler=not version)
 
 
 def capistrano_layout(host: Host) -> None:
@@ -226,6 +235,9 @@ def runit_gone(host: Host) -> None:
     assert host.run("pgrep", "-a", "runsv", check=False).stdout == ""
     assert host.run("pgrep", "-af", "unicornherder", check=False).stdout == ""
     assert host.run("systemctl", "is-enabled", "runit.service", check=False).stdout.strip() == "disabled"
+    assert host.run("systemctl", "is-failed", "runit.service", check=False).stdout.strip() != "failed"
+    assert host.run("systemctl", "is-system-running", check=False).stdout.strip() == "running", \
+        host.run("systemctl", "list-units", "--failed", "--no-legend", check=False).stdout
     assert host.run("test", "-e", "/etc/service/app", check=False).returncode != 0
     assert host.run("systemctl", "is-enabled", "unicorn-shim@app.socket").stdout.strip() == "enabled"
 

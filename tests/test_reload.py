@@ -131,7 +131,7 @@ def test_rollback_when_workers_crash_loop(deploy, manager, server):
         t = time.monotonic()
         rollback(d, manager, load, reason=("exited", "unreaped") if server == "gunicorn" else "crash-looping",
                  release_kw={"broken": True})
-        assert time.monotonic() - t < 5      # counted births, not the 60 s timeout
+        assert time.monotonic() - t < 20     # counted deaths, not the 60 s timeout (a loaded host takes seconds)
     assert load.failures() == [], load.failure_kinds()
 
 

@@ -149,3 +149,29 @@ def test_a_manager_that_never_confirms_mainpid_fails_the_reload_before_anything_
     assert not result["ok"] and "did not confirm MAINPID" in result["error"], result
     assert sup.generation == 1 and len([p for p in fake.procs.values() if "master" in p.title]) == 1
     manager.close()
+
+
+def test_a_kept_master_of_a_failed_deploy_is_reported_degraded(fake, tmp_path, monkeypatch):
+    """The config's hook QUIT the old master, and the new one serves the wrong release
+    (issue: a mixed release reported as 'serving'): it is kept, since nothing else
+    serves, and STATUS and `status` say degraded, not serving."""
+    from shim.runtime import release
+    current = tmp_path / "current"
+    (tmp_path / "r2").mkdir()
+    current.symlink_to(tmp_path / "r2")
+    monkeypatch.setattr(release, "mismatch", lambda pid, intended: "the new master runs with BUNDLE_GEMFILE=r1")
+    sup = supervisor(fake)
+    sup.config.chdir = str(current)
+    results = []
+
+    def begin() -> None:
+        fake.next_behaviour = "quits-old"
+        sup.request_reload(Asker(results.append))
+        sup.loop.call_later(2.0, sup._on_stop_signal, signal.SIGTERM)
+    when_serving(sup, begin)
+    assert sup.run() == 0
+    [result] = results
+    assert not result["ok"] and "serves on as it is" in result["error"], result
+    ready = [m for m in sup.notifier.messages if m.get("READY")]
+    assert ready[-1]["STATUS"].startswith("degraded: reload to generation 2 failed"), ready[-1]
+    assert sup.status()["degraded"].startswith("degraded:")

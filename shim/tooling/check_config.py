@@ -11,7 +11,6 @@ from shim.tooling.check_release import RUBY_32_GONE
 from shim.tooling.findings import CANNOT, ERROR, WARNING
 from shim.tooling.check_rules import Context, inside, writable_dir
 from shim.runtime.readiness import HOOK_SILENCE
-from shim.runtime.release import config_through
 
 # Unicorn's own check that the pid/log directories are writable runs after the
 # whole config loaded: failing it leaves every value known (checked by our rules).
@@ -96,23 +95,6 @@ class ConfigRules:
                            "remove the `listen` line and give the address to the shim ("
                            f"{self.ctx.key('ListenStream') if self.ctx.place.packaged else 'ListenStream= or --listen'}"
                            "); the shim passes its sockets with -l")
-            elif self.ctx.chdir and address.startswith(self.ctx.chdir + "/") and not self.ctx.shim.no_fallback \
-                    and address not in self._listeners_read_through(os.path.realpath(self.ctx.chdir), address):
-                # The classic APP_PATH-from-__FILE__ config: read through releases/rN, it names the socket
-                # through rN, a string Unicorn does not match with the socket the shim holds.
-                self.ctx.add(WARNING, f"the config names its socket {address} through --chdir (the config's own "
-                             "path): the last good release's master, which a boot falls back to when the "
-                             "deployed one fails, reads it through that release and names another path, fails "
-                             "to bind it (in use), and nothing serves",
-                             "remove the `listen` line: the shim passes its sockets with -l, and every master "
-                             "serves them whatever its release")
-
-    def _listeners_read_through(self, release: str, address: str) -> List[str]:
-        """The config's listeners when its path is named through `release`, as the shim names it
-        for a master of the last good release (`address` among them if that cannot be told)."""
-        command = config_through(self.ctx.command, self.ctx.profile.config_flags, release)
-        values = config_eval.evaluate(self.ctx.profile, command, self.ctx.start_dir, self.env, self.run_as).values
-        return values["listeners"] if values.get("listeners") and not values.get("error") else [address]
 
     def bundler(self) -> None:
         words = [os.path.basename(w) for w in self.ctx.command]

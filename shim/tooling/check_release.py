@@ -42,6 +42,9 @@ def shim_running(ctx: Context) -> bool:
     return False
 
 
+MAX_STATE = 65536      # the shim itself reads no more of state.json
+
+
 def last_release(ctx: Context) -> None:
     if not ctx.chdir or not os.path.isdir(ctx.chdir):
         return
@@ -49,12 +52,14 @@ def last_release(ctx: Context) -> None:
     question = f"whether {ctx.chdir} points at a release that failed its last start or reload"
     try:
         with open(path) as f:
-            state: Dict[str, Any] = json.load(f)
+            state: Dict[str, Any] = json.loads(f.read(MAX_STATE))
+        if not isinstance(state, dict):
+            raise ValueError("not a JSON object")
     except FileNotFoundError:
         ctx.add(CANNOT, f"{question}: no record at {path} (none yet, or the shim has not run this app)")
         return
-    except (OSError, ValueError) as e:
-        ctx.add(CANNOT, f"{question}: {path}: {e}")
+    except (OSError, ValueError, RecursionError) as e:     # RecursionError: a file nested deeper than json goes
+        ctx.add(CANNOT, f"{question}: {path}: {type(e).__name__}: {e}")
         return
     real = os.path.realpath(ctx.chdir)
     failed, good = state.get("last_failed_release"), state.get("last_good_release")
