@@ -65,7 +65,7 @@ def test_workers_whose_reports_never_arrive_fall_back_to_the_heuristic(manager, 
     try:
         d.start()
         assert get(d.port).release == "r1"
-        assert "never arrived" in manager.events("ready")[-1]["MESSAGE"]
+        assert "never arrived" in manager.wait_events("ready")[-1]["MESSAGE"]
         name = d.app.release(extra=closes)
         r = d.reload()
         assert r.returncode == 0, r.stderr
