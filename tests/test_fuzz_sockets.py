@@ -334,7 +334,7 @@ def test_a_real_shim_trusts_no_one_outside_its_masters(deploy, manager):
                 s.close()
             d.app.release(broken=True)
             bad = d.reload()
-            failed = manager.events("reload-failed")
+            failed = manager.wait_events("reload-failed")
             d.app.release()
             good = d.reload()
         finally:
