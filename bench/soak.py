@@ -3,9 +3,11 @@
 
     sudo bench/soak.py [--reloads 500] [--clients 4] [--server unicorn|gunicorn]
 
-Prints failed requests and the shim's own resources (RSS, open fds, threads)
-at the start and every --every reloads, and what is left in the unit's cgroup
-at the end (zombies, strays). Debian's Python (/usr/bin/python3).
+Prints failed requests and the shim's own resources (PSS, RSS, open fds,
+threads, whether psutil is loaded) at the start and every --every reloads, and
+what is left in the unit's cgroup at the end (zombies, strays). Debian's
+Python (/usr/bin/python3). Targets: <= 8 MiB PSS and <= 15 MiB RSS after
+500 reloads, and psutil never loaded (the kernel lists children in /proc).
 """
 from __future__ import annotations
 
@@ -25,8 +27,13 @@ from support.systemd import UserManager, is_shim  # noqa: E402
 
 def resources(pid: int) -> dict:
     status = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status"))
-    return {"rss_kb": int(status["VmRSS"].split()[0]), "fds": len(os.listdir(f"/proc/{pid}/fd")),
-            "threads": int(status["Threads"])}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        rollup = dict(line.split(":", 1) for line in f.readlines()[1:])    # after the range line
+    with open(f"/proc/{pid}/maps") as f:
+        psutil = "psutil" in f.read()
+    return {"rss_kb": int(status["VmRSS"].split()[0]), "pss_kb": int(rollup["Pss"].split()[0]),
+            "fds": len(os.listdir(f"/proc/{pid}/fd")), "threads": int(status["Threads"]),
+            "psutil": "yes" if psutil else "no"}
 
 
 def main() -> None:
@@ -60,10 +67,10 @@ def main() -> None:
         print(f"\n{args.reloads} reloads of {args.server} in {took:.0f} s under {args.clients} clients: "
               f"{load.ok_count()} requests ok, {len(load.failures())} failed {dict(load.failure_kinds())}, "
               f"{failed_reloads} reloads failed\n")
-        print("| after reloads | shim RSS (KiB) | open fds | threads |")
-        print("|---|---|---|---|")
+        print("| after reloads | shim PSS (KiB) | shim RSS (KiB) | open fds | threads | psutil loaded |")
+        print("|---|---|---|---|---|---|")
         for n, r in rows:
-            print(f"| {n} | {r['rss_kb']} | {r['fds']} | {r['threads']} |")
+            print(f"| {n} | {r['pss_kb']} | {r['rss_kb']} | {r['fds']} | {r['threads']} | {r['psutil']} |")
         print(f"\nmasters at the end: {len(masters)}; other processes besides the shim, the master and "
               f"its workers: {len(leftovers)}; zombies: {len(zombies)}")
     finally:

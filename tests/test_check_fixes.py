@@ -123,8 +123,7 @@ def test_a_root_master_switching_users_is_fixed_in_app_conf(layout):
     packaged = Packaged(layout)
     packaged.conf(conf_text(layout, "unicorn -c config/unicorn.rb", user="root"))
     r = packaged.check()
-    f = finding(r.stdout, "warning: a root master whose workers run as nobody: they cannot reach the readiness "
-                          "socket in /run/unicorn-shim/shop (RuntimeDirectoryMode=0750)")
+    f = finding(r.stdout, "warning: a root master whose workers run as nobody: the master keeps root")
     assert fix_of(f) == (f"USER=nobody in {packaged.conf_path} and remove `user` from the config: the shim "
                          "needs no root"), f
     apply(packaged, fix_of(f).split(" and remove")[0])

@@ -47,7 +47,7 @@ def test_a_boot_failing_until_its_database_is_up_is_retried(unicorn_deploy, mana
     st = manager.show("app.service", "ActiveState", "SubState", "NRestarts", "StatusText")
     assert (st["ActiveState"], st["SubState"], st["NRestarts"]) == ("active", "running", "0"), st
     assert st["StatusText"].startswith("serving"), st
-    retries = manager.events("boot-retry")
+    retries = manager.wait_events("boot-retry", 2)
     assert len(retries) >= 2 and all(e["PRIORITY"] == "4" for e in retries), retries
     assert "database not reachable" in retries[0]["SERVER_ERROR"], retries[0]
     assert manager.events("start-failed") == []
@@ -81,9 +81,9 @@ def test_a_dependency_down_for_longer_ends_in_exit_11_which_systemd_retries(unic
     while (st := manager.show("app.service", "NRestarts"))["NRestarts"] == "0":
         assert time.monotonic() < deadline, st
         time.sleep(0.2)
-    text = manager.journal_text()
+    text = manager.wait_journal("status=11/")
     assert "status=11/" in text, text[-3000:]          # systemd: "Main process exited, code=exited, status=11/n/a"
-    failed = manager.events("start-failed")[-1]
+    failed = manager.wait_events("start-failed")[-1]
     assert "failed 6 times" in failed["MESSAGE"] and "database not reachable" in failed["SERVER_ERROR"], failed
     open(flag, "w").close()
     st = manager.wait_for("app.service", timeout=60, ActiveState="active", SubState="running")

@@ -34,7 +34,7 @@ def run_classic_fallback(d: ClassicDeployment) -> None:
         bad = d.release(broken=True)
         r = d.reload()
         assert r.returncode != 0
-        assert "broken" in d.m.events("reload-failed")[-1]["SERVER_ERROR"]
+        assert "broken" in d.m.wait_events("reload-failed")[-1]["SERVER_ERROR"]
         wait_serving(d, good)                      # rolled back
         assert os.path.realpath(d.current).endswith(bad)
         r = d.m.systemctl("restart", "app.service")

@@ -37,7 +37,7 @@ def test_a_dead_shim_is_named_in_status_and_by_the_next_reload(unicorn_deploy, m
         assert st["StatusText"] == (f"supervision lost: the shim (pid {shim}) died; master {master} serves on "
                                     "unsupervised; reloads fail until a restart (systemctl restart app.service)"), st
         assert (st["ActiveState"], int(st["MainPID"])) == ("active", master), st
-        text = manager.journal_text()
+        text = manager.wait_journal(f"the shim (pid {shim}) died")
         assert f"the shim (pid {shim}) died; master {master} serves on, but reloads cannot work: " \
                "systemctl restart app.service" in text, text[-2000:]
         assert d.reload().returncode != 0          # every later reload says the same, until a restart

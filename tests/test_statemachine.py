@@ -206,10 +206,7 @@ def test_stop_during_a_hand_over_stops_every_master(fake):
     assert any(m.get("STOPPING") for m in sup.notifier.messages)
 
 
-@pytest.mark.parametrize("phase", ["finding", "booting", "health-check", "draining",
-    pytest.param("rolling-back", marks=pytest.mark.xfail(
-        strict=True, reason="a stop seen while the rollback waits for the failed master "
-                            "is not checked once the rollback ends: READY=1 (MAINPID=old) follows the stop"))])
+@pytest.mark.parametrize("phase", ["finding", "booting", "health-check", "draining", "rolling-back"])
 def test_stop_ends_a_hand_over_cleanly_from_every_phase(fake, phase):
     """Every reload client gets an answer, no READY=1 follows the stop, nothing is left.
     The stop is sent on the process event that shows the hand-over is in that phase,

@@ -240,38 +240,38 @@ def test_master_leaving_its_dead_workers_unreaped_is_failing(monkeypatch):
 def test_hook_readiness_is_exact(monkeypatch):
     tree = FakeTree(monkeypatch)
     reports = readiness.HookReports()
+    family = [100]                   # the masters of the channel the reports arrive on
     w = readiness.WorkerWatch(100, servers.UNICORN, reports, settle=0.01, now=0.0)
-    reports.record(100, "hello")
+    reports.record(100, "hello", family)
     tree.kids = [101, 102]
     w.sample(5.0)
     assert w.verdict(5.0).state == "booting"        # the heuristic would say ready; the hook has not
-    reports.record(101, "ready worker=0 workers=2")
+    reports.record(101, "ready worker=0 workers=2", family)
     assert w.verdict(5.0).state == "booting"
-    reports.record(102, "ready worker=1 workers=2")
+    reports.record(102, "ready worker=1 workers=2", family)
     v = w.verdict(5.0)
     assert v.state == "ready" and v.workers == 2 and "hook" in v.detail
-    reports.record(103, "ready worker=x workers=?")   # malformed: ignored
+    reports.record(103, "ready worker=x workers=?", family)   # malformed: ignored
     reports.forget(100)
     assert 100 not in reports.hello and 100 not in reports.ready
 
 
 def test_a_workers_error_stays_its_masters_reason_after_the_master_s_last_words(monkeypatch):
     """Gunicorn: the worker's traceback, then the master's HaltServer. The worker was reaped
-    before the shim read its line: its reported parent stands in for the kernel's."""
+    before the shim read its line: on its master's own channel, it was that master's."""
     monkeypatch.setattr(procs, "parent_of", lambda pid: None)        # both gone when read
     reports = readiness.HookReports()
-    reports.record(201, "error ppid=200 RuntimeError: release r2 is broken at app.py:3")
-    reports.record(200, "error ppid=1 gunicorn.errors.HaltServer: <HaltServer 'Worker failed to boot.' 3>")
+    reports.record(201, "error RuntimeError: release r2 is broken at app.py:3", [200])
+    reports.record(200, "error gunicorn.errors.HaltServer: <HaltServer 'Worker failed to boot.' 3>", [200])
     assert reports.error_of(200) == "RuntimeError: release r2 is broken at app.py:3"
-    assert reports.error_of(201) == "RuntimeError: release r2 is broken at app.py:3"
-    reports.record(202, "error ppid=200 deadlock; recursive locking (ThreadError)")   # its aftermath
+    reports.record(202, "error deadlock; recursive locking (ThreadError)", [200])   # its aftermath
     assert reports.error_of(200) == "RuntimeError: release r2 is broken at app.py:3"
     reports.clear_errors(200)                                   # the next reload starts afresh
     assert reports.error_of(200) is None
-    reports.record(300, "error ppid=1 SyntaxError in config/unicorn.rb")   # a master's own: kept
+    reports.record(300, "error SyntaxError in config/unicorn.rb", [300])   # a master's own: kept
     assert reports.error_of(300) == "SyntaxError in config/unicorn.rb"
-    reports.record(400, "error an old reporter without ppid")
-    assert reports.error_of(400) == "an old reporter without ppid"
+    reports.record(400, "error ppid=300 a pid in the message names no one", [500])
+    assert reports.error_of(300) == "SyntaxError in config/unicorn.rb" and 400 not in reports.errors
 
 
 def test_generator_writes_dropins_and_skips_bad_confs(tmp_path):

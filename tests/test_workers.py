@@ -33,9 +33,10 @@ def test_recycled_workers_are_not_a_crash_loop(deploy, manager, server, ready_ho
     assert (st["ActiveState"], st["NRestarts"]) == ("active", "0"), st
 
 
-def test_workers_that_cannot_reach_the_readiness_socket_fall_back_to_the_heuristic(manager, tmp_path):
+def test_workers_that_switch_user_still_report_readiness(manager, tmp_path):
     """A root master whose workers switch to another user, behind a runtime directory
-    that user cannot enter: the hook's worker reports never arrive."""
+    that user cannot enter: their reports go over the channel they inherited, which
+    needs no path, so readiness is the hook's, exact."""
     from support.deploy import Deployment
     d = Deployment(manager, str(tmp_path), server="gunicorn", preload=True,
                    service_extra="RuntimeDirectoryMode=0700")
@@ -43,8 +44,29 @@ def test_workers_that_cannot_reach_the_readiness_socket_fall_back_to_the_heurist
     try:
         d.start()
         assert get(d.port).release == "r1"
-        assert "never arrived" in manager.wait_events("ready")[-1]["MESSAGE"]
+        assert "by the readiness hook" in manager.wait_events("ready")[-1]["MESSAGE"]
+        assert "2/2 workers ready" in d.state()["StatusText"]
         name = d.app.release(extra='user = "nobody"\ngroup = "nogroup"')
+        r = d.reload()
+        assert r.returncode == 0, r.stderr
+        assert get(d.port).release == name and "2/2 workers ready" in d.state()["StatusText"]
+    finally:
+        d.stop()
+
+
+def test_workers_whose_reports_never_arrive_fall_back_to_the_heuristic(manager, tmp_path):
+    """The hook is loaded, but the workers close the channel they inherited (as code
+    that closes every fd it does not know would): the heuristic takes over."""
+    from support.deploy import Deployment
+    closes = ("import os\ndef post_fork(server, worker):\n"
+              "    os.close(int(os.environ['UNICORN_SHIM_CHANNEL'].split(':')[0]))")
+    d = Deployment(manager, str(tmp_path), server="gunicorn", preload=True)
+    d.app.release(extra=closes)
+    try:
+        d.start()
+        assert get(d.port).release == "r1"
+        assert "never arrived" in manager.wait_events("ready")[-1]["MESSAGE"]
+        name = d.app.release(extra=closes)
         r = d.reload()
         assert r.returncode == 0, r.stderr
         assert get(d.port).release == name

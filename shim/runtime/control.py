@@ -15,6 +15,7 @@ import os
 import socket
 import stat
 import struct
+import time
 
 from shim.errors import EXIT_CONTROL, ShimError
 from shim.runtime.loop import Loop, Timer
@@ -35,6 +36,9 @@ if TYPE_CHECKING:
 
 MAX_REQUEST = 4096
 REQUEST_TIMEOUT = 5.0
+MAX_READING = 128       # connections whose request is still coming; beyond, the oldest is answered at once
+ACCEPT_ROUND = 64       # connections accepted per loop round
+REFUSED_EVERY = 1.0     # at most one control-refused event a second: another user cannot flood the journal
 _UCRED = struct.Struct("3i")
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)   # Linux >= 4.13; Python does not name it
 _MAX_GROUPS = 65536
@@ -116,10 +120,11 @@ class ControlServer:
         self.on_refused = on_refused
         self.loop = loop
         self.reading: Dict[int, "_Request"] = {}       # connections whose request is not complete yet
+        self.refused_at = -REFUSED_EVERY      # when the last control-refused event was logged
         loop.add_reader(self.sock.fileno(), self._accept)
 
     def _accept(self) -> None:
-        while True:
+        for _ in range(ACCEPT_ROUND):      # a flood of connections waits for the next round
             try:
                 conn, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -132,18 +137,29 @@ class ControlServer:
                 conn.close()
                 continue
             if not admitted(uid, gids, self.mode):
-                self.on_refused(uid)
+                self._refused(uid)
                 who = "root, the service's user and its group" if self.mode & 0o020 else \
                     "root and the service's user"
                 _send(conn, {"ok": False, "error": f"permission denied: only {who} may control this shim"})
                 continue
+            if len(self.reading) >= MAX_READING:
+                # fds stay bounded, and clients that never speak cannot keep a real one out
+                self._malformed(next(iter(self.reading)))
             conn.setblocking(False)
             request = _Request(conn, self.loop.call_later(REQUEST_TIMEOUT, self._malformed, conn.fileno()))
             self.reading[conn.fileno()] = request
             self.loop.add_reader(conn.fileno(), self._read, conn.fileno())
 
+    def _refused(self, uid: int) -> None:
+        now = time.monotonic()
+        if now - self.refused_at >= REFUSED_EVERY:
+            self.refused_at = now
+            self.on_refused(uid)
+
     def _read(self, fd: int) -> None:
-        request = self.reading[fd]
+        request = self.reading.get(fd)
+        if request is None:
+            return
         try:
             data = request.conn.recv(MAX_REQUEST)
         except (BlockingIOError, InterruptedError):
@@ -163,7 +179,7 @@ class ControlServer:
             asked = json.loads(line)
             if not isinstance(asked, dict) or not isinstance(asked.get("command"), str):
                 raise ValueError("not a command")
-        except ValueError:
+        except (ValueError, RecursionError):     # RecursionError: "[[[[..." nested past the limit
             self._malformed(fd)
             return
         conn = self._forget(fd).conn

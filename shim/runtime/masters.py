@@ -13,7 +13,8 @@ from shim.runtime import health, probe, procs, sockets, spawn
 from shim.errors import ReloadFailed, Stopping
 from shim.runtime.journal import WARNING, Log
 from shim.runtime.loop import Loop, Wait
-from shim.runtime.readiness import HOOK_ENV, HookReports, HookSocket, Verdict, WorkerWatch, hook_environment
+from shim.runtime.readiness import Verdict, WorkerWatch, hook_environment
+from shim.runtime.channel import HOOK_ENV, HookChannels, HookReports
 from shim.runtime.release import config_through
 from shim.runtime.sockets import HeldSocket
 
@@ -50,19 +51,9 @@ class Masters:
         self.reports = HookReports()
         self.masters: Dict[int, procs.Pinned] = {}       # every master alive and pinned
         self.stop_requested = False
-        self.hook_socket: Optional[HookSocket] = None
+        self.hook_socket: Optional[HookChannels] = None     # every master's report channel
         self.notifier = None                     # the supervisor's: systemd's timeouts follow ours
         self.probes_made = 0                     # each master's probe socket has a name of its own
-
-    def _on_hook_message(self) -> None:
-        self.hook_socket.drain(self.reports, self._of_the_unit)
-
-    def _of_the_unit(self, pid: int) -> bool:
-        """A sender of the unit's own. One already gone (a master's last words are sent
-        right before it exits, and may be read after it exited) cannot be checked: its
-        report is kept; only a live process outside the unit is refused. (An exited
-        process not yet reaped shows the root cgroup in /proc: it counts as gone.)"""
-        return procs.cgroup_of(pid) is None or procs.is_zombie(pid) or procs.in_cgroup(pid, self.cgroup)
 
     def _on_master_exit(self, master: procs.Pinned) -> None:
         self.loop.remove_reader(master.pidfd)
@@ -73,6 +64,8 @@ class Masters:
             self.log.event("retired", f"old master {master.pid} {master.exit_text}",
                            OLD_MASTER_PID=master.pid, GENERATION=master.generation)
         self.masters.pop(master.pid, None)
+        if self.hook_socket:
+            self.hook_socket.drain()     # its last words, and its workers', before it is forgotten
         self.reports.forget(master.pid)
         sockets.unlink_probe(master.probe)
         master.close()     # one pidfd per generation: a long-lived shim must not collect them
@@ -101,18 +94,22 @@ class Masters:
         held = self.sockets + [probe_socket]     # the probe socket last, after the public ones
         fds = [s.fileno() for s in held]
         fd_numbers = list(range(spawn.FD_START, spawn.FD_START + len(fds)))
+        # The master's report channel comes after the held sockets, which the server counts.
+        channel = self.hook_socket.open()
         env = spawn.server_environment(self.environ, {**self.profile.socket_env(fd_numbers),
                                                       **hook_environment(self.environ),
-                                                      HOOK_ENV: self.hook_socket.path})
+                                                      HOOK_ENV: channel.environment(spawn.FD_START + len(fds))})
         argv = config_through(self.config.command, self.profile.config_flags, link or self.config.chdir,
                               self.config.chdir)
         argv += self.profile.listen_args([s.name for s in held])
         try:
-            pid = spawn.spawn(argv, env, fds, chdir=release or self.config.chdir,
-                              set_listen_pid=self.profile.sets_listen_pid)
+            pid = spawn.spawn(argv, env, fds + [channel.peer.fileno()], chdir=release or self.config.chdir,
+                              set_listen_pid=self.profile.sets_listen_pid, pid_env=(HOOK_ENV,))
         except BaseException:
+            self.hook_socket.discard(channel)
             sockets.release([probe_socket])
             raise
+        self.hook_socket.started(channel, pid)
         probe_socket.sock.close()    # the master holds it now: once the master is gone, a probe is refused
         try:
             master = procs.pin(pid, self.cgroup, not_before=not_before)
@@ -196,7 +193,7 @@ class Masters:
         reporter sent it (read now: it may still sit in the socket), or (with
         `pointer`) a pointer to the server's log."""
         if self.hook_socket:
-            self.hook_socket.drain(self.reports, self._of_the_unit)
+            self.hook_socket.drain()
         error = self.reports.error_of(pid)
         if error:
             return f": {error}"

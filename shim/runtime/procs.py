@@ -132,7 +132,9 @@ def children(pid: int) -> List[int]:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
             return [int(p) for p in f.read().split()]
     except FileNotFoundError:
-        # A kernel without CONFIG_PROC_CHILDREN. psutil (1.8 MiB per shim) is loaded only then.
+        if kernel_lists_children():
+            return []                # the process is gone
+        # A kernel without CONFIG_PROC_CHILDREN. psutil (3.5 MiB per shim) is loaded only there.
         import psutil
         try:
             return [c.pid for c in psutil.Process(pid).children()]
@@ -140,6 +142,14 @@ def children(pid: int) -> List[int]:
             return []
     except OSError:
         return []
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_lists_children() -> bool:
+    """Whether this kernel has /proc/PID/task/TID/children (CONFIG_PROC_CHILDREN):
+    asked of the shim's own entry, which exists as long as the shim runs."""
+    me = os.getpid()
+    return os.path.exists(f"/proc/{me}/task/{me}/children")
 
 
 def title(pid: int) -> str:

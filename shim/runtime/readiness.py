@@ -17,19 +17,17 @@ from __future__ import annotations
 
 import os
 import re
-import socket
-import struct
 import time
 from collections import namedtuple
 
 from shim.runtime import procs
+from shim.runtime.channel import HookReports
 from shim.runtime.servers import ServerProfile
 
 TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see shim/client.py)
 if TYPE_CHECKING:
-    from typing import Callable, Dict, Optional, Set, Tuple
+    from typing import Dict, Optional, Set, Tuple
 
-HOOK_ENV = "UNICORN_SHIM_READY_SOCKET"
 HOOKS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hooks")
 CRASH_LOOP_DEATHS = 3
 # A master that leaves its only (dead) workers unreaped this long is not running
@@ -38,16 +36,12 @@ CRASH_LOOP_DEATHS = 3
 UNREAPED_LIMIT = 1.5
 # Where a worker that has loaded the app sleeps: in its accept loop.
 WAITING = re.compile(r"poll|select|accept|wait_for_connect")
-MAX_ERRORS = 64      # remembered error lines; the oldest goes first
-MAX_MASTERS = 64     # masters with remembered hook reports (two live at most; the rest are forged)
-MAX_WORKERS = 1024   # worker reports per master
 # With the hook loaded, how long workers may all wait for connections without
 # their reports arriving before the heuristic is trusted instead.
 HOOK_SILENCE = 2.0
 # Without the hook, the same workers alive this long count as booted even when
 # none was seen waiting (each one busy serving whenever it was looked at).
 STEADY = 1.2
-_CRED = struct.Struct("3i")   # struct ucred: pid, uid, gid
 
 
 def hook_environment(environ: Dict[str, str]) -> Dict[str, str]:
@@ -61,122 +55,6 @@ def hook_environment(environ: Dict[str, str]) -> Dict[str, str]:
     # loads at start by itself: Python's sitecustomize.py, and for Ruby the
     # rubygems/defaults/operating_system.rb that RubyGems loads before any -r.
     return env
-
-
-class HookReports:
-    """What the in-server hook said, by master pid."""
-
-    def __init__(self) -> None:
-        self.hello: Set[int] = set()
-        # the last error line reported by a process or by one of its children, by pid
-        self.errors: Dict[int, str] = {}
-        # masters whose error line came from a worker: the root cause, which the master's
-        # own last words (Gunicorn: "HaltServer 'Worker failed to boot.'") must not replace
-        self.worker_errors: Set[int] = set()
-        # master -> worker key (Unicorn: worker nr; Gunicorn: pid) -> (worker pid, workers
-        # expected, monotonic time of the report)
-        self.ready: Dict[int, Dict[int, Tuple[int, int, float]]] = {}
-
-    def record(self, sender: int, text: str) -> None:
-        words = text.split()
-        if not words:
-            return
-        args = dict(w.split("=", 1) for w in words[1:] if "=" in w)
-        if words[0] == "hello":
-            if len(self.hello) < MAX_MASTERS:
-                self.hello.add(sender)
-        elif words[0] == "error":
-            line = text.split(None, 1)[1].strip() if len(words) > 1 else ""
-            said_parent = None
-            if line.startswith("ppid="):       # the reporter names its parent: it may be gone when read
-                first, _, line = line.partition(" ")
-                said_parent = int(first[5:]) if first[5:].isdigit() else None
-            if len(self.errors) >= MAX_ERRORS:
-                gone = next(iter(self.errors))
-                self.errors.pop(gone)
-                self.worker_errors.discard(gone)
-            if sender not in self.worker_errors:
-                self.errors[sender] = line
-            # A worker's error is its master's too. The kernel's word first; the sender's own
-            # when it already exited (a failed worker is often reaped before this is read).
-            parent = procs.parent_of(sender) or said_parent
-            if parent is not None and parent > 1 and parent not in self.worker_errors:
-                # the first worker's error is the cause; later ones are often its aftermath
-                # (a Puma worker stopped during the rollback: "deadlock; recursive locking")
-                self.errors[parent] = line
-                self.worker_errors.add(parent)
-        elif words[0] == "ready":
-            try:
-                key, of = int(args["worker"]), int(args["workers"])
-            except (KeyError, ValueError):
-                return
-            master = procs.parent_of(sender)   # the kernel's word, not the message's
-            if master is None or (master not in self.ready and len(self.ready) >= MAX_MASTERS):
-                return
-            workers = self.ready.setdefault(master, {})
-            if key in workers or len(workers) < MAX_WORKERS:
-                workers[key] = (sender, of, time.monotonic())
-
-    def ready_pids(self, master: int) -> Set[int]:
-        return {pid for pid, _of, _t in self.ready.get(master, {}).values()}
-
-    def expected(self, master: int) -> Optional[int]:
-        """How many workers the master's hook said to expect, if it said."""
-        return max((of for _pid, of, _t in self.ready.get(master, {}).values()), default=None)
-
-    def clear_errors(self, master: int) -> None:
-        """Before a reload: what `master`'s workers said earlier is not about it."""
-        self.errors.pop(master, None)
-        self.worker_errors.discard(master)
-
-    def error_of(self, master: int) -> Optional[str]:
-        """The server's own last error line for `master` (it or one of its workers)."""
-        return self.errors.get(master)
-
-    def forget(self, master: int) -> None:
-        self.hello.discard(master)
-        self.ready.pop(master, None)
-        # errors stay (bounded): a master's last words are read after it exited
-
-
-class HookSocket:
-    """A datagram socket the hooks write to; the kernel attaches each sender's pid."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        self.sock.bind(path)
-        # Workers may have dropped privileges; the sender's pid is checked instead.
-        os.chmod(path, 0o666)
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def drain(self, reports: HookReports, trusted: Callable[[int], bool] = lambda pid: True) -> None:
-        """Record what arrived; only from senders `trusted` says are the unit's own
-        (the socket itself must be writable by workers that switched users)."""
-        while True:
-            try:
-                data, ancdata, _flags, _addr = self.sock.recvmsg(512, socket.CMSG_SPACE(_CRED.size))
-            except BlockingIOError:
-                return
-            for level, kind, payload in ancdata:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-                    sender = _CRED.unpack(payload[:_CRED.size])[0]
-                    if trusted(sender):
-                        reports.record(sender, data.decode(errors="replace"))
-
-    def close(self) -> None:
-        self.sock.close()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
 
 
 class Verdict(namedtuple("Verdict", "state workers detail since probe_wait", defaults=("", 0.0, 0.0))):
@@ -278,8 +156,8 @@ class WorkerWatch:
             expected = self.reports.expected(self.master)
             if expected and len(live) >= expected:
                 return Verdict("ready", expected, "the readiness hook", max(live))
-            # Every worker waits for connections, yet their reports do not come: they
-            # cannot reach the readiness socket (workers that switched to another user).
+            # Every worker waits for connections, yet their reports do not come: the
+            # channel did not reach them (a server or app that closes inherited fds).
             if heuristic_ready and now - self.all_waiting_since >= HOOK_SILENCE:
                 return Verdict("ready", n, f"heuristic: {n} workers waiting for connections; the hook's "
                                            f"worker reports never arrived ({len(live)} of {n})",

@@ -65,8 +65,12 @@ def server_environment(base: Dict[str, str], extra: Dict[str, str]) -> Dict[str,
 
 
 def spawn(argv: Sequence[str], env: Dict[str, str], fds: List[int], *,
-          chdir: Optional[str] = None, pwd: Optional[str] = None, set_listen_pid: bool = False) -> int:
+          chdir: Optional[str] = None, pwd: Optional[str] = None, set_listen_pid: bool = False,
+          pid_env: Sequence[str] = ()) -> int:
     """Start `argv` in `chdir` with `fds` at 3, 4, ... in a new session; return its pid.
+
+    Each variable of `pid_env` that `env` has gets ":<the master's pid>" appended,
+    set in the master itself before exec (as LISTEN_PID with `set_listen_pid`).
 
     PWD is set to `pwd` (default `chdir`): Unicorn re-execs into $PWD and
     Gunicorn puts it on sys.path, so it decides which release later code loads
@@ -89,7 +93,7 @@ def spawn(argv: Sequence[str], env: Dict[str, str], fds: List[int], *,
             os.setsid()
             master = os.fork()
             if master == 0:
-                _exec_master(executable, argv, env, fds, chdir, pwd or chdir, set_listen_pid, err_w)
+                _exec_master(executable, argv, env, fds, chdir, pwd or chdir, set_listen_pid, pid_env, err_w)
             os.write(pid_w, str(master).encode())
         finally:
             os._exit(0)
@@ -108,7 +112,8 @@ def spawn(argv: Sequence[str], env: Dict[str, str], fds: List[int], *,
 
 
 def _exec_master(executable: str, argv: Sequence[str], env: Dict[str, str], fds: List[int],
-                 chdir: Optional[str], pwd: Optional[str], set_listen_pid: bool, err_w: int) -> None:
+                 chdir: Optional[str], pwd: Optional[str], set_listen_pid: bool, pid_env: Sequence[str],
+                 err_w: int) -> None:
     try:
         # Move everything out of the way first: a held socket may sit at 3 already.
         high = [os.dup(fd) for fd in fds]
@@ -132,6 +137,7 @@ def _exec_master(executable: str, argv: Sequence[str], env: Dict[str, str], fds:
             env = dict(env, PWD=pwd)
         if set_listen_pid:
             env = dict(env, LISTEN_PID=str(os.getpid()))
+        env = dict(env, **{var: f"{env[var]}:{os.getpid()}" for var in pid_env if var in env})
         os.execve(executable, list(argv), env)
     except BaseException as e:  # noqa: B036 - whatever happens, report it and never return
         try:

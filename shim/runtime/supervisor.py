@@ -25,7 +25,7 @@ from shim.runtime.loop import Loop, Wait
 from shim.runtime.notify import Notifier
 from shim.runtime.probe import Request
 from shim.runtime.boot import Boot
-from shim.runtime.readiness import HookSocket
+from shim.runtime.channel import HookChannels
 from shim.runtime.servers import ServerProfile
 from shim.runtime.sockets import HeldSocket
 from shim.runtime.state import State
@@ -113,8 +113,7 @@ class Supervisor(Boot):
         loop.add_signal_handler(signal.SIGUSR2, self._on_reload_signal, signal.SIGUSR2)
         for sig in NOTED_SIGNALS:
             loop.add_signal_handler(sig, self._on_other_signal, sig)
-        self.hook_socket = HookSocket(os.path.join(self.config.runtime_dir, "ready.sock"))
-        loop.add_reader(self.hook_socket.fileno(), self._on_hook_message)
+        self.hook_socket = HookChannels(loop, self.reports, self.cgroup)
         if self.config.control_path:
             self.control = ControlServer(self.config.control_path, self.config.control_mode,
                                          self.handle_request, self._on_refused, loop)
@@ -339,7 +338,8 @@ class Supervisor(Boot):
                 kept = f"master {old.pid} keeps serving the old release" + (
                     " (answered its probe)" if out.checked == "" else "")
                 told = f"the old release keeps serving (master {old.pid})"
-            self.notifier.ready(old.pid, self.status_line())
+            if not self.stop_requested:      # a stop came meanwhile: STOPPING=1 is the next word, not READY=1
+                self.notifier.ready(old.pid, self.status_line())
             self.log.event("reload-failed", f"reload to generation {gen} failed: {out.reason}; {kept}", ERR,
                            **fields)
             return {"ok": False, "error": f"{out.reason}; {told}"}
@@ -396,6 +396,5 @@ class Supervisor(Boot):
         except OSError:
             pass
         if self.hook_socket:
-            self.loop.remove_reader(self.hook_socket.fileno())
             self.hook_socket.close()
         self.loop.close()

@@ -10,7 +10,6 @@ from shim.tooling import config_eval
 from shim.tooling.check_release import RUBY_32_GONE
 from shim.tooling.findings import CANNOT, ERROR, WARNING
 from shim.tooling.check_rules import Context, inside, writable_dir
-from shim.runtime.readiness import HOOK_SILENCE
 
 # Unicorn's own check that the pid/log directories are writable runs after the
 # whole config loaded: failing it leaves every value known (checked by our rules).
@@ -219,18 +218,11 @@ class ConfigRules:
                            f"({place.key('User')}), which cannot switch users: every worker dies at boot",
                            f"remove `user` from the config, or {place.setting('User', user)}")
             return
-        mode_text = (self.ctx.service.get("RuntimeDirectoryMode") or ["0755"])[-1]
-        try:
-            mode = int(mode_text, 8)
-        except ValueError:
-            return
-        if self.v.get("readiness_hook") and self.ctx.runtime_dirs and not mode & 0o001:
-            # Measured: the shim waits HOOK_SILENCE for reports that never come, then trusts the heuristic.
-            self.ctx.add(WARNING, f"a root master whose workers run as {user}: they cannot reach the readiness "
-                         f"socket in {self.ctx.runtime_dirs[0]} (RuntimeDirectoryMode={mode_text}), so their "
-                         f"reports are lost and each boot and reload waits {HOOK_SILENCE:g} s more, then "
-                         "judges readiness by the heuristic",
-                         f"{place.setting('User', user)} and remove `user` from the config: the shim needs no root")
+        # Their readiness reports go over the channel the workers inherit, which works
+        # across the switch; what is left is a master that keeps root for its life.
+        self.ctx.add(WARNING, f"a root master whose workers run as {user}: the master keeps root for as long "
+                     "as it runs, and reads the release's code as root at every reload",
+                     f"{place.setting('User', user)} and remove `user` from the config: the shim needs no root")
 
 
 def _held(address: str, held: List[str]) -> bool:

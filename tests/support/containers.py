@@ -31,6 +31,11 @@ IMAGES: Dict[str, tuple] = {
     "trixie": ("rootfs-trixie-v1",
                "unicorn,ruby-rack,gunicorn,python3,python3-pytest,python3-psutil,python3-systemd,"
                "python3-sdnotify,procps,curl,util-linux"),
+    # tests/test_reporters.py: Debian 13's own Bundler (2.6, the `bundler` package), whose
+    # `bundle exec` has RubyGems require bundler/setup ($BUNDLER_SETUP) at interpreter start.
+    "trixie-bundler": ("rootfs-trixie-bundler-v1",
+                       "unicorn,ruby-rack,gunicorn,python3,python3-pytest,python3-psutil,python3-systemd,"
+                       "python3-sdnotify,procps,curl,util-linux,bundler", "trixie"),
     # tests/test_migration.py: the supervisors an app is moved away from (runit,
     # Gunicorn in a venv per release, Puma with its own systemd notify plugin,
     # Unicorn under Bundler) and the web server in front (nginx).
@@ -65,8 +70,8 @@ class Container:
     """One booted container of an image; `run` executes a command inside it."""
 
     def __init__(self, rootfs: str, base_dir: str, binds: Optional[List[str]] = None,
-                 unified_cgroup: bool = False, volatile: str = "overlay") -> None:
-        self.name = "c" + uuid.uuid4().hex[:8]
+                 unified_cgroup: bool = False, volatile: str = "overlay", prefix: str = "c") -> None:
+        self.name = prefix + uuid.uuid4().hex[:8]
         self.rootfs = rootfs
         self.env = dict(os.environ, SDH_BASE=base_dir, SDH_VOLATILE=volatile, SDH_NSPAWN_ARGS=" ".join(
             ["--private-network"] + [f"--bind-ro={b}" for b in binds or []]))

@@ -1,70 +1,77 @@
-"""Loaded by Python at start in every process unicorn-shim starts (the shim
-puts this directory on PYTHONPATH): when a Gunicorn master or worker fails,
-tells the shim why in one line — the last line of the traceback and where it
-was raised, or Gunicorn's own reason — so that a failed reload shows the
-server's own error. The shim reads nothing of the journal for this: it works
-under any User=. Outside the shim (no UNICORN_SHIM_READY_SOCKET) it does
-nothing but hand over to the sitecustomize it shadows (Debian ships one).
+"""unicorn-shim's failure reporter, loaded by Python at start (the shim puts
+this directory on PYTHONPATH) in a master the shim started, and so in its
+workers: when a master or a worker fails, it tells the shim why in one line,
+the last line of the traceback and where it was raised, so that a failed
+reload shows the server's own error. It wraps no output: it catches the error
+where the process ends with it — sys.excepthook for an uncaught exception, and
+sys.exit called while handling one (Gunicorn's worker that failed to boot, its
+"Error: ..." exits, its HaltServer). The shim reads nothing of the journal for
+this: it works under any User=.
+
+In that master it takes its directory off PYTHONPATH again, so nothing the
+master or its workers run loads it; outside the shim it does nothing. Either
+way it hands over to the sitecustomize it shadows (Debian ships one).
 """
 import os
-import re
 import sys
 
-_PATH = os.environ.get("UNICORN_SHIM_READY_SOCKET")
+import unicorn_shim_channel
+
 _LIMIT = 5                       # reports per process: a crash, not a log stream
-_FRAME = re.compile(r'^\s+File "([^"]+)", line (\d+)')
-_REASON = re.compile(r"^(Error: .+|Reason: .+|.*\[(?:ERROR|CRITICAL)\] .*(?:failed|Failed|Error|error).*)$")
+_sent = 0
 
 
-class _Reporter:
-    def __init__(self, stream):
-        self._stream = stream
-        self._sent = 0
-        self._pending = ""
-        self._frame = None
-        self._in_traceback = False
-
-    def __getattr__(self, name):
-        return getattr(self._stream, name)
-
-    def write(self, text):
-        try:
-            self._scan(text)
-        except Exception:
-            pass
-        return self._stream.write(text)
-
-    def _scan(self, text):
-        self._pending += text
-        *lines, self._pending = self._pending.split("\n")
-        for line in lines:
-            if line.startswith("Traceback (most recent call last):"):
-                self._in_traceback, self._frame = True, None
-            elif self._in_traceback:
-                frame = _FRAME.match(line)
-                if frame:
-                    self._frame = f"{frame.group(1)}:{frame.group(2)}"
-                elif line and not line[0].isspace():
-                    self._in_traceback = False
-                    self._say(f"{line} at {self._frame}" if self._frame else line)
-            elif _REASON.match(line):
-                self._say(line)
-
-    def _say(self, text):
-        if self._sent >= _LIMIT:
-            return
-        self._sent += 1
-        import socket
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-                sock.sendto(f"error ppid={os.getppid()} {text.strip()[:480]}".encode(errors="replace"), _PATH)
-        except OSError:
-            pass                 # the shim is gone or restarting; never disturb the server
+def _say(text):
+    global _sent
+    if _sent < _LIMIT:
+        _sent += 1
+        unicorn_shim_channel.say(f"error {text.strip()[:480]}")
 
 
-if _PATH and sys.stderr is not None:
-    sys.stderr = _Reporter(sys.stderr)
-if _PATH:
+def _describe(error):
+    """'RuntimeError: boom at /srv/app/releases/r2/app.py:4'"""
+    import traceback
+    last = traceback.format_exception_only(type(error), error)[-1].strip()
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else None
+    if isinstance(error, SyntaxError) and error.filename:
+        where = f"{error.filename}:{error.lineno}"
+    return f"{last} at {where}" if where else last
+
+
+def _failed(error):
+    try:
+        if error is not None and not isinstance(error, (SystemExit, KeyboardInterrupt)):
+            _say(_describe(error))
+    except Exception:
+        pass
+
+
+def _install():
+    previous_hook, exit_ = sys.excepthook, sys.exit
+
+    def excepthook(kind, error, tb):
+        _failed(error)
+        previous_hook(kind, error, tb)
+
+    def exit(status=None):
+        if status not in (None, 0):
+            _failed(sys.exc_info()[1])
+        exit_(status)
+
+    sys.excepthook, sys.exit = excepthook, exit
+    here = os.path.dirname(os.path.abspath(__file__))
+    rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and os.path.abspath(p) != here]
+    if rest:
+        os.environ["PYTHONPATH"] = os.pathsep.join(rest)
+    else:
+        os.environ.pop("PYTHONPATH", None)
+
+
+if unicorn_shim_channel.FD is not None:
+    _install()
     try:
         import unicorn_shim_gthread          # gthread's graceful stop serves what it accepted
         unicorn_shim_gthread.install()

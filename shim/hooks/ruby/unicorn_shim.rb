@@ -4,20 +4,12 @@
 #
 # The master says hello when the config loads; each worker reports once it is
 # ready to accept (after after_worker_ready, which keeps working as before).
-# Outside the shim (no UNICORN_SHIM_READY_SOCKET) it does nothing.
-require "socket"
+# Outside the shim (no UNICORN_SHIM_CHANNEL) it does nothing.
+require_relative "unicorn_shim_channel"
 
 module UnicornShim
-  PATH = ENV["UNICORN_SHIM_READY_SOCKET"]
-
   def self.say(text)
-    return unless PATH
-    sock = Socket.new(:UNIX, :DGRAM)
-    sock.send(text, 0, Socket.sockaddr_un(PATH))
-  rescue SystemCallError
-    # the shim is gone or restarting: readiness falls back to its heuristic
-  ensure
-    sock&.close
+    UnicornShimChannel.say(text)   # nothing outside the shim; the heuristic stands in if it is lost
   end
 
   # Wraps whatever after_worker_ready the config sets (the Configurator sets

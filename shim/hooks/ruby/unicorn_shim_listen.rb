@@ -1,4 +1,4 @@
-# Loaded by unicorn-shim into every Ruby process it starts (from
+# Loaded by unicorn-shim into every master it starts, and so its workers (from
 # rubygems/defaults/operating_system.rb). Unicorn matches the sockets it
 # inherits with its config's `listen` addresses by name: the path the socket
 # was bound with. The classic config's `listen APP_PATH + "/tmp/sockets/x.sock"`

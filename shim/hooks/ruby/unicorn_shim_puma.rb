@@ -5,7 +5,7 @@
 # The shim puts this file on RUBYLIB for its masters. The master says hello
 # when the config loads; each worker reports once its server runs (after
 # on_worker_boot, which keeps working as before). Outside the shim
-# (no UNICORN_SHIM_READY_SOCKET) it does nothing.
+# (no UNICORN_SHIM_CHANNEL) it does nothing.
 #
 # Under the shim it also mends two things of Puma 5's graceful stop that a
 # hand-over meets every time:
@@ -20,7 +20,6 @@
 require_relative "unicorn_shim"   # UnicornShim.say; does nothing else outside Unicorn
 
 module UnicornShimPuma
-  PATH = UnicornShim::PATH
   SHUTDOWN_GRACE = 0.2   # seconds; a request follows its connection within a round trip
 
   class << self
@@ -76,7 +75,7 @@ module UnicornShimPuma
   end
 end
 
-if UnicornShimPuma::PATH && defined?(Puma::Cluster::Worker) && defined?(Puma::Server)
+if UnicornShimChannel::IO_ && defined?(Puma::Cluster::Worker) && defined?(Puma::Server)
   Puma::Cluster::Worker.prepend(UnicornShimPuma::WorkerIdentity)
   Puma::Server.prepend(UnicornShimPuma::ServerReady)
   Puma::Server.prepend(UnicornShimPuma::ServeFreshConnections)
