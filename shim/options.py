@@ -43,7 +43,7 @@ def _statuses(text: str) -> tuple:
     from shim.runtime import probe
     try:
         return probe.parse_statuses(text)
-    except ValueError as e:
+    except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a list of statuses within 100-599 "
                                          "such as 200-399,404") from None
 

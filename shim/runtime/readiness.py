@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from collections import namedtuple
 
 from shim.runtime import procs

@@ -124,7 +124,9 @@ class ConfigRules:
     def oldbin_hook(self) -> None:
         hook = self.v.get("hooks", {}).get("before_fork") or {}
         source = hook.get("source") or ""
-        if ".oldbin" in source:
+        # Under spawn the shim leaves no .oldbin for the hook to find (the next master starts
+        # beside the old one, which the shim retires itself): the hook does nothing there.
+        if ".oldbin" in source and self.ctx.upgrade == "usr2":
             stall = "every reload stalls by its sleep, and " if "sleep" in source else ""
             self.ctx.add(WARNING, f"the before_fork hook QUITs the .oldbin master: {stall}the old master is gone "
                          "before the shim knows the new release is good (no rollback with preload_app false)",

@@ -16,7 +16,6 @@ longer alive), and only then shuts the pool down as Gunicorn does. A quick
 stop (QUIT, INT) stays quick. Gunicorn 20 (it hands a connection to the pool
 at once) and versions without this method are left alone.
 """
-import selectors
 import time
 from concurrent import futures
 
