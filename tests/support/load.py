@@ -99,9 +99,21 @@ def accepted(port: int, pids: List[int]) -> bool:
     host, and with the load tests' tens of thousands in TIME_WAIT, reading it for a
     few processes took 10 s, longer than the request being looked for. A connection
     still in the listen queue is established too, but has no process yet."""
-    out = subprocess.run(["ss", "-tnpH", "state", "established", f"( sport = :{port} )"],
-                         capture_output=True, text=True).stdout
+    try:
+        out = subprocess.run(["ss", "-tnpH", "state", "established", f"( sport = :{port} )"],
+                             capture_output=True, text=True).stdout
+    except FileNotFoundError:       # no iproute2 (the Debian 13 test image): psutil, on a quiet machine
+        return any(_accepted_by(pid, port) for pid in pids)
     return any(f"pid={pid}," in out for pid in pids)
+
+
+def _accepted_by(pid: int, port: int) -> bool:
+    import psutil
+    try:
+        conns = psutil.Process(pid).connections("tcp")
+    except psutil.Error:
+        return False
+    return any(c.laddr and c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED for c in conns)
 
 
 def wait_accepted(port: int, processes: Callable[[], List[int]], timeout: float = WAIT) -> None:
