@@ -50,7 +50,7 @@ the server command cannot be run
 the pid file's directory does not exist or is not writable
 .TP
 .B 7
-the first master died or was not ready in time
+the first master died or was not ready in time, and no last good release could serve instead
 .TP
 .B 8
 the master exited in steady state, or a failed reload left nothing serving
@@ -60,9 +60,16 @@ reload, status: no shim answers on the control socket
 .TP
 .B 10
 reload: the new release was rolled back
+.TP
+.B 11
+run: the release that served before failed to start after every retry (a dependency still down): Restart= tries again
+.TP
+.B 1
+check: errors found (0: none; 2: the target is nowhere)
 .SH JOURNAL FIELDS
 Each step is logged with SHIM_EVENT= (ready, reload-start, reload-done,
-reload-failed, retired, master-exit, stopping) and, where they apply,
+reload-failed, retired, master-exit, stopping, fallback, no-fallback, boot-retry,
+start-failed, signal, log-reopen, pid-file-removed, pid-file-repaired) and, where they apply,
 MASTER_PID=, OLD_MASTER_PID=, GENERATION=, RELEASE=, DURATION_MS=, RESULT=,
 REASON=. For example:
 .PP
