@@ -15,7 +15,9 @@ import errno
 import json
 import os
 import random
+import re
 import shutil
+import stat
 import socket
 import struct
 import tempfile
@@ -311,7 +313,11 @@ def test_a_real_shim_trusts_no_one_outside_its_masters(deploy, manager):
     master = d.assert_main_pid_is_live_master()
     fd = int(proc_environ(master)["UNICORN_SHIM_CHANNEL"].split(":")[0])
     runtime = os.path.join(manager.runtime_dir, "app")
-    assert not [f for f in os.listdir(runtime) if f not in ("control.sock", "shim.pid", "unicorn.pid")]  # no socket
+    # no socket anyone can write reports to: the only other one is the master's probe socket (0600,
+    # which the shim connects to and the master listens on)
+    others = [f for f in os.listdir(runtime) if f not in ("control.sock", "shim.pid", "unicorn.pid")]
+    assert all(re.fullmatch(r"probe\.\d+\.sock", f) for f in others), others
+    assert all(stat.S_IMODE(os.stat(os.path.join(runtime, f)).st_mode) == 0o600 for f in others), others
     shim_fds = len(os.listdir(f"/proc/{shim}/fd"))
     rng = random.Random(7)
     forged = [b"error FORGED by an outsider", b"hello", b"ready worker=0 workers=1", b"ready worker=1 workers=2",
