@@ -287,6 +287,10 @@ def test_rpm_builds_with_its_files():
     assert any(f.endswith("/shim/hooks/ruby/unicorn_shim.rb") for f in files)
     assert any(f.endswith("/ruby/vendor_ruby/unicorn_shim.rb") for f in files)
     assert any(f.endswith("/ruby/vendor_ruby/unicorn_shim_puma.rb") for f in files)
+    with open(os.path.join(REPO, "debian", "unicorn-shim.examples")) as f:
+        examples = [os.path.basename(line.strip()) for line in f if line.strip()]
+    shipped = {os.path.basename(path) for path in files}
+    assert [e for e in examples if e not in shipped] == [], "the .deb's examples missing from the RPM"
     scripts = subprocess.run(["rpm", "-qp", "--scripts", os.path.join(REPO, rpm)], capture_output=True,
                              text=True).stdout
     assert "systemctl stop 'unicorn-shim@*.socket' 'unicorn-shim@*.service'" in scripts
