@@ -135,11 +135,13 @@ def reload(where: Target, signalled: bool, timeout: Optional[float]) -> Dict[str
     ExecReload= started with SIGHUP (waiting for it if it still runs). When no
     signalled reload awaits a report (the trigger did not reach the shim; a shim
     started before `reload-wait` existed answers "unknown command"), ask for one."""
+    from shim.jobdeadline import deadlines
+    bounds = {"deadlines": deadlines(timeout, _own_unit(), systemctl_show)}
     if signalled:
-        answer = where.request({"command": "reload-wait"}, timeout)
+        answer = where.request({"command": "reload-wait", **bounds}, timeout)
         if not (answer.get("no_signalled_reload") or str(answer.get("error")).startswith("unknown command")):
             return answer
-    return where.request({"command": "reload"}, timeout)
+    return where.request({"command": "reload", **bounds}, timeout)
 
 
 def main(argv: List[str]) -> Optional[int]:

@@ -4,6 +4,7 @@ hand-over is rolled back at once and the new release never goes live afterwards.
 Real systemd, real servers, load running."""
 from __future__ import annotations
 
+import signal
 import subprocess
 import threading
 import time
@@ -27,12 +28,19 @@ def test_a_reload_whose_exec_reload_is_killed_never_goes_live(deploy, manager):
     _client_goes_away(d, manager, d.reload, kill_exec_reload)
 
 
-def test_a_reload_client_that_gives_up_rolls_the_reload_back(unicorn_deploy, manager):
+def test_a_reload_client_interrupted_rolls_the_reload_back(unicorn_deploy, manager):
+    """A Ctrl-C (or a dropped SSH session) of `unicorn-shim reload`: the client
+    leaves without a word. (A --timeout is a deadline it announces: the shim ends the
+    hand-over before it, tests/test_deadline.py.)"""
     d = unicorn_deploy(shim_args="--ready-timeout 60")
 
     def reload() -> subprocess.CompletedProcess:
-        return subprocess.run([SHIM, "reload", "--timeout", str(GIVE_UP), "--control",
-                               f"{manager.runtime_dir}/app/control.sock"], capture_output=True, text=True)
+        client = subprocess.Popen([SHIM, "reload", "--control", f"{manager.runtime_dir}/app/control.sock"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(GIVE_UP)
+        client.send_signal(signal.SIGINT)
+        out, err = client.communicate(timeout=30)
+        return subprocess.CompletedProcess(client.args, client.returncode, out, err)
     _client_goes_away(d, manager, reload, lambda: None)
 
 
