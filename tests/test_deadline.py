@@ -178,3 +178,26 @@ def test_the_client_sends_the_earlier_of_timeout_and_the_job(monkeypatch):
     sent = jobdeadline.deadlines(3.0, "app.service", None)
     assert [d["by"] for d in sent] == ["--timeout", "TimeoutStartSec"]
     assert jobdeadline.deadlines(None, None, None) == []
+
+
+def test_a_cpu_wait_moves_systemds_reload_timer_by_the_seconds_waited_only(fake):
+    """On a busy host the ready timeout counts the master's own time; systemd's
+    reload timer moves by the same seconds (EXTEND_TIMEOUT_USEC= to the client's
+    deadline + the wait), not to the shim's whole remaining need."""
+    fake.boot_delays = [0.1, 1.2]
+    sup = supervisor(fake, ready_timeout=0.5, retire_timeout=0.5, upgrade="spawn")
+    sup.notifier = Heard()
+    sup.notifier.on_extend = lambda until: sup.deadlines.extended(sup.askers + sup.reloads, until)
+    t0 = []
+
+    def busy_host() -> None:                   # the new master waits 0.9 s of every second
+        if len(fake.started) == 2:
+            fake.cpu_wait[fake.started[1].pid] = 0.9 * (time.monotonic() - t0[0])
+        sup.loop.call_later(0.05, busy_host)
+    answer, took = run_one_reload(sup, systemd_timeout(30.0, 30.0),
+                                  during=lambda: (t0.append(time.monotonic()), busy_host()))
+    assert answer["ok"], answer
+    booted = next(i for i, m in enumerate(sup.notifier.messages) if m.get("READY"))
+    [extension] = [m["EXTEND_TIMEOUT_USEC"] for m in sup.notifier.messages[booted:] if "EXTEND_TIMEOUT_USEC" in m]
+    moved = 30.0 + 1.0 - 1.1                   # the deadline + about 1 s waited, from about 1.1 s in
+    assert abs(extension / 1e6 - moved) < 0.6, extension

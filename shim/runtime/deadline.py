@@ -103,10 +103,13 @@ class Watch:
     def __init__(self, loop: Loop) -> None:
         self.loop = loop
         self.wake: Optional[Timer] = None
+        self.ended = False          # the running hand-over was ended by a deadline (said once)
 
     def too_late(self, askers: Iterable[object], retire_timeout: float, seen: str) -> Optional[ReloadFailed]:
         """The failure that ends the hand-over now, when it could no longer finish
-        before the first deadline of `askers`; else None."""
+        before the first deadline of `askers`; else None (and None once it was said)."""
+        if self.ended:
+            return None
         found = first([d for asker in askers for d in getattr(asker, "deadlines", ())])
         if found is None:
             return None
@@ -118,7 +121,15 @@ class Watch:
                     self.wake.cancel()
                 self.wake = self.loop.call_later(give_up - now, lambda: None)
             return None
+        self.ended = True
         return ReloadFailed(too_late(found, reserve, now, seen))
+
+    @staticmethod
+    def extension(askers: Iterable[object], moved: float) -> float:
+        """Seconds of EXTEND_TIMEOUT_USEC= that move systemd's reload timer by `moved`
+        (it goes to now + the extension); 0 (nothing moves) when no client sent it."""
+        found = first([d for asker in askers for d in getattr(asker, "deadlines", ()) if d.extends])
+        return 0.0 if found is None else max(0.0, found.at + moved - time.monotonic())
 
     @staticmethod
     def extended(askers: Iterable[object], until: float) -> None:

@@ -71,6 +71,8 @@ class Notifier:
 
     def extend_timeout(self, seconds: float) -> None:
         """Move the running job's timer (systemd: to now + seconds when that is later)."""
+        if seconds <= 0:
+            return
         self.send(EXTEND_TIMEOUT_USEC=int(seconds * 1e6))
         if self.managed() and self.on_extend is not None:
             self.on_extend(time.monotonic() + seconds)

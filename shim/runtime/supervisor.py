@@ -183,11 +183,8 @@ class Supervisor(Boot):
             return Abandoned("every client that asked for this reload went away (systemd's job timeout "
                              "ended ExecReload=, a Ctrl-C or a dropped connection) before the new "
                              "release took over")
-        if self.state == "reloading" and not self.committed and "deadline" not in self.thrown:
-            error = self.deadlines.too_late(self.askers, self.config.retire_timeout, f"while waiting for {wait.what}")
-            if error is not None:
-                self.thrown.add("deadline")
-                return error
+        if self.state == "reloading" and not self.committed:       # a client's deadline too close
+            return self.deadlines.too_late(self.askers, self.config.retire_timeout, f"while waiting for {wait.what}")
         return None
 
     def checkpoint(self) -> None:
@@ -197,14 +194,15 @@ class Supervisor(Boot):
             raise error
 
     def commit(self) -> None:
-        """The point of no return, passed only when the hand-over can finish before
-        every waiting client's deadline (else the failure is raised: roll back)."""
-        error = None if "deadline" in self.thrown else \
-            self.deadlines.too_late(self.askers, self.config.retire_timeout, "when the new master was ready")
+        """The point of no return: never when a waiting client's deadline is too close (then: roll back)."""
+        error = self.deadlines.too_late(self.askers, self.config.retire_timeout, "when the new master was ready")
         if error is not None:
-            self.thrown.add("deadline")
             raise error
         self.committed = True
+
+    def job_extension(self, wanted: float, moved: float) -> float:
+        """During a reload, systemd's timer moves by the CPU wait alone: TimeoutStartSec= stays the bound."""
+        return self.deadlines.extension(self.askers, moved) if self.state == "reloading" else wanted
 
     def _on_stop_signal(self, sig: int) -> None:
         self.stop_requested = True
@@ -271,7 +269,8 @@ class Supervisor(Boot):
         # Unicorn's own re-exec would come back to it. The shim starts the next one.
         strategy = self.strategies["spawn"] if self.fallback else self.strategy
         self.state, self.committed, self.confirmed = "reloading", False, False
-        self.thrown.difference_update(("abandoned", "deadline"))
+        self.thrown.discard("abandoned")
+        self.deadlines.ended = False
         barrier = self.notifier.reloading(os.getpid(), f"reloading: starting generation {gen} beside master {old.pid}")
         if barrier is not None and not (yield from self._confirmed(barrier)):
             self.state = "serving"
@@ -298,8 +297,7 @@ class Supervisor(Boot):
             self.loop.remove_reader(barrier)
         self.loop.add_reader(barrier, closed)
         try:
-            # Not interruptible: reload() has no rollback to raise into yet; a stop or a
-            # client's deadline ends the hand-over's first wait, at most MAINPID_CONFIRM later.
+            # Not interruptible: no rollback to raise into yet (a stop ends the hand-over's first wait)
             return bool((yield Wait("systemd to take MAINPID=<shim> in", lambda wait: self.confirmed or None,
                                     deadline=time.monotonic() + MAINPID_CONFIRM, expired=lambda wait: False,
                                     interruptible=False)))
