@@ -1,8 +1,9 @@
 """`unicorn-shim reload` and `status`: find a running shim's control socket and talk to it.
 
 ExecReload= starts this once per deploy, for many apps at once on a busy host,
-so it imports only os, sys, signal, socket, json and pwd/grp (for error messages): not
-psutil, systemd-python, nor the argparse parser that `run` needs.
+so it imports only os, sys, signal, socket, json, time and pwd/grp (for error messages),
+and subprocess for one `systemctl show` (the reload job's deadline, shim/jobdeadline.py):
+not psutil, systemd-python, nor the argparse parser that `run` needs.
 shim/cli.py calls parse() first and builds its full parser only when parse()
 cannot take the command line as it is (help, an error, an abbreviated option):
 argparse then parses it, with the same meaning, and calls run() all the same.
@@ -135,11 +136,13 @@ def reload(where: Target, signalled: bool, timeout: Optional[float]) -> Dict[str
     ExecReload= started with SIGHUP (waiting for it if it still runs). When no
     signalled reload awaits a report (the trigger did not reach the shim; a shim
     started before `reload-wait` existed answers "unknown command"), ask for one."""
+    from shim.jobdeadline import deadlines
+    bounds = {"deadlines": deadlines(timeout, _own_unit(), systemctl_show)}
     if signalled:
-        answer = where.request({"command": "reload-wait"}, timeout)
+        answer = where.request({"command": "reload-wait", **bounds}, timeout)
         if not (answer.get("no_signalled_reload") or str(answer.get("error")).startswith("unknown command")):
             return answer
-    return where.request({"command": "reload"}, timeout)
+    return where.request({"command": "reload", **bounds}, timeout)
 
 
 def main(argv: List[str]) -> Optional[int]:

@@ -157,8 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     reload = sub.add_parser("reload", help="replace the running release, wait for the outcome "
                                            "(the unit's ExecReload=)")
     reload.add_argument("--timeout", type=_seconds, metavar="SEC",
-                        help="give up after SEC: a reload whose every client gave up is rolled back, "
-                             "unless the old master was already being retired")
+                        help="give up after SEC: the shim rolls the reload back rather than let it "
+                             "finish later (as ExecReload=, systemd's own reload timeout is read and "
+                             "counts too)")
     reload.add_argument("--signalled", action="store_true",
                         help="report the outcome of the reload a SIGHUP to the shim started (the "
                              "shipped units' first ExecReload= line sends it to the pid in shim.pid of "

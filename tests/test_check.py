@@ -104,3 +104,12 @@ def test_usr2_is_refused_for_gunicorn(tmp_path):
         "bundle exec --keep-file-descriptors unicorn -c config/unicorn.rb -E production", "gunicorn app:app")
     r = check(tmp_path, unit.replace("KillSignal=SIGQUIT", "KillSignal=SIGTERM"), extra=["--unit-only"])
     assert r.returncode == 1 and "--upgrade usr2: gunicorn's own re-exec cannot keep the sockets" in r.stdout
+
+
+@pytest.mark.parametrize("limit, warned", [(121, True), (122, False)])
+def test_a_reload_timeout_that_leaves_no_time_to_retire_the_old_master_is_flagged(tmp_path, limit, warned):
+    """Issue 22: TimeoutStartSec= bounds ExecReload=; the shim rolls a reload back
+    when the new master is not ready --retire-timeout + 2 s before it ends."""
+    r = check(tmp_path, GOOD + f"TimeoutStartSec={limit}\n", extra=("--unit-only",))
+    said = f"--ready-timeout 60 s + --retire-timeout 60 s + 2 s is more than TimeoutStartSec={limit}"
+    assert (said in r.stdout) is warned, r.stdout

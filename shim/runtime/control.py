@@ -227,10 +227,11 @@ def _send(conn: socket.socket, answer: Dict[str, Any]) -> None:
 class Reply:
     """A request's connection, kept open until its answer is sent."""
 
-    __slots__ = ("conn", "sent")
+    __slots__ = ("conn", "sent", "deadlines")
 
     def __init__(self, conn: socket.socket) -> None:
         self.conn, self.sent = conn, False
+        self.deadlines: list = []        # when its client stops waiting (shim/runtime/deadline.py)
 
     def __call__(self, answer: Dict[str, Any]) -> None:
         if not self.sent:
@@ -267,6 +268,11 @@ class SignalledReload:
         """Gone once its client connected and left; before it connects, not gone
         (the kill that asked for it is followed by the client at once)."""
         return self.waiting is not None and self.waiting.gone()
+
+    @property
+    def deadlines(self) -> list:
+        """Its client's, once it connected."""
+        return self.waiting.deadlines if self.waiting else []
 
     def report_to(self, reply: Reply) -> None:
         if self.result is not None:

@@ -171,7 +171,8 @@ class Masters:
             wait.deadline = deadline + waited
             if waited - extended[1] >= 1.0 and self.notifier:
                 # systemd's job timeout moves with ours (its reload job is bounded too)
-                self.notifier.extend_timeout(wait.deadline - now + self.config.retire_timeout + 10)
+                self.notifier.extend_timeout(self.job_extension(
+                    wait.deadline - now + self.config.retire_timeout + 10, waited - extended[1]))
                 extended[1] = waited
             extended[0] = waited
             return None
@@ -187,6 +188,12 @@ class Masters:
                                f"{lost} ({seen})" + self.server_error(master.pid, pointer=False))
         return (yield Wait(f"{what} {master.pid} ready", ready, deadline=deadline, every=SAMPLE,
                            expired=too_late))
+
+    def job_extension(self, wanted: float, moved: float) -> float:
+        """EXTEND_TIMEOUT_USEC= for a ready timeout moved by `moved` s of CPU wait:
+        `wanted` (what the rest of the job may take), unless a reload's deadline says
+        otherwise (the supervisor's)."""
+        return wanted
 
     def server_error(self, pid: int, pointer: bool = True) -> str:
         """': <the server's own error line>' for `pid` or its workers, as its

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see shim/client.py)
 if TYPE_CHECKING:
@@ -27,9 +28,17 @@ def _sender() -> Optional[Callable[[str], object]]:
 
 
 class Notifier:
+    _send: Optional[Callable[[str], object]] = None
+    # Told when systemd's timer is moved: the time (monotonic) it is at, or later.
+    on_extend: Optional[Callable[[float], None]] = None
+
     def __init__(self) -> None:
         self._send = _sender()
         self.watchdog_usec = _watchdog_usec()
+
+    def managed(self) -> bool:
+        """Whether a service manager hears these messages."""
+        return self._send is not None
 
 
     def send(self, **fields: object) -> None:
@@ -61,7 +70,12 @@ class Notifier:
         self.send(STOPPING=1, STATUS=status)
 
     def extend_timeout(self, seconds: float) -> None:
+        """Move the running job's timer (systemd: to now + seconds when that is later)."""
+        if seconds <= 0:
+            return
         self.send(EXTEND_TIMEOUT_USEC=int(seconds * 1e6))
+        if self.managed() and self.on_extend is not None:
+            self.on_extend(time.monotonic() + seconds)
 
     def watchdog(self) -> None:
         self.send(WATCHDOG=1)

@@ -16,7 +16,7 @@ import signal
 import time
 from types import SimpleNamespace
 
-from shim.runtime import procs, report
+from shim.runtime import deadline, procs, report
 from shim.runtime.control import ControlServer, SignalledReload
 from shim.errors import EXIT_MASTER_EXIT, Abandoned, Stopping
 from shim.runtime.journal import ERR, WARNING, Log
@@ -102,6 +102,8 @@ class Supervisor(Boot):
         self.signalled: Optional[SignalledReload] = None   # the last reload a signal asked for, to report
         self.confirmed = False             # systemd took the last MAINPID= in (its barrier came back)
         self.reopen = LogReopen(self, config.profile.log_reopen) if config.profile.log_reopen else None
+        self.deadlines = deadline.Watch(self.loop)     # the clients' deadlines, for the running hand-over
+        notifier.on_extend = lambda until: self.deadlines.extended(self.askers + self.reloads, until)
 
     # -- the loop -----------------------------------------------------------
 
@@ -181,16 +183,26 @@ class Supervisor(Boot):
             return Abandoned("every client that asked for this reload went away (systemd's job timeout "
                              "ended ExecReload=, a Ctrl-C or a dropped connection) before the new "
                              "release took over")
+        if self.state == "reloading" and not self.committed:       # a client's deadline too close
+            return self.deadlines.too_late(self.askers, self.config.retire_timeout, f"while waiting for {wait.what}")
         return None
 
     def checkpoint(self) -> None:
         """Between two steps: what would interrupt a wait ends the hand-over here."""
-        error = self._interruption(Wait("between two steps"))
+        error = self._interruption(Wait("the hand-over's next step"))
         if error is not None:
             raise error
 
     def commit(self) -> None:
+        """The point of no return: never when a waiting client's deadline is too close (then: roll back)."""
+        error = self.deadlines.too_late(self.askers, self.config.retire_timeout, "when the new master was ready")
+        if error is not None:
+            raise error
         self.committed = True
+
+    def job_extension(self, wanted: float, moved: float) -> float:
+        """During a reload, systemd's timer moves by the CPU wait alone: TimeoutStartSec= stays the bound."""
+        return self.deadlines.extension(self.askers, moved) if self.state == "reloading" else wanted
 
     def _on_stop_signal(self, sig: int) -> None:
         self.stop_requested = True
@@ -258,6 +270,7 @@ class Supervisor(Boot):
         strategy = self.strategies["spawn"] if self.fallback else self.strategy
         self.state, self.committed, self.confirmed = "reloading", False, False
         self.thrown.discard("abandoned")
+        self.deadlines.ended = False
         barrier = self.notifier.reloading(os.getpid(), f"reloading: starting generation {gen} beside master {old.pid}")
         if barrier is not None and not (yield from self._confirmed(barrier)):
             self.state = "serving"
@@ -267,9 +280,9 @@ class Supervisor(Boot):
             self.log.event("reload-failed", f"reload to generation {gen} not begun: {reason}", ERR,
                            RESULT="not-begun", OLD_MASTER_PID=old.pid, GENERATION=gen, REASON=reason)
             return {"ok": False, "error": f"{reason}; the old release keeps serving (master {old.pid})"}
-        # The reload job is bounded by the unit's TimeoutStartSec=; a hand-over may take the
-        # new master's boot plus the old one's drain: never let systemd give up first.
-        self.notifier.extend_timeout(self.config.ready_timeout + self.config.retire_timeout + 10)
+        # No EXTEND_TIMEOUT_USEC= here: TimeoutStartSec= bounds the reload as the operator
+        # set it (systemd re-arms it when it spawns each ExecReload= line anyway), and the
+        # client's deadline ends the hand-over before it (shim/runtime/deadline.py).
         self.log.event("reload-start", f"reload to generation {gen} ({strategy.name}) from master {old.pid}",
                        OLD_MASTER_PID=old.pid, GENERATION=gen)
         self.reports.clear_errors(old.pid)
@@ -284,8 +297,10 @@ class Supervisor(Boot):
             self.loop.remove_reader(barrier)
         self.loop.add_reader(barrier, closed)
         try:
+            # Not interruptible: no rollback to raise into yet (a stop ends the hand-over's first wait)
             return bool((yield Wait("systemd to take MAINPID=<shim> in", lambda wait: self.confirmed or None,
-                                    deadline=time.monotonic() + MAINPID_CONFIRM, expired=lambda wait: False)))
+                                    deadline=time.monotonic() + MAINPID_CONFIRM, expired=lambda wait: False,
+                                    interruptible=False)))
         finally:
             self.loop.remove_reader(barrier)
             os.close(barrier)
@@ -358,6 +373,12 @@ class Supervisor(Boot):
 
     def handle_request(self, request: Dict[str, Any], reply: Reply) -> None:
         command = request["command"]
+        if command in ("reload", "reload-wait"):
+            try:
+                reply.deadlines = deadline.from_request(request)
+            except ValueError as e:
+                reply({"ok": False, "error": f"malformed request: {e}"})
+                return
         if command == "reload":
             self.request_reload(reply)
         elif command == "status":

@@ -21,6 +21,7 @@ from shim.tooling import config_eval, generator
 from shim.tooling.findings import CANNOT, ERROR, WARNING, Finding, last
 from shim.tooling.check_setup import SYSTEMD_PATH, Setup, environment_files
 from shim.tooling.placement import Place
+from shim.runtime.deadline import FINISH_MARGIN
 from shim.runtime.readiness import hook_environment
 from shim.runtime.release import config_through
 from shim.runtime.servers import ServerProfile
@@ -128,10 +129,11 @@ def _timeouts(ctx: Context) -> None:
         ctx.add(ERROR, f"--ready-timeout {ready:g} s is not below {setting}: systemd kills a slow start or "
                 "reload before the shim can give up and say why",
                 fix + ("" if ctx.place.packaged else " (or a lower --ready-timeout)"))
-    elif ready + retire > limit:
-        ctx.add(WARNING, f"--ready-timeout {ready:g} s + --retire-timeout {retire:g} s is more than {setting}, "
-                "which also bounds ExecReload=: a reload that needs both in full is killed by systemd, which "
-                "reports it as failed while the shim carries on", fix)
+    elif ready + retire + FINISH_MARGIN > limit:
+        ctx.add(WARNING, f"--ready-timeout {ready:g} s + --retire-timeout {retire:g} s + {FINISH_MARGIN:g} s is "
+                f"more than {setting}, which also bounds ExecReload=: the shim rolls back a reload whose new "
+                f"master is not ready {retire + FINISH_MARGIN:g} s before it ends (systemd's reload timeout "
+                "... ends in ...: rolled back)", fix)
 
 
 def _sockets_in_runtime_directory(ctx: Context) -> None:

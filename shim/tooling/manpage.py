@@ -29,6 +29,19 @@ is the service's ExecReload=. It asks the running shim over its control socket
 and waits: exit status 0 when the new release serves and the old master has
 retired, non-zero with the reason on standard error when the new release was
 rolled back and the old one keeps serving.
+.PP
+The reload's deadline: as ExecReload=, the client asks its service manager
+(systemctl show; \-\-user under a user manager) when its reload job ends:
+TimeoutStartSec= from the moment systemd spawned this ExecReload= line (the
+unit's ControlPID=), JobTimeoutSec= and JobRunningTimeoutSec= from the job's
+start, \-\-timeout from now; the earliest counts. The shim passes its point of
+no return only while the old master's drain (up to \-\-retire\-timeout) plus
+2 s still fits before it, and otherwise rolls back before it, with a reason such
+as "systemd's reload timeout (TimeoutStartSec=6 s) ends in 3.0 s, too soon for
+the new release to take over (...): rolled back before it; raise
+TimeoutStartSec= or lower \-\-ready\-timeout". When every client leaves
+without a word (systemd killed ExecReload=, a Ctrl\-C) before that point, the
+reason is "every client that asked for this reload went away".
 .SH EXIT STATUS
 .TP
 .B 0
