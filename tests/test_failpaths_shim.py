@@ -12,8 +12,11 @@ import time
 
 import pytest
 
+from support.classic import classic  # noqa: F401 (a fixture)
 from support.load import Load, get
 from support.systemd import eventually, exited, is_shim
+from test_failpaths_classic import STATE, wait_serving
+from test_reload_trigger import trigger_lines
 
 ADOPT_WITHIN = 2.0       # seconds from the kill to STATUS saying what happened
 
@@ -33,7 +36,7 @@ def kill_and_wait_adopted(d, manager, shim: int, master: int) -> int:
     st = eventually(d.state, lambda st: said in st["StatusText"], timeout=10, interval=0.02)
     took = time.monotonic() - t0
     assert took < ADOPT_WITHIN, (took, st, manager.journal_text()[-3000:])
-    assert st["StatusText"].startswith(f"serving: master {master}, "), st
+    assert f"serving: master {master}, " in st["StatusText"], st       # after "degraded: …; " if it was
     assert (st["ActiveState"], int(st["MainPID"])) == ("active", master), st
     event = manager.wait_events("adopted", OLD_SHIM_PID=shim)[-1]
     assert event["MASTER_PID"] == str(master) and "it answered its probe" in event["MESSAGE"], event
@@ -68,6 +71,28 @@ def test_a_killed_shim_is_adopted_and_the_next_reload_works(deploy, manager, soc
     assert manager.unit_processes() == []
 
 
+@pytest.mark.parametrize("socket_unit", [True, False], ids=["socket-unit", "listen"])
+def test_the_packaged_units_reload_through_the_adopting_shim(unicorn_deploy, manager, socket_unit):
+    """units/app.service's shape: a StateDirectory=, and ExecReload= signals the pid in
+    shim.pid, then `reload --signalled` reports: both reach the shim that adopted."""
+    d = unicorn_deploy(socket_unit=socket_unit, service_extra=trigger_lines() + "StateDirectory=app\n")
+    d.start()
+    master = d.assert_main_pid_is_live_master()
+    with Load(d.port) as load:
+        adopter = kill_and_wait_adopted(d, manager, shim_pid(d, manager), master)
+        name = d.app.release()
+        r = d.reload()
+        assert r.returncode == 0, r.stderr + manager.journal_text()[-3000:]
+        assert get(d.port).release == name
+        assert manager.wait_events("signal")[-1]["_PID"] == str(adopter)
+        d.app.release(broken=True)
+        assert d.reload().returncode != 0              # a bad release is still rolled back
+        assert get(d.port).release == name
+    assert load.failures() == [], load.failure_kinds()
+    assert d.stop().returncode == 0
+    assert manager.unit_processes() == []
+
+
 def test_a_stop_or_a_restart_never_adopts(unicorn_deploy, manager):
     """The watcher outlives a signal sent to every process of the unit that is not a
     stop (`systemctl kill -s USR1`: reopen the logs) and leaves with the shim on a stop
@@ -89,3 +114,29 @@ def test_a_stop_or_a_restart_never_adopts(unicorn_deploy, manager):
     time.sleep(ADOPT_WITHIN)       # an adoption would have said so well within this
     assert len(manager.events("supervision-lost")) == 1 and len(manager.events("adopted")) == 1
     assert "(adopted after" not in d.state()["StatusText"]
+
+
+def test_a_degraded_classic_service_under_its_own_user_is_adopted_as_it_was(classic, manager):
+    """A non-root User= serving its last good release after a bad deploy and a restart: the
+    adopting shim runs as that user, keeps saying what serves is not what was deployed,
+    and the fixed deploy goes through it."""
+    d = classic(absolute_config=True, bundler=False, service_extra=STATE)
+    d.start()
+    good = d.release()
+    assert d.reload().returncode == 0
+    d.release(broken=True)
+    assert d.reload().returncode != 0
+    assert manager.systemctl("restart", "app.service").returncode == 0
+    wait_serving(d, good)
+    master = manager.main_pid()
+    shim = shim_pid(d, manager)
+    with Load(d.port) as load:
+        adopter = kill_and_wait_adopted(d, manager, shim, master)
+        assert os.stat(f"/proc/{adopter}").st_uid == d.user.pw_uid
+        assert d.state()["StatusText"].startswith(f"degraded: serving last good release {d.root}/releases/{good}")
+        fixed = d.release()
+        r = d.reload()
+        assert r.returncode == 0, r.stderr + d.journal_text()[-3000:]
+        wait_serving(d, fixed)
+        assert not d.state()["StatusText"].startswith("degraded"), d.state()
+    assert load.failures() == [], load.failure_kinds()

@@ -17,6 +17,8 @@ TESTS = ["tests/test_failpaths_classic.py::test_classic_run_script_and_config_de
          "tests/test_failpaths_shim.py::test_a_killed_shim_is_adopted_and_the_next_reload_works[unicorn-listen]",
          "tests/test_failpaths_shim.py::test_a_killed_shim_is_adopted_and_the_next_reload_works[gunicorn-socket-unit]",
          "tests/test_failpaths_shim.py::test_a_stop_or_a_restart_never_adopts",
+         "tests/test_failpaths_shim.py::test_the_packaged_units_reload_through_the_adopting_shim[socket-unit]",
+         "tests/test_failpaths_shim.py::test_a_degraded_classic_service_under_its_own_user_is_adopted_as_it_was",
          # Gunicorn 23's gthread (Debian 12's 20.1 hands a connection to its pool at once)
          "tests/test_failpaths_gthread.py::test_gthread_deploys_under_load_lose_nothing[plain-gunicorn]",
          "tests/test_failpaths_gthread.py::test_gthread_deploys_under_load_lose_nothing[max_requests-gunicorn]"]
