@@ -58,7 +58,7 @@ def main() -> None:
     base = tempfile.mkdtemp(prefix="death.")
     manager = UserManager(base)
     d = Deployment(manager, base, server=args.server)
-    said_s, adopt_s, reload_s, restart_s, failed = [], [], [], {"adopt": 0, "restart": 0}
+    said_s, adopt_s, reload_s, restart_s, failed = [], [], [], [], {"adopt": 0, "restart": 0}
     try:
         d.start()
         shim = shim_of(d, manager)
@@ -80,9 +80,11 @@ def main() -> None:
                 reload_s.append(time.monotonic() - t0)
                 failed["adopt"] += len(load.failures()) - before
             for _ in range(args.rounds):
+                time.sleep(2.5)     # StartLimitBurst=5 in 10 s: the manager would refuse a start
                 before = len(load.failures())
                 shim, t0 = kill_shim(d, manager)
-                assert manager.systemctl("restart", "app.service").returncode == 0
+                r = manager.systemctl("restart", "app.service")
+                assert r.returncode == 0, r.stderr + manager.journal_text()[-4000:]
                 manager.wait_for("app.service", ActiveState="active")
                 eventually(lambda: shim_of(d, manager), lambda pid: pid != shim and is_shim(pid))
                 restart_s.append(time.monotonic() - t0)

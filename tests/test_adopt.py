@@ -4,6 +4,7 @@ what it is handed, hostile input included. Under real systemd: test_failpaths_sh
 from __future__ import annotations
 
 import json
+import signal
 import os
 import socket
 import subprocess
@@ -123,3 +124,24 @@ def test_only_a_probe_socket_the_shim_made_in_its_runtime_directory_is_reattache
     assert not adopt._own_probe(str(runtime / "probe.2.sock"), str(tmp_path), 4)     # elsewhere
     assert not adopt._own_probe(str(runtime / "control.sock"), str(runtime), 4)
     made.close()
+
+
+class Events:
+    def __init__(self):
+        self.seen = []
+
+    def event(self, event, message, *args, **fields):
+        self.seen.append(event)
+
+
+@pytest.mark.parametrize("last", ["exit", "hold"])
+def test_a_watcher_gone_is_said_except_when_the_stop_ended_it(last):
+    """A stop's signal reaches the watcher as it reaches the shim: the shim's "exit" then
+    finds it gone, which is no news. Gone at any other time, the shim says so."""
+    log = Events()
+    watcher = adopt.Watcher([], log)
+    os.kill(watcher.pid, signal.SIGQUIT)
+    os.waitpid(watcher.pid, 0)
+    watcher.tell(last)
+    assert log.seen == ([] if last == "exit" else ["watcher-gone"])
+    assert watcher.fd == -1

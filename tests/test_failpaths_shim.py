@@ -113,6 +113,7 @@ def test_a_stop_or_a_restart_never_adopts(unicorn_deploy, manager):
     assert manager.unit_processes() == []
     time.sleep(ADOPT_WITHIN)       # an adoption would have said so well within this
     assert len(manager.events("supervision-lost")) == 1 and len(manager.events("adopted")) == 1
+    assert manager.events("watcher-gone") == [] and manager.events("watcher-error") == []   # the stop's signal ends it
     assert "(adopted after" not in d.state()["StatusText"]
 
 

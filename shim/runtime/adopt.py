@@ -93,6 +93,8 @@ class Watcher:
             self.log.event("watcher-error", "the watcher reads nothing (stopped?): it may adopt from a "
                            "record one step old", ERR)
         except OSError as e:
+            if line == "exit":      # a stop's signal reached it first, as it does the shim
+                return self.close(clean=False)
             self.log.event("watcher-gone", f"the watcher (pid {self.pid}) is gone ({e.strerror}): "
                            "if the shim dies now, nothing says so until the next reload", ERR)
             self.close(clean=False)
