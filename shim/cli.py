@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     import argparse
     from typing import List, Optional
 
-    from shim.runtime import servers
+    from shim.runtime import adopt, servers
+    from shim.runtime.journal import Log
 
 
 
@@ -47,14 +48,24 @@ def _require_pidfd() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from shim.runtime import adopt, probe, servers, sockets, spawn
+    from shim.runtime import adopt
     from shim.runtime.journal import Log
     from shim.runtime.notify import Notifier
+
+    log = Log()
+    record = adopt.take_record(os.environ, Notifier(), log)     # a dead shim's watcher started this one
+    try:
+        return _run(args, log, record)
+    except ShimError as e:
+        adopt.not_adopted(record, e, log)
+        raise
+
+
+def _run(args: argparse.Namespace, log: Log, record: Optional[adopt.Record]) -> int:
+    from shim.runtime import adopt, probe, servers, sockets, spawn
     from shim.runtime.supervisor import Config, Supervisor
 
     environ = os.environ
-    log = Log()
-    record = adopt.take_record(environ, Notifier(), log)     # a dead shim's watcher started this one
     _require_pidfd()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:

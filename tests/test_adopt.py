@@ -145,3 +145,21 @@ def test_a_watcher_gone_is_said_except_when_the_stop_ended_it(last):
     watcher.tell(last)
     assert log.seen == ([] if last == "exit" else ["watcher-gone"])
     assert watcher.fd == -1
+
+
+def test_an_adopting_shim_that_cannot_go_on_says_so(tmp_path, monkeypatch):
+    """A check of its command line failing now (the server's binary gone, the control socket
+    taken): STATUS= says supervision is lost and why, not "adopting" for ever."""
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    record = adopt.Record(json.dumps(RECORD), "[[3, \"listen\", null]]")
+    with pytest.raises(adopt.NotAdopted) as e:
+        adopt.not_adopted(record, ShimError("cannot start 'bundle': not found", 5), Log(use_journal=False))
+    assert "not found" in str(e.value)
+    notify.settimeout(5)
+    status = notify.recv(4096).decode()
+    assert status.startswith("STATUS=supervision lost: the shim (pid 100) died; master 4242 serves on "
+                             "unsupervised: no new shim could take over (cannot start 'bundle': not found)"), status
+    adopt.not_adopted(None, ShimError("x", 2), Log(use_journal=False))          # not adopting: nothing to say
+    adopt.not_adopted(record, e.value, Log(use_journal=False))                  # said already

@@ -276,6 +276,17 @@ def take_record(environ: Dict[str, str], notifier: Notifier, log: Log) -> Option
     return record
 
 
+class NotAdopted(ShimError):
+    """The adopting shim gave up, and said so."""
+
+
+def not_adopted(record: Optional[Record], error: ShimError, log: Log) -> None:
+    """An adopting shim ending before it supervises (a check of its command line failing
+    now, the control socket taken) must not leave STATUS= saying "adopting"."""
+    if record is not None and not isinstance(error, NotAdopted):
+        refuse(Notifier(), log, record.shim, record.master, str(error))
+
+
 def refuse(notifier: Notifier, log: Log, shim: Optional[int], master: Optional[int], why: str) -> None:
     """No adoption: the master (if any) serves on unsupervised. Said, then this shim exits."""
     unit = (procs.cgroup_of(os.getpid()) or "").rsplit("/", 1)[-1]
@@ -286,7 +297,7 @@ def refuse(notifier: Notifier, log: Log, shim: Optional[int], master: Optional[i
                     f"({why}); reloads fail until a restart ({restart})")
     log.error("adopt-failed", f"{who} died; {serving}, but no new shim could take over: {why}",
               OLD_SHIM_PID=shim, MASTER_PID=master, REASON=why)
-    raise ShimError(f"cannot adopt: {why}", EXIT_CONTROL)
+    raise NotAdopted(f"cannot adopt: {why}", EXIT_CONTROL)
 
 
 def take_over(sup: Any, record: Record, master: procs.Pinned) -> Steps[None]:
