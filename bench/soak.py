@@ -22,7 +22,7 @@ sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
 
 from support.deploy import Deployment  # noqa: E402
 from support.load import Load  # noqa: E402
-from support.systemd import UserManager, is_shim  # noqa: E402
+from support.systemd import UserManager, is_shim, proc_cmdline, proc_parent  # noqa: E402
 
 
 def resources(pid: int) -> dict:
@@ -61,7 +61,9 @@ def main() -> None:
                     rows.append((i, resources(shim)))
         took = time.monotonic() - t0
         masters = d.master_pids()
-        leftovers = [p for p in manager.unit_processes() if p != shim and p not in masters
+        watchers = [p for p in manager.unit_processes() if proc_parent(p) == shim
+                    and "shim-watcher" in proc_cmdline(p)]       # shim/runtime/adopt.py
+        leftovers = [p for p in manager.unit_processes() if p != shim and p not in masters + watchers
                      and p not in d.app_workers(masters[0])]
         zombies = [p for p in manager.unit_processes() if open(f"/proc/{p}/stat").read().split(") ")[1][0] == "Z"]
         print(f"\n{args.reloads} reloads of {args.server} in {took:.0f} s under {args.clients} clients: "
@@ -71,8 +73,8 @@ def main() -> None:
         print("|---|---|---|---|---|---|")
         for n, r in rows:
             print(f"| {n} | {r['pss_kb']} | {r['rss_kb']} | {r['fds']} | {r['threads']} | {r['psutil']} |")
-        print(f"\nmasters at the end: {len(masters)}; other processes besides the shim, the master and "
-              f"its workers: {len(leftovers)}; zombies: {len(zombies)}")
+        print(f"\nmasters at the end: {len(masters)}; the shim's watchers: {len(watchers)}; other processes "
+              f"besides the shim, its watcher, the master and its workers: {len(leftovers)}; zombies: {len(zombies)}")
     finally:
         d.stop()
         manager.down()

@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     import argparse
     from typing import List, Optional
 
-    from shim.runtime import servers
+    from shim.runtime import adopt, servers
+    from shim.runtime.journal import Log
 
 
 
@@ -47,11 +48,24 @@ def _require_pidfd() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from shim.runtime import probe, servers, sockets, spawn
+    from shim.runtime import adopt
     from shim.runtime.journal import Log
     from shim.runtime.notify import Notifier
+
+    log = Log()
+    record = adopt.take_record(os.environ, Notifier(), log)     # a dead shim's watcher started this one
+    try:
+        return _run(args, log, record)
+    except ShimError as e:
+        adopt.not_adopted(record, e, log)
+        raise
+
+
+def _run(args: argparse.Namespace, log: Log, record: Optional[adopt.Record]) -> int:
+    from shim.runtime import adopt, probe, servers, sockets, spawn
     from shim.runtime.supervisor import Config, Supervisor
 
+    environ = os.environ
     _require_pidfd()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
@@ -65,8 +79,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         _check_pid_dir(args.pid_file)
     if args.chdir and not os.path.isdir(args.chdir):
         raise ShimError(f"--chdir {args.chdir}: not a directory", EXIT_USAGE)
-    environ = os.environ
-    held = sockets.hold(environ, args.listen, args.socket_mode)
+    held = record.sockets() if record else sockets.hold(environ, args.listen, args.socket_mode)
     if not held:
         raise ShimError("no socket to serve: give --listen ADDR or run from a .socket unit", EXIT_USAGE)
     runtime = environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
@@ -83,15 +96,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         runtime_dir=runtime, fallback=not args.no_fallback,
         probe=probe.Request(args.probe_path, probe.DEFAULT_HOST, args.probe_status), probation=args.probation,
         state_dir=args.state_dir or environ.get("STATE_DIRECTORY", "").split(":")[0] or None)
-    log = Log()
     if not config.control_path:
         log.event("no-control", "no control socket (no RuntimeDirectory= and no --control): "
                   "`unicorn-shim reload` cannot reach this shim; SIGHUP still reloads")
-    supervisor = Supervisor(config, held, Notifier(), log, dict(environ))
+    master = record and adopt.pin(record, runtime, log)
+    notifier = adopt.watching(held, environ, log)
+    supervisor = Supervisor(config, held, notifier, log, dict(environ))
+    adopt.follow(notifier, supervisor, record and (record, master))
+    crashed = True
     try:
-        return supervisor.run()
+        status = supervisor.run()
+        crashed = False
+        return status
+    except ShimError:
+        crashed = False
+        raise
     finally:
-        sockets.release(held)
+        adopt.ended(notifier, held, crashed)
         if own_runtime:
             import shutil
             shutil.rmtree(own_runtime, ignore_errors=True)

@@ -8,7 +8,7 @@ import os
 import time
 
 from shim.errors import EXIT_START, EXIT_START_RETRY, ReloadFailed, ShimError, Stopping
-from shim.runtime import procs, release
+from shim.runtime import adopt, procs, release
 from shim.runtime.journal import WARNING
 from shim.runtime.loop import pause
 from shim.runtime.masters import FAILED_MASTER_GRACE, Masters
@@ -41,8 +41,12 @@ class Boot(Masters):
     """The boot's steps; the Supervisor holds the state they set (master, degraded,
     fallback, remembered) and tells systemd."""
 
+    # (record, pinned master): this shim adopts the master a dead shim left (shim/runtime/adopt.py)
+    adopting: Optional[Tuple[adopt.Record, procs.Pinned]] = None
 
     def boot(self) -> Steps[None]:
+        if self.adopting:
+            return (yield from adopt.take_over(self, *self.adopting))
         self._clean_stale_pid_files()
         t0 = time.time()
         deployed = release.resolve(self.config.chdir)

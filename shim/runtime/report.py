@@ -25,7 +25,7 @@ def status_line(sup: Supervisor, workers: Optional[int] = None) -> str:
     counted = (f"{workers}/{expected} workers ready" if expected
                else f"{workers} worker" + ("" if workers == 1 else "s"))
     line = (f"{sup.state}: master {m.pid}, {counted}, release {sup.release(m)}, "
-            f"generation {sup.generation}")
+            f"generation {sup.generation}") + (f" ({m.adopted})" if m.adopted else "")
     line += f"; last reload {sup.last_reload}" if sup.last_reload else ""
     return f"{sup.degraded}; {line}" if sup.degraded else line
 
@@ -45,5 +45,6 @@ def status(sup: Supervisor) -> Dict[str, Any]:
         "uptime_s": round(time.time() - sup.started, 1),
         "status_line": status_line(sup),
         "degraded": sup.degraded or None,
+        "adopted": m.adopted if m else None,
         "last_good_release": sup.remembered.last_good,
     }

@@ -42,6 +42,17 @@ the new release to take over (...): rolled back before it; raise
 TimeoutStartSec= or lower \-\-ready\-timeout". When every client leaves
 without a word (systemd killed ExecReload=, a Ctrl\-C) before that point, the
 reason is "every client that asked for this reload went away".
+.SS "The shim's own death"
+Under systemd, with NotifyAccess=all and a RuntimeDirectory=, the shim leaves a
+watcher in the unit's cgroup (\fB/bin/sh\fR, named shim\-watcher) that holds
+copies of the listening sockets. If the shim dies (kill \-9, the OOM killer, a
+crash) while a master is the main process, the watcher starts a new shim with
+the same command line that adopts that master (the recorded pid, in the unit's
+cgroup, with the recorded start time), re\-creates the control socket and
+shim.pid, and says "(adopted after the shim (pid N) died)" in STATUS=; reloads
+work again. If it cannot adopt, STATUS= says "supervision lost" and why. A shim
+killed during a hand\-over is the main process: systemd restarts the unit. A
+stop or a normal exit never adopts.
 .SH EXIT STATUS
 .TP
 .B 0
@@ -82,8 +93,9 @@ check: errors found (0: none; 2: the target is nowhere)
 .SH JOURNAL FIELDS
 Each step is logged with SHIM_EVENT= (ready, reload-start, reload-done,
 reload-failed, retired, master-exit, stopping, fallback, no-fallback, boot-retry,
-start-failed, signal, log-reopen, pid-file-removed, pid-file-repaired) and, where they apply,
-MASTER_PID=, OLD_MASTER_PID=, GENERATION=, RELEASE=, DURATION_MS=, RESULT=,
+start-failed, signal, log-reopen, pid-file-removed, pid-file-repaired,
+supervision-lost, adopted, adopt-failed, watcher-gone, watcher-error) and, where they apply,
+MASTER_PID=, OLD_MASTER_PID=, OLD_SHIM_PID=, GENERATION=, RELEASE=, DURATION_MS=, RESULT=,
 REASON=. For example:
 .PP
 .RS
