@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -62,7 +63,8 @@ def test_the_watcher_leaves_quietly_otherwise(tmp_path, listener, lines):
     json.dumps({**RECORD, "generation": 0}), json.dumps({**RECORD, "start": -1}), json.dumps({**RECORD, "start": 2.5}),
     json.dumps({**RECORD, "probe": ""}), json.dumps({**RECORD, "degraded": "x" * 5000}),
     json.dumps({**RECORD, "fallback": "a\0b"}), json.dumps({k: v for k, v in RECORD.items() if k != "shim"}),
-    json.dumps({**RECORD, "pad": "x" * 20000})])
+    json.dumps({**RECORD, "pad": "x" * 20000}), json.dumps({**RECORD, "adoptions": [1.0] * 4}),
+    json.dumps({**RECORD, "adoptions": ["1"]}), json.dumps({**RECORD, "adoptions": {}})])
 def test_a_hostile_record_is_refused_and_said(tmp_path, monkeypatch, text):
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(tmp_path / "notify"))
@@ -76,6 +78,25 @@ def test_a_hostile_record_is_refused_and_said(tmp_path, monkeypatch, text):
     status = notify.recv(4096).decode()
     assert status.startswith("STATUS=supervision lost: the shim died; the master serves on unsupervised: "
                              "no new shim could take over"), status
+
+
+def test_a_shim_that_keeps_dying_after_adoption_is_not_adopted_again(tmp_path, monkeypatch):
+    """Three adoptions within a minute, and the shim died again: only said, not repeated
+    (a shim that crashes the same way each time would otherwise loop for ever)."""
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    held = json.dumps([[3, "listen", None]])
+    now = time.monotonic()
+    recent = json.dumps({**RECORD, "adoptions": [now - 50, now - 20, now - 1]})
+    with pytest.raises(ShimError, match="died 4 times in 60 s"):
+        adopt.take_record({adopt.ADOPT_ENV: recent, adopt.SOCKETS_ENV: held}, Notifier(), Log(use_journal=False))
+    notify.settimeout(5)
+    assert "no new shim could take over (the shim died 4 times in 60 s" in notify.recv(4096).decode()
+    # Adoptions longer ago than the window do not count.
+    old = json.dumps({**RECORD, "adoptions": [now - 200, now - 100, now - 1]})
+    record = adopt.take_record({adopt.ADOPT_ENV: old, adopt.SOCKETS_ENV: held}, Notifier(), Log(use_journal=False))
+    assert record.adoptions == [now - 1]
 
 
 @pytest.mark.parametrize("held", ["", "{}", "[]", "[[2, \"listen\", null]]", "[[3, 4, null]]", "[[3, \"x\"]]",

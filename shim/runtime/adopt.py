@@ -22,6 +22,7 @@ import os
 import shlex
 import stat
 import sys
+import time
 
 from shim.errors import EXIT_CONTROL, ShimError
 from shim.runtime import procs, sockets
@@ -38,6 +39,9 @@ ADOPT_ENV = "UNICORN_SHIM_ADOPT"        # the dead shim's last record, set by it
 SOCKETS_ENV = "UNICORN_SHIM_SOCKETS"    # the held sockets' fds in the watcher, and where they came from
 EXEC_ENV = "UNICORN_SHIM_EXEC"          # the command line the watcher execs (read and unset by it)
 MAX_RECORD = 16 * 1024
+# A shim that dies the same way each time must not be adopted for ever: after this
+# many adoptions within ADOPTION_WINDOW seconds the next death is only said.
+MAX_ADOPTIONS, ADOPTION_WINDOW = 3, 60.0
 MAX_TEXT = 4096
 # Signals `systemctl kill -s SIG` may send to every process of the unit that are not
 # a stop: the watcher must outlive them. TERM, INT and QUIT (the stop signals) end it.
@@ -110,7 +114,8 @@ class Watcher:
             "shim": self.shim[0], "shim_start": self.shim[1], "master": pid, "start": master.created,
             "generation": sup.generation if master is sup.master else master.generation,
             "probe": master.probe, "probes": sup.probes_made, "fallback": sup.fallback,
-            "degraded": sup.degraded[:1000] or None}, separators=(",", ":"))
+            "degraded": sup.degraded[:1000] or None,
+            "adoptions": getattr(sup, "adoptions", [])}, separators=(",", ":"))
 
     def close(self, clean: bool = True) -> None:
         """`clean`: the shim ends normally, the watcher leaves without a word."""
@@ -208,6 +213,12 @@ class Record:
         self.probe = _text(data, "probe")
         self.fallback = _text(data, "fallback")
         self.degraded = _text(data, "degraded") or ""
+        adoptions = data.get("adoptions", [])
+        if not (isinstance(adoptions, list) and len(adoptions) <= MAX_ADOPTIONS
+                and all(type(t) is float and 0 <= t < 1e12 for t in adoptions)):
+            raise ValueError("adoptions: not a short list of times")
+        now = time.monotonic()      # CLOCK_MONOTONIC: the same for every process of the host
+        self.adoptions = [t for t in adoptions if now - ADOPTION_WINDOW < t <= now]
         self.held = []
         for item in held:
             if not (isinstance(item, list) and len(item) == 3 and type(item[0]) is int
@@ -269,6 +280,10 @@ def take_record(environ: Dict[str, str], notifier: Notifier, log: Log) -> Option
         record = Record(text, held or "")
     except (ValueError, RecursionError) as e:
         refuse(notifier, log, None, None, f"its watcher passed on an unreadable record ({e})")
+    if len(record.adoptions) >= MAX_ADOPTIONS:
+        refuse(notifier, log, record.shim, record.master,
+               f"the shim died {len(record.adoptions) + 1} times in {ADOPTION_WINDOW:g} s, each after an "
+               "adoption: adopting again would only repeat it; see the shim's journal events")
     notifier.status(f"supervision lost: the shim (pid {record.shim}) died; adopting master {record.master}")
     log.event("supervision-lost", f"the shim (pid {record.shim}) died while master {record.master} "
               f"served generation {record.generation}: shim {os.getpid()} adopts it", ERR,
@@ -309,6 +324,7 @@ def take_over(sup: Any, record: Record, master: procs.Pinned) -> Steps[None]:
     checked = (yield from sup.verify_serving(master, None)) if master.probe else None
     sup.master, sup.generation, sup.state = master, record.generation, "serving"
     sup.fallback, sup.degraded = record.fallback, record.degraded
+    sup.adoptions = record.adoptions + [time.monotonic()]
     told = "it answered its probe" if checked == "" else (
         f"it did not answer its probe ({checked})" if checked else "no probe to ask it")
     if checked:
