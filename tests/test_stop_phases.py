@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Tuple
 
 from support.load import Load, get, wait_accepted
 from support.systemd import eventually, proc_cmdline
@@ -16,15 +17,28 @@ from support.systemd import eventually, proc_cmdline
 STOP_WITHIN = 10.0      # seconds: "a second or two", with room for a loaded host
 
 
-def stop_and_check(d, manager) -> float:
+def reload_in_background(d) -> Tuple[threading.Thread, dict]:
+    reloaded: dict = {}
+    t = threading.Thread(target=lambda: reloaded.update(r=d.reload()), daemon=True)
+    t.start()
+    return t, reloaded
+
+
+def stop_and_check(d, manager, reload: Tuple[threading.Thread, dict]) -> None:
+    """`systemctl stop` mid-reload (with the load stopped: on its next connection the
+    .socket unit would start the service again): quick, nothing left, the reload failed."""
     t0 = time.monotonic()
     r = manager.systemctl("stop", "app.service")
     took = time.monotonic() - t0
+    print(f"stop took {took:.2f} s")
     assert r.returncode == 0, r.stderr
     st = d.state()
     assert st["ActiveState"] in ("inactive", "failed"), st
     assert manager.unit_processes() == [], [proc_cmdline(p) for p in manager.unit_processes()]
-    return took
+    assert took < STOP_WITHIN, took
+    reload[0].join(30)
+    assert reload[1]["r"].returncode != 0
+    assert manager.events("reload-done") == []
 
 
 def test_stop_during_the_old_masters_drain_does_not_wait_for_it(unicorn_deploy, manager):
@@ -37,22 +51,14 @@ def test_stop_during_the_old_masters_drain_does_not_wait_for_it(unicorn_deploy, 
     t = threading.Thread(target=lambda: slow.update(r=get(d.port, "/slow?s=50", timeout=70)), daemon=True)
     t.start()
     wait_accepted(d.port, lambda: d.app_workers(old))
-    reloaded: dict = {}
     with Load(d.port, clients=2) as load:
         new = d.app.release()
-        r = threading.Thread(target=lambda: reloaded.update(r=d.reload()), daemon=True)
-        r.start()
+        reload = reload_in_background(d)
         # draining: the new release answers, the old master is down to its one busy worker
         assert eventually(lambda: (load.releases_since(time.monotonic() - 0.5), len(d.app_workers(old))),
                           lambda got: new in got[0] and got[1] == 1, interval=0.05)[1] == 1
         assert "reloading" in d.state()["StatusText"]
-    # (with the load stopped: on its next connection the .socket unit would start the service again)
-    took = stop_and_check(d, manager)
-    print(f"stop took {took:.2f} s")
-    r.join(30)
-    assert took < STOP_WITHIN, took
-    assert reloaded["r"].returncode != 0
-    assert manager.events("reload-done") == []
+    stop_and_check(d, manager, reload)
 
 
 def test_stop_during_the_health_check_of_a_new_master_that_hangs(unicorn_deploy, manager, tmp_path):
@@ -60,20 +66,13 @@ def test_stop_during_the_health_check_of_a_new_master_that_hangs(unicorn_deploy,
     stop comes while the shim waits for that answer, and returns within seconds."""
     d = unicorn_deploy(shim_args="--health-check http://127.0.0.1/health --retire-timeout 60")
     d.start()
-    old = d.assert_main_pid_is_live_master()
+    d.assert_main_pid_is_live_master()
     entered = tmp_path / "health-entered"
-    reloaded: dict = {}
     with Load(d.port, clients=2) as load:
         # the status of r2's /health, as Ruby: says it was asked, then hangs
         d.app.release(health_status=f"(File.write({str(entered)!r}, 'x'); sleep(60); 200)")
-        r = threading.Thread(target=lambda: reloaded.update(r=d.reload()), daemon=True)
-        r.start()
+        reload = reload_in_background(d)
         assert eventually(entered.exists, bool), d.m.journal_text()[-3000:]
         assert "reloading" in d.state()["StatusText"]
-    took = stop_and_check(d, manager)
-    print(f"stop took {took:.2f} s")
-    r.join(30)
-    assert took < STOP_WITHIN, took
-    assert reloaded["r"].returncode != 0
+    stop_and_check(d, manager, reload)
     assert load.failures() == [], load.failure_kinds()
-    assert manager.events("reload-done") == [] and old not in manager.unit_processes()
