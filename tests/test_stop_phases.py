@@ -1,5 +1,6 @@
 """Issue 22, case 7: `systemctl stop` takes effect within seconds in every phase of
-a hand-over, and leaves nothing running. Real systemd (a private user manager),
+a hand-over, and leaves nothing running; an unconfirmed MAINPID barrier begins no
+hand-over. Real systemd (a private user manager),
 real Unicorn, load running.
 
 The fake-process versions of these (tests/test_statemachine.py, tests/test_steps.py)
@@ -7,10 +8,14 @@ check the logic; these check what an operator sees: how long `systemctl stop`
 takes, the unit's state after it, the processes left in its cgroup."""
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import threading
 import time
 from typing import Tuple
 
+from support.deploy import SHIM
 from support.load import Load, get, wait_accepted
 from support.systemd import eventually, proc_cmdline
 
@@ -76,3 +81,37 @@ def test_stop_during_the_health_check_of_a_new_master_that_hangs(unicorn_deploy,
         assert "reloading" in d.state()["StatusText"]
     stop_and_check(d, manager, reload)
     assert load.failures() == [], load.failure_kinds()
+
+
+def test_an_unconfirmed_mainpid_barrier_begins_no_hand_over(unicorn_deploy, manager):
+    """(c) A manager too busy to read the shim's MAINPID=<shim> (frozen here with SIGSTOP,
+    as a swapping or wedged PID 1 would be) never closes the barrier: the reload fails
+    after 5 s having started and retired nothing, the old master serves throughout,
+    and once the manager reads again it still watches that master."""
+    d = unicorn_deploy()
+    d.start()
+    old = d.assert_main_pid_is_live_master()
+    old_release = get(d.port).release
+    children = set(open(f"/proc/{old}/task/{old}/children").read().split())     # its workers
+    with Load(d.port, clients=2) as load:
+        d.app.release()
+        os.kill(manager.pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            r = subprocess.run([SHIM, "reload", "--control", os.path.join(manager.runtime_dir, "app", "control.sock")],
+                               capture_output=True, text=True, timeout=60)
+            took = time.monotonic() - t0
+            # while the manager still has not read it: nothing started beside the old master
+            assert set(open(f"/proc/{old}/task/{old}/children").read().split()) == children
+        finally:
+            os.kill(manager.pid, signal.SIGCONT)
+        assert r.returncode != 0 and "systemd did not confirm MAINPID= moving to the shim within 5 s" in r.stderr, \
+            r.stderr
+        assert 5 <= took < 15, took
+        st = manager.wait_for("app.service", MainPID=str(old), ActiveState="active", SubState="running")
+        assert st["MainPID"] == str(old), st
+        time.sleep(0.5)
+    assert load.failures() == [], load.failure_kinds()
+    assert load.releases_since(0) == {old_release}
+    [failed] = manager.wait_events("reload-failed")
+    assert failed["RESULT"] == "not-begun" and manager.events("reload-start") == []
