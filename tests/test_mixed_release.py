@@ -92,10 +92,17 @@ def test_a_release_pinned_to_old_gems_is_refused_and_never_reported_clean(classi
     assert len(manager.wait_events("reload-failed", 3)) == 3 and manager.events("reload-done") == []
 
 
-def test_a_correct_before_exec_reset_deploys_every_release_under_usr2(classic, manager):
-    """Never a false refusal: with the guides' before_exec each new master is read only
+# The guides' reset names the Gemfile through `current`; this one names the release itself,
+# as a deploy tool's templated config may: read before its exec, a new master would show
+# the Gemfile of the release its parent was exec'd in, and be refused.
+REAL_PATH_RESET = "before_exec do |server|\n  ENV['BUNDLE_GEMFILE'] = File.realpath(APP_PATH) + '/Gemfile'\nend"
+
+
+@pytest.mark.parametrize("before_exec", [True, REAL_PATH_RESET], ids=["guides-reset", "real-path-reset"])
+def test_a_correct_before_exec_reset_deploys_every_release_under_usr2(classic, manager, before_exec):
+    """Never a false refusal: with a before_exec reset each new master is read only
     once it has exec'd (before, it is a copy of the old master, old Gemfile and all)."""
-    d = classic(shim_args="--upgrade usr2")
+    d = classic(shim_args="--upgrade usr2", before_exec=before_exec)
     d.start()
     with Load(d.port) as load:
         for _ in range(4):
@@ -103,7 +110,7 @@ def test_a_correct_before_exec_reset_deploys_every_release_under_usr2(classic, m
             r = d.reload()
             assert r.returncode == 0, r.stderr + d.journal_text()[-3000:]
             served = assert_reported_as_served(d, manager)
-            assert (served.release, fields(served.body)["gemfile"]) == \
-                (new, os.path.join(d.current, "Gemfile"))      # what the guides' reset names
+            assert served.release == new
+            assert os.path.realpath(fields(served.body)["gemfile"]) == os.path.join(d.root, "releases", new, "Gemfile")
     assert load.failures() == [], load.failure_kinds()
     assert mixed(d, load) == []

@@ -127,7 +127,7 @@ def ensure_user() -> pwd.struct_passwd:
 
 
 class ClassicDeployment:
-    def __init__(self, manager: UserManager, *, bundler: bool = True, before_exec: bool = True,
+    def __init__(self, manager: UserManager, *, bundler: bool = True, before_exec: "bool | str" = True,
                  preload: bool = True, absolute_config: bool = False, shim_args: str = "",
                  listen: bool = True, service_extra: str = "", quit_oldbin: bool = True) -> None:
         self.m = manager
@@ -176,7 +176,8 @@ class ClassicDeployment:
                                                 broken=f'raise "release {name} is broken"' if broken else ""))
         _write(d, "lib/lazy.txt", (lazy_text or name) + "\n")
         config = CLASSIC_UNICORN_RB.format(preload=str(self.preload).lower(),
-                                           before_exec=BEFORE_EXEC if self.before_exec else "",
+                                           before_exec=BEFORE_EXEC if self.before_exec is True
+                                           else self.before_exec or "",
                                            quit_oldbin=QUIT_OLDBIN if self.quit_oldbin else "")
         if not self.listen:
             config = "".join(line for line in config.splitlines(True) if not line.startswith("listen "))
