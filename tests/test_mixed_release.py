@@ -114,3 +114,33 @@ def test_a_correct_before_exec_reset_deploys_every_release_under_usr2(classic, m
             assert os.path.realpath(fields(served.body)["gemfile"]) == os.path.join(d.root, "releases", new, "Gemfile")
     assert load.failures() == [], load.failure_kinds()
     assert mixed(d, load) == []
+
+
+def test_a_kept_master_of_another_release_is_reported_degraded(classic, manager):
+    """The release whose config pins `working_directory` to the first release is seen
+    only once its master is ready (its config moves it there), by when the guides' hook
+    has QUIT the old master: the new one is kept, since nothing else serves, and the
+    reload fails. What serves (release r1's code) is what StatusText and `status`
+    name, with "degraded:" in front: never the deployed release as if clean."""
+    d = classic(shim_args="--upgrade usr2")
+    d.start()
+    new = d.release()
+    with open(os.path.join(d.root, "releases", new, "config", "unicorn.rb"), "a") as f:
+        f.write(f'working_directory "{d.root}/releases/r1"\n')
+    with Load(d.port) as load:
+        r = d.reload()
+        assert r.returncode != 0
+        failed = manager.wait_events("reload-failed")[-1]
+        assert failed["REASON"].startswith(f"the new master serves {d.root}/releases/r1, not the deployed release "
+                                           f"{d.root}/releases/{new}: "), failed
+        st = eventually(d.state, lambda s: not s["StatusText"].startswith("reloading"))
+        served = get(d.port, timeout=5)
+        assert served.release == "r1"
+        line = shim(manager, "status", "--unit", "app", "--user").stdout.splitlines()[0]
+        for said in (st["StatusText"], line):
+            assert said.startswith("degraded: reload to generation 2 failed and its master serves on: "), said
+            assert claimed_release(said) == os.path.join(d.root, "releases", "r1"), said
+        worker = int(fields(served.body)["pid"])
+        assert int(st["MainPID"]) == int(open(f"/proc/{worker}/stat").read().rsplit(")", 1)[1].split()[1])
+        assert (st["ActiveState"], st["SubState"]) == ("active", "running"), st
+    assert load.failures() == [], load.failure_kinds()
