@@ -89,7 +89,8 @@ def main() -> None:
                 s.deploy(load)
         for load in loads:
             load.stop()
-        print(f"{args.reloads} pinned deploys each, {args.clients} clients, hook={'QUIT .oldbin' if args.hook else 'none'}")
+        hook = "QUIT .oldbin" if args.hook else "none"
+        print(f"{args.reloads} pinned deploys each, {args.clients} clients, hook={hook}")
         medians = {}
         for s, load in zip(setups, loads):
             medians[s.name] = statistics.median(s.counts)

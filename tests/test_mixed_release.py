@@ -30,8 +30,9 @@ def fields(body: str) -> Dict[str, str]:
 def is_mixed(d: ClassicDeployment, r: Result) -> bool:
     """The code of one release with the Gemfile of another. The guides' reset names the
     Gemfile through `current`, which named the master's own release when it booted."""
-    gemfile = fields(r.body).get("gemfile", "").replace(d.current + "/", os.path.join(d.root, "releases", r.release or "?", ""))
-    return bool(r.release) and os.path.dirname(gemfile) != os.path.join(d.root, "releases", r.release)
+    own = os.path.join(d.root, "releases", r.release or "?")
+    gemfile = fields(r.body).get("gemfile", "").replace(d.current + "/", own + "/")
+    return bool(r.release) and os.path.dirname(gemfile) != own
 
 
 def mixed(d: ClassicDeployment, load: Load) -> List[Result]:
