@@ -41,7 +41,6 @@ if TYPE_CHECKING:
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 MAINPID_CONFIRM = 5.0      # seconds systemd gets to confirm MAINPID=<shim> before a hand-over
-STOP_CUT_GRACE = 2.0       # seconds a stop gives a hand-over's other master: the old one draining, a new one unproven
 # The shim's own pid, for a trigger that costs next to no CPU: ExecReload= signals
 # the shim (its MAINPID is the master) and then `reload --signalled` reports the outcome.
 SHIM_PID_FILE = "shim.pid"
@@ -355,11 +354,8 @@ class Supervisor(Boot):
         live = [m for m in self.masters.values() if m.alive()]
         self.log.event("stopping", f"stopping masters {', '.join(str(m.pid) for m in live) or '(none)'}",
                        MASTER_PID=self.master.pid if self.master else None)
-        # The master that serves stops gracefully, as in steady state; a hand-over's other one (the
-        # old draining past the point of no return, a new one booting or checked) is not waited for.
         serving = next((m for m in live if m.role != "old"), None) if self.committed else self.master
-        yield from self.retire_all([m for m in live if m is not serving], grace=STOP_CUT_GRACE)
-        yield from self.retire_all([m for m in live if m is serving])
+        yield from self.stop_all(live, serving)     # past the point of no return, the new master serves
 
     def handle_request(self, request: Dict[str, Any], reply: Reply) -> None:
         command = request["command"]
