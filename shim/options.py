@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="how long a new master may take to be ready (default 60)")
     run.add_argument("--retire-timeout", type=_seconds, default=60.0, metavar="SEC",
                      help="how long an old master may take to finish its requests before it is "
-                          "killed (default 60)")
+                          "killed (default 60); a stop during that drain gives it 2 s")
     run.add_argument("--health-check", metavar="URL", type=_health_url,
                      help="http://HOST:PORT/PATH that must answer 2xx/3xx from the new release "
                           "before the old one is retired; asked of the new generation alone, over "

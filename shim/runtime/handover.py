@@ -58,6 +58,7 @@ def hand_over(host: "Host", old: procs.Pinned, gen: int, strategy: "Strategy") -
         if new.pid not in host.masters:
             host.watch(new)
         host.checkpoint()
+        yield from strategy.check_exec(new, deadline, intended)    # usr2: a pinned Gemfile, before any worker
         host.notifier.status(f"reloading: new master {new.pid} booting, old master {old.pid} serving")
         found_ms = int((time.monotonic() - t0) * 1000)
         ready = yield from host.wait_ready(new, deadline, "new master")
@@ -89,10 +90,11 @@ def hand_over(host: "Host", old: procs.Pinned, gen: int, strategy: "Strategy") -
         retire_end = time.monotonic()
         host.checkpoint()
     except WrongRelease as e:
-        if old.alive() and new is not None and new.alive():
+        if old.alive() and new is not None and new.alive() and procs.children(new.pid):
             # The config's before_fork hook may have QUIT the old master a moment ago
             # (it is finishing its requests): rolling back now would stop the only
-            # master left. Give it the time to go if it is going.
+            # master left. Give it the time to go if it is going. (A new master that
+            # never forked ran no before_fork.)
             yield from host.wait_exit(old, OLD_MASTER_GOING)
         if not old.alive() and new is not None and new.alive():
             # The config's own hook already retired the old master; the new one

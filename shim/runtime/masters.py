@@ -30,6 +30,7 @@ WORKERLESS_GRACE = 2.0  # how long a master with no live worker gets to stop gra
 # A master that failed to become ready serves little or nothing: it gets this
 # long to finish what it may have accepted, not the full --retire-timeout.
 FAILED_MASTER_GRACE = 10.0
+STOP_CUT_GRACE = 2.0        # seconds a stop gives a hand-over's master that does not serve
 # --ready-timeout counts a booting master's own time: seconds it spent waiting for a
 # CPU (many apps reloaded at once on a few cores) extend it, up to this many times.
 CPU_WAIT_LIMIT = 4
@@ -273,6 +274,12 @@ class Masters:
         going away ends the wait at once (the drain goes on; a stop retires every
         master)."""
         yield from self.retire_all([master], keep, grace, interruptible)
+
+    def stop_all(self, masters: List[procs.Pinned], serving: Optional[procs.Pinned]) -> Steps[None]:
+        """The stop: the master that serves stops gracefully, as in steady state; a hand-over's
+        other one (the old one draining, a new one booting or being checked) is not waited for."""
+        yield from self.retire_all([m for m in masters if m is not serving], grace=STOP_CUT_GRACE)
+        yield from self.retire_all([m for m in masters if m is serving])
 
     def retire_all(self, masters: List[procs.Pinned], keep: Optional[int] = None,
                    grace: Optional[float] = None, interruptible: bool = False) -> Steps[None]:

@@ -2,9 +2,11 @@
 
 A deploy flips a `current` symlink and reloads. The shim resolves `--chdir`
 to the real release directory when a hand-over begins (the intended release)
-and, once the new master is ready, compares it with what that master really
-runs: its working directory after its config loaded, and the Gemfile Bundler
-was told to use. A config that pins itself to the first release (Unicorn's
+and compares it with what the new master really runs: the Gemfile Bundler was
+told to use, as soon as a re-exec'd master has exec'd (its environment is final
+then, and it has loaded neither its gems nor its app), and, once it is ready,
+that Gemfile again and its working directory (final only after its config
+loaded). A config that pins itself to the first release (Unicorn's
 `working_directory File.expand_path('../..', __FILE__)` read through a
 relative `-c`, or a `BUNDLE_GEMFILE` that Unicorn's own re-exec carries over)
 would otherwise make every later deploy a silent no-op.
@@ -12,6 +14,8 @@ would otherwise make every later deploy a silent no-op.
 from __future__ import annotations
 
 import os
+
+from shim.runtime import procs
 
 TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see shim/client.py)
 if TYPE_CHECKING:
@@ -71,14 +75,47 @@ def _moved(word: str, chdir: str, link: str) -> str:
     return word
 
 
-def environ_of(pid: int) -> Dict[str, str]:
-    """The environment `pid` was exec'd with (what Unicorn's re-exec passed on)."""
+def environ_bytes(pid: int) -> Optional[bytes]:
+    """/proc/PID/environ: the environment of the process's last exec (later setenv
+    calls change only its own copy), or, in a fork that has not exec'd yet, its parent's."""
     try:
         with open(f"/proc/{pid}/environ", "rb") as f:
-            items = f.read().split(b"\0")
+            return f.read()
     except OSError:
-        return {}
+        return None
+
+
+def environ_of(pid: int) -> Dict[str, str]:
+    """The environment `pid` was exec'd with (what Unicorn's re-exec passed on)."""
+    items = (environ_bytes(pid) or b"").split(b"\0")
     return dict(i.decode(errors="replace").split("=", 1) for i in items if b"=" in i)
+
+
+def exec_seen(pid: int, parent_title: str, parent_environ: Optional[bytes]) -> Optional[bool]:
+    """Whether `pid`, forked by a master whose command line and environment were
+    `parent_title` and `parent_environ` when it forked, has exec'd since: until then
+    /proc shows its parent's copies of both; in the midst of its exec, nothing (seen:
+    an empty environ and cmdline). None: /proc cannot tell (not a process of this
+    host's). A re-exec with both unchanged shows only once the new master renames
+    itself or forks: then the ready check reads it."""
+    now = environ_bytes(pid)
+    if now is None:
+        return None
+    title = procs.title(pid)
+    if not now or not title:
+        return False
+    return now != parent_environ or title != parent_title
+
+
+def gemfile_mismatch(pid: int, intended: str) -> Optional[str]:
+    """Why master `pid`'s Bundler loads another release's gems than `intended`'s, or None."""
+    gemfile = environ_of(pid).get("BUNDLE_GEMFILE")
+    if gemfile and not _under(os.path.realpath(gemfile), intended):
+        return (f"the new master runs with BUNDLE_GEMFILE={gemfile}, which is not in the deployed release "
+                f"{intended}: Bundler is pinned to an old release (Unicorn's re-exec keeps the first "
+                "master's environment); fix: use the default `--upgrade spawn`, or reset it in "
+                "`before_exec { |server| ENV['BUNDLE_GEMFILE'] = \"#{APP_PATH}/Gemfile\" }`")
+    return None
 
 
 def mismatch(pid: int, intended: str) -> Optional[str]:
@@ -93,10 +130,4 @@ def mismatch(pid: int, intended: str) -> Optional[str]:
                 "releases/, or an absolute path into releases/); fix: name the config through the "
                 "`current` symlink (a relative `-c` with --chdir does that) and use the default "
                 "`--upgrade spawn`")
-    gemfile = environ_of(pid).get("BUNDLE_GEMFILE")
-    if gemfile and not _under(os.path.realpath(gemfile), intended):
-        return (f"the new master runs with BUNDLE_GEMFILE={gemfile}, which is not in the deployed release "
-                f"{intended}: Bundler is pinned to an old release (Unicorn's re-exec keeps the first "
-                "master's environment); fix: use the default `--upgrade spawn`, or reset it in "
-                "`before_exec { |server| ENV['BUNDLE_GEMFILE'] = \"#{APP_PATH}/Gemfile\" }`")
-    return None
+    return gemfile_mismatch(pid, intended)

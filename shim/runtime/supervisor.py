@@ -369,7 +369,8 @@ class Supervisor(Boot):
         live = [m for m in self.masters.values() if m.alive()]
         self.log.event("stopping", f"stopping masters {', '.join(str(m.pid) for m in live) or '(none)'}",
                        MASTER_PID=self.master.pid if self.master else None)
-        yield from self.retire_all(live)
+        serving = next((m for m in live if m.role != "old"), None) if self.committed else self.master
+        yield from self.stop_all(live, serving)     # past the point of no return, the new master serves
 
     def handle_request(self, request: Dict[str, Any], reply: Reply) -> None:
         command = request["command"]

@@ -12,14 +12,15 @@ usr2 moves the pid file to .oldbin (Unicorn does it), so the common
 from __future__ import annotations
 
 import os
+import signal
 import time
 from shim.runtime import procs, release
 from shim.runtime.loop import Wait
-from shim.errors import ReloadFailed, ShimError
+from shim.errors import ReloadFailed, ShimError, WrongRelease
 
 TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see shim/client.py)
 if TYPE_CHECKING:
-    from typing import Any, Dict, Optional, Protocol, Set
+    from typing import Any, Dict, Optional, Protocol, Set, Tuple
 
     from shim.runtime.masters import Steps
 
@@ -95,6 +96,12 @@ class Strategy:
         deploy put behind --chdir when the hand-over began."""
         raise NotImplementedError
 
+    def check_exec(self, new: procs.Pinned, deadline: float, intended: Optional[str]) -> Steps[None]:
+        """Refuse a new master pinned to another release as early as that shows (raises
+        WrongRelease); a master started by the shim shows it only once ready."""
+        return
+        yield  # noqa: unreachable: a generator like every strategy's
+
     def release_to_pin(self) -> Optional[str]:
         """The real release directory a new master is started in, if this strategy pins it."""
         return release.resolve(self.host.config.chdir) if self.pins_release else None
@@ -117,6 +124,7 @@ class Strategy:
 
 class Usr2(Strategy):
     name = "usr2"
+    forked_from: Optional[Tuple[str, Optional[bytes]]] = None
 
     def restore(self, old: procs.Pinned) -> None:
         # Unicorn renames .oldbin back itself when it reaps the failed master;
@@ -127,6 +135,8 @@ class Usr2(Strategy):
                    intended: Optional[str]) -> Steps[procs.Pinned]:
         known: Set[int] = set(procs.children(old.pid))   # the old master's workers
         self.prepare_pid_files(old)
+        # What /proc shows of the re-exec'd child until its exec: the old master's copies
+        self.forked_from = (procs.title(old.pid), release.environ_bytes(old.pid))
         if not old.signal(self.host.profile.reexec):
             raise ReloadFailed(f"old master {old.pid} exited before the upgrade began")
         seen = {"oldbin": False, "orphaned_at": None}
@@ -154,6 +164,31 @@ class Usr2(Strategy):
                                f"of {self.host.profile.reexec.name} to {old.pid} (see the server's log)")
         return (yield Wait(f"the re-exec'd child of {old.pid}", found, deadline=deadline, every=0.02,
                            expired=none_appeared))
+
+    def check_exec(self, new: procs.Pinned, deadline: float, intended: Optional[str]) -> Steps[None]:
+        """The re-exec'd master's environment is final from its exec on, a few ms after
+        its fork and a second or more before its first worker answers (Ruby, Bundler,
+        the app are still to load): a Gemfile of another release is refused then. Before
+        its exec it is a copy of the old master, old Gemfile and all: never read then."""
+        title, environ = self.forked_from or ("", None)
+        if not intended or not new.alive() or environ is None:
+            return
+
+        def execd(wait: Wait) -> Optional[bool]:
+            if not new.alive() or procs.children(new.pid):
+                return False     # one that forked has long exec'd: the ready check reads it then
+            seen = release.exec_seen(new.pid, title, environ)
+            return False if seen is None else seen or None
+        if (yield Wait(f"new master {new.pid} to exec", execd, deadline=deadline, every=0.005,
+                       expired=lambda wait: False)):
+            reason = release.gemfile_mismatch(new.pid, intended)
+            if reason:
+                if not procs.children(new.pid):
+                    # Nothing of it serves yet and nothing is in flight: killed, not asked to
+                    # quit. Unicorn queues a QUIT that arrives once its traps are set until
+                    # it has spawned its workers, and they would answer meanwhile.
+                    new.signal(signal.SIGKILL)
+                raise WrongRelease(reason)
 
     def _find(self, old: procs.Pinned, known: Set[int], started: int) -> Optional[procs.Pinned]:
         """The old master's re-exec'd child; if the old master is already gone

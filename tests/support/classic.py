@@ -38,7 +38,7 @@ run lambda {{ |env|
   elsif env["PATH_INFO"] == "/health"
     [{health_status}, {{"content-type" => "text/plain"}}, ["health release=#{{RELEASE}} cwd=#{{Dir.pwd}}\\n"]]
   else
-    [200, {{"content-type" => "text/plain"}}, ["release=#{{RELEASE}} pid=#{{Process.pid}}\\n"]]
+    [200, {{"content-type" => "text/plain"}}, ["release=#{{RELEASE}} pid=#{{Process.pid}} gemfile=#{{ENV['BUNDLE_GEMFILE']}}\\n"]]
   end
 }}
 """
@@ -57,7 +57,7 @@ preload_app {preload}
 {before_exec}
 before_fork do |server, worker|
   defined?(ActiveRecord::Base) and ActiveRecord::Base.connection.disconnect!
-""" + QUIT_OLDBIN.replace("{", "{{").replace("}", "}}") + """end
+{quit_oldbin}end
 after_fork do |server, worker|
   defined?(ActiveRecord::Base) and ActiveRecord::Base.establish_connection
 end
@@ -127,9 +127,9 @@ def ensure_user() -> pwd.struct_passwd:
 
 
 class ClassicDeployment:
-    def __init__(self, manager: UserManager, *, bundler: bool = True, before_exec: bool = True,
+    def __init__(self, manager: UserManager, *, bundler: bool = True, before_exec: "bool | str" = True,
                  preload: bool = True, absolute_config: bool = False, shim_args: str = "",
-                 listen: bool = True, service_extra: str = "") -> None:
+                 listen: bool = True, service_extra: str = "", quit_oldbin: bool = True) -> None:
         self.m = manager
         self.user = ensure_user()
         # The private manager's XDG_RUNTIME_DIR is root's 0700: the unit's user must reach
@@ -144,6 +144,7 @@ class ClassicDeployment:
         self.port = free_port()
         self.bundler, self.before_exec, self.preload = bundler, before_exec, preload
         self.absolute_config = absolute_config
+        self.quit_oldbin = quit_oldbin      # False: the before_fork hook without the guides' QUIT of .oldbin
         self.listen = listen          # False: the config has no `listen` line (the shim names its sockets)
         self.shim_args = shim_args
         self.service_extra = service_extra
@@ -175,7 +176,9 @@ class ClassicDeployment:
                                                 broken=f'raise "release {name} is broken"' if broken else ""))
         _write(d, "lib/lazy.txt", (lazy_text or name) + "\n")
         config = CLASSIC_UNICORN_RB.format(preload=str(self.preload).lower(),
-                                           before_exec=BEFORE_EXEC if self.before_exec else "")
+                                           before_exec=BEFORE_EXEC if self.before_exec is True
+                                           else self.before_exec or "",
+                                           quit_oldbin=QUIT_OLDBIN if self.quit_oldbin else "")
         if not self.listen:
             config = "".join(line for line in config.splitlines(True) if not line.startswith("listen "))
         _write(d, "config/unicorn.rb", config)

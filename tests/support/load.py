@@ -23,6 +23,7 @@ class Result:
     latency: float
     release: Optional[str]
     error: Optional[str]
+    body: str = ""
 
 
 @dataclass
@@ -86,7 +87,7 @@ def get(port: int, path: str = "/", timeout: float = 10.0, host: str = "127.0.0.
         if resp.status != 200:
             return Result(t0, time.monotonic() - t0, None, f"http {resp.status}")
         release = next((w.split("=", 1)[1] for w in body.split() if w.startswith("release=")), None)
-        return Result(t0, time.monotonic() - t0, release, None)
+        return Result(t0, time.monotonic() - t0, release, None, body)
     except Exception as e:   # every way a request can fail is a result here
         return Result(t0, time.monotonic() - t0, None, f"{type(e).__name__}: {e}")
     finally:
