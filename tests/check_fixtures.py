@@ -18,7 +18,8 @@ from support.deploy import REPO, SHIM
 
 # The config from the widely read Capistrano + Unicorn deployment guides (the one the
 # release-truth tests deploy), with Bundler's gemfile reset before a re-exec.
-CLASSIC_UNICORN_RB = classic.CLASSIC_UNICORN_RB.format(preload="true", before_exec=classic.BEFORE_EXEC)
+CLASSIC_UNICORN_RB = classic.CLASSIC_UNICORN_RB.format(preload="true", before_exec=classic.BEFORE_EXEC,
+                                                    quit_oldbin=classic.QUIT_OLDBIN)
 
 UNIT = """\
 [Service]

@@ -113,3 +113,12 @@ def test_a_reload_timeout_that_leaves_no_time_to_retire_the_old_master_is_flagge
     r = check(tmp_path, GOOD + f"TimeoutStartSec={limit}\n", extra=("--unit-only",))
     said = f"--ready-timeout 60 s + --retire-timeout 60 s + 2 s is more than TimeoutStartSec={limit}"
     assert (said in r.stdout) is warned, r.stdout
+
+
+def test_a_reload_timeout_no_reload_can_fit_is_an_error(tmp_path):
+    """TimeoutStartSec= at or below --retire-timeout + 2 s: every reload is rolled back
+    before it commits, whatever the release; an error, with the setting that helps."""
+    r = check(tmp_path, GOOD + "TimeoutStartSec=62\n", extra=("--unit-only",))
+    assert r.returncode == 1, r.stdout
+    assert "--retire-timeout 60 s + 2 s is not below TimeoutStartSec=62" in r.stdout, r.stdout
+    assert "no reload can ever finish" in r.stdout, r.stdout

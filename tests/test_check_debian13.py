@@ -19,7 +19,7 @@ from support.deploy import REPO
 SHIM = "/mnt/repo/bin/unicorn-shim"
 # The classic guides' config with its before_fork as they print it (File.exists?); without
 # its own `listen`, which the shim's socket unit replaces.
-UNICORN_RB = "\n".join(line for line in classic.CLASSIC_UNICORN_RB.format(preload="true", before_exec="").splitlines()
+UNICORN_RB = "\n".join(line for line in classic.CLASSIC_UNICORN_RB.format(preload="true", before_exec="", quit_oldbin=classic.QUIT_OLDBIN).splitlines()
                        if not line.startswith("listen ")).replace("File.exist?(", "File.exists?(") + "\n"
 CONFIG_RU = 'run ->(env) { [200, {"content-type" => "text/plain"}, ["release={name}\\n"]] }\n'
 SERVICE = f"""\

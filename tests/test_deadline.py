@@ -201,3 +201,15 @@ def test_a_cpu_wait_moves_systemds_reload_timer_by_the_seconds_waited_only(fake)
     [extension] = [m["EXTEND_TIMEOUT_USEC"] for m in sup.notifier.messages[booted:] if "EXTEND_TIMEOUT_USEC" in m]
     moved = 30.0 + 1.0 - 1.1                   # the deadline + about 1 s waited, from about 1.1 s in
     assert abs(extension / 1e6 - moved) < 0.6, extension
+
+
+def test_a_timeout_no_reload_can_fit_names_the_drain_as_the_limit(fake):
+    """TimeoutStartSec=4 with --retire-timeout 3: even a master ready at once could not
+    finish; the advice is the one that helps (a lower --ready-timeout would not), and
+    the release, which did nothing wrong, is not recorded as failed."""
+    sup = supervisor(fake, ready_timeout=10, retire_timeout=3.0, upgrade="spawn")
+    sup.remembered.path = str(fake.root) + "/state.json"
+    answer, _took = run_one_reload(sup, systemd_timeout(4.0, setting=4.0), during=lambda: fake.deploy("r2"))
+    assert not answer["ok"], answer
+    assert "lower --retire-timeout below 2 s or raise TimeoutStartSec=" in answer["error"], answer
+    assert "last_failed_release" not in sup.remembered.data, sup.remembered.data

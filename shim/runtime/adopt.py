@@ -282,8 +282,8 @@ def take_record(environ: Dict[str, str], notifier: Notifier, log: Log) -> Option
         refuse(notifier, log, None, None, f"its watcher passed on an unreadable record ({e})")
     if len(record.adoptions) >= MAX_ADOPTIONS:
         refuse(notifier, log, record.shim, record.master,
-               f"the shim died {len(record.adoptions) + 1} times in {ADOPTION_WINDOW:g} s, each after an "
-               "adoption: adopting again would only repeat it; see the shim's journal events")
+               f"the shim died again after {len(record.adoptions)} adoptions within {ADOPTION_WINDOW:g} s: "
+               "adopting again would only repeat it")
     notifier.status(f"supervision lost: the shim (pid {record.shim}) died; adopting master {record.master}")
     log.event("supervision-lost", f"the shim (pid {record.shim}) died while master {record.master} "
               f"served generation {record.generation}: shim {os.getpid()} adopts it", ERR,

@@ -31,7 +31,8 @@ MAX_DEADLINES = 8
 FAR = 10 * 365 * 86400.0     # beyond this a deadline is none at all
 # What may set a deadline, and how the operator gives it more time.
 SOURCES = {
-    "TimeoutStartSec": ("systemd's reload timeout", "raise TimeoutStartSec= or lower --ready-timeout"),
+    "TimeoutStartSec": ("systemd's reload timeout",
+                        "raise TimeoutStartSec= or lower --ready-timeout or --retire-timeout"),
     "JobTimeoutSec": ("the reload job's JobTimeoutSec=", "raise JobTimeoutSec="),
     "JobRunningTimeoutSec": ("the reload job's JobRunningTimeoutSec=", "raise JobRunningTimeoutSec="),
     "--timeout": ("the reload client's --timeout", "give `unicorn-shim reload` a longer --timeout"),
@@ -90,9 +91,15 @@ def too_late(deadline: Deadline, reserve: float, now: float, seen: str) -> str:
     finishing takes from the point of no return on), and what was seen meanwhile."""
     left = deadline.at - now
     when = f"ends in {left:.1f} s" if left > 0 else "has passed"
+    fix = deadline.fix()
+    if deadline.setting <= reserve:
+        # No release could ever fit: the drain the shim must allow for is the limit.
+        fix = (f"no reload can finish within {deadline.setting:g} s while the old master may drain for "
+               f"--retire-timeout {reserve - FINISH_MARGIN:g} s: lower --retire-timeout below "
+               f"{deadline.setting - FINISH_MARGIN:g} s or {fix.split(' or ')[0]}")
     return (f"{deadline.describe()} {when}, too soon for the new release to take over (up to {reserve:g} s: "
             f"--retire-timeout {reserve - FINISH_MARGIN:g} s + {FINISH_MARGIN:g} s), {seen}: rolled back "
-            f"before it; {deadline.fix()}")
+            f"before it; {fix}")
 
 
 class Watch:

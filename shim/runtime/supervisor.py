@@ -328,7 +328,9 @@ class Supervisor(Boot):
                            **{k.upper(): v for k, v in out.timings.items()})
             return {"ok": True, "master_pid": new.pid, "old_master_pid": old.pid, "generation": gen,
                     "release": serving, "duration_ms": int(out.duration * 1000), "timings": out.timings}
-        self._remember(self.remembered.failed, out.intended, out.reason)
+        if not ("abandoned" in self.thrown or self.deadlines.ended):
+            # A release is recorded as failed only for what it did, not for its clients' patience.
+            self._remember(self.remembered.failed, out.intended, out.reason)
         self.last_reload = f"failed after {took}: {out.reason}"
         fields = dict(OLD_MASTER_PID=old.pid, GENERATION=gen, REASON=out.reason,
                       DURATION_MS=int(out.duration * 1000), MASTER_PID=new.pid if new else None,

@@ -125,11 +125,16 @@ def _timeouts(ctx: Context) -> None:
     ready, retire = ctx.shim.ready_timeout, ctx.shim.retire_timeout
     setting = f"TimeoutStartSec={text or '90s (default)'}"
     fix = ctx.place.setting("TimeoutStartSec", str(generator.job_timeout(ctx.shim)))
+    if retire + FINISH_MARGIN >= limit:
+        ctx.add(ERROR, f"--retire-timeout {retire:g} s + {FINISH_MARGIN:g} s is not below {setting}, which "
+                "also bounds ExecReload=: the shim must allow for the old master's drain before it commits, "
+                "so no reload can ever finish and every one is rolled back",
+                fix + ("" if ctx.place.packaged else f" (or --retire-timeout below {limit - FINISH_MARGIN:g})"))
     if ready >= limit:
         ctx.add(ERROR, f"--ready-timeout {ready:g} s is not below {setting}: systemd kills a slow start or "
                 "reload before the shim can give up and say why",
                 fix + ("" if ctx.place.packaged else " (or a lower --ready-timeout)"))
-    elif ready + retire + FINISH_MARGIN > limit:
+    elif ready + retire + FINISH_MARGIN > limit and retire + FINISH_MARGIN < limit:
         ctx.add(WARNING, f"--ready-timeout {ready:g} s + --retire-timeout {retire:g} s + {FINISH_MARGIN:g} s is "
                 f"more than {setting}, which also bounds ExecReload=: the shim rolls back a reload whose new "
                 f"master is not ready {retire + FINISH_MARGIN:g} s before it ends (systemd's reload timeout "

@@ -50,8 +50,7 @@ crash) while a master is the main process, the watcher starts a new shim with
 the same command line that adopts that master (the recorded pid, in the unit's
 cgroup, with the recorded start time), re\-creates the control socket and
 shim.pid, and says "(adopted after the shim (pid N) died)" in STATUS=; reloads
-work again. If it cannot adopt (or the shim died 3 times within 60 s, each time after an
-adoption), STATUS= says "supervision lost" and why. A shim
+work again. If it cannot adopt (or the shim died again after 3 adoptions within 60 s), STATUS= says "supervision lost" and why. A shim
 killed during a hand\-over is the main process: systemd restarts the unit. A
 stop or a normal exit never adopts.
 .SH EXIT STATUS
