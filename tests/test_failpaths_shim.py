@@ -141,3 +141,40 @@ def test_a_degraded_classic_service_under_its_own_user_is_adopted_as_it_was(clas
         wait_serving(d, fixed)
         assert not d.state()["StatusText"].startswith("degraded"), d.state()
     assert load.failures() == [], load.failure_kinds()
+
+
+def test_a_killed_watcher_is_replaced_and_the_shim_is_still_adopted(deploy, manager):
+    """kill -9 of the watcher alone: the shim sees it at once (its end of the pipe), reaps it
+    (no zombie), starts a new one and tells it the master; the shim's death after that
+    is adopted as before."""
+    d = deploy(socket_unit=True)
+    d.start()
+    shim = shim_pid(d, manager)
+    master = d.assert_main_pid_is_live_master()
+
+    def watchers() -> list:
+        found = []
+        for pid in manager.unit_processes():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    words = f.read().split(b"\0")
+                with open(f"/proc/{pid}/stat") as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if b"shim-watcher" in words:
+                found.append((pid, state))
+        return found
+    first = eventually(watchers, lambda w: len(w) == 1)[0][0]
+    with Load(d.port) as load:
+        os.kill(first, signal.SIGKILL)
+        event = manager.wait_events("watcher-gone")[-1]
+        assert f"the watcher (pid {first}) ended" in event["MESSAGE"] and "a new one" in event["MESSAGE"], event
+        second = eventually(watchers, lambda w: len(w) == 1 and w[0][0] != first)
+        assert second[0][1] != "Z" and exited(first), second
+        kill_and_wait_adopted(d, manager, shim, master)
+        r = d.reload()
+        assert r.returncode == 0, r.stderr + manager.journal_text()[-3000:]
+    assert load.failures() == [], load.failure_kinds()
+    assert d.stop().returncode == 0
+    assert manager.unit_processes() == []

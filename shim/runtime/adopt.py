@@ -26,7 +26,7 @@ import time
 
 from shim.errors import EXIT_CONTROL, ShimError
 from shim.runtime import procs, sockets
-from shim.runtime.journal import ERR, Log
+from shim.runtime.journal import ERR, WARNING, Log
 from shim.runtime.notify import Notifier
 
 TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see shim/client.py)
@@ -39,6 +39,9 @@ ADOPT_ENV = "UNICORN_SHIM_ADOPT"        # the dead shim's last record, set by it
 SOCKETS_ENV = "UNICORN_SHIM_SOCKETS"    # the held sockets' fds in the watcher, and where they came from
 EXEC_ENV = "UNICORN_SHIM_EXEC"          # the command line the watcher execs (read and unset by it)
 MAX_RECORD = 16 * 1024
+# A watcher that dies (killed on its own) is replaced, at most this often per window:
+# without one, the shim's next death would go unsaid.
+WATCHER_RESTARTS, WATCHER_WINDOW = 3, 60.0
 # A shim that dies the same way each time must not be adopted for ever: after this
 # many adoptions within ADOPTION_WINDOW seconds the next death is only said.
 MAX_ADOPTIONS, ADOPTION_WINDOW = 3, 60.0
@@ -67,6 +70,8 @@ class Watcher:
 
     def __init__(self, held: List[sockets.HeldSocket], log: Log) -> None:
         self.log = log
+        self.held = held
+        self.loop: Any = None         # the shim's loop, once it follows the watcher's end of the pipe
         me = os.getpid()
         self.shim = (me, procs.start_time(me))
         self.pid = -1
@@ -99,6 +104,8 @@ class Watcher:
         except OSError as e:
             if line == "exit":      # a stop's signal reached it first, as it does the shim
                 return self.close(clean=False)
+            if self.loop is not None:
+                return              # the loop sees the pipe's error too, and replaces the watcher
             self.log.event("watcher-gone", f"the watcher (pid {self.pid}) is gone ({e.strerror}): "
                            "if the shim dies now, nothing says so until the next reload", ERR)
             self.close(clean=False)
@@ -122,6 +129,8 @@ class Watcher:
         if clean:
             self.tell("exit")
         if self.fd >= 0:
+            if self.loop is not None:
+                self.loop.remove_reader(self.fd)
             os.close(self.fd)
             self.fd = -1
 
@@ -146,6 +155,8 @@ class WatchedNotifier(Notifier):
         super().__init__()
         self.watcher = watcher
         self.supervisor: Any = None
+        self.mainpid: Optional[int] = None       # the last MAINPID= systemd was told
+        self.restarts: List[float] = []          # when watchers were replaced
 
     def send(self, **fields: object) -> None:
         mainpid = fields.get("MAINPID")
@@ -154,8 +165,44 @@ class WatchedNotifier(Notifier):
         elif mainpid == os.getpid():
             self.watcher.tell("hold")      # before: systemd watches the shim itself from now on
         super().send(**fields)
+        if isinstance(mainpid, int):
+            self.mainpid = mainpid
         if isinstance(mainpid, int) and mainpid != os.getpid() and self.supervisor is not None:
             self.watcher.tell(self.watcher.record(self.supervisor, mainpid))
+
+    def follow_watcher(self, loop: Any) -> None:
+        """The loop learns at once when the watcher is gone: the pipe's write end reports an
+        error once nothing reads it (epoll's EPOLLERR, reported as readable)."""
+        self.watcher.loop = loop
+        if self.watcher.fd >= 0:
+            loop.add_reader(self.watcher.fd, self._watcher_gone)
+
+    def _watcher_gone(self) -> None:
+        gone, loop = self.watcher, self.watcher.loop
+        gone.close(clean=False)
+        try:
+            _pid, status = os.waitpid(gone.pid, os.WNOHANG)     # the shim's own child: no zombie left
+            how = f"exit status {os.waitstatus_to_exitcode(status)}" if _pid else "still exiting"
+        except ChildProcessError:
+            how = "reaped"
+        now = time.monotonic()
+        self.restarts = [t for t in self.restarts if now - t < WATCHER_WINDOW] + [now]
+        if len(self.restarts) > WATCHER_RESTARTS:
+            gone.log.event("watcher-gone", f"the watcher (pid {gone.pid}) ended ({how}) for the "
+                           f"{len(self.restarts)}th time in {WATCHER_WINDOW:g} s: not started again; if the "
+                           "shim dies now, nothing says so until the next reload", ERR)
+            return
+        try:
+            self.watcher = Watcher(gone.held, gone.log)
+        except OSError as e:
+            gone.log.event("watcher-gone", f"the watcher (pid {gone.pid}) ended ({how}) and no new one could "
+                           f"start ({e}): if the shim dies now, nothing says so until the next reload", ERR)
+            return
+        gone.log.event("watcher-gone", f"the watcher (pid {gone.pid}) ended ({how}): a new one (pid "
+                       f"{self.watcher.pid}) follows the shim", WARNING, WATCHER_PID=self.watcher.pid)
+        if self.mainpid and self.mainpid != os.getpid() and self.supervisor is not None:
+            self.watcher.tell(self.watcher.record(self.supervisor, self.mainpid))
+        self.follow_watcher(loop)
 
 
 def watching(held: List[sockets.HeldSocket], environ: Dict[str, str], log: Log) -> Notifier:
@@ -175,6 +222,7 @@ def follow(notifier: Notifier, supervisor: Any, adopting: Optional[Tuple[Record,
     """The watcher follows `supervisor`'s masters; it boots by adopting when it was started so."""
     if isinstance(notifier, WatchedNotifier):
         notifier.supervisor = supervisor
+        notifier.follow_watcher(supervisor.loop)
     supervisor.adopting = adopting or None
 
 

@@ -19,7 +19,7 @@ EXTRA = r"""
 .B unicorn-shim run
 is a systemd service's ExecStart=. It holds the listening sockets (from a
 .BR systemd.socket (5)
-unit or bound from \fB\-\-listen\fR), starts the Unicorn or Gunicorn master so
+unit or bound from \fB\-\-listen\fR), starts the Unicorn, Gunicorn or Puma master so
 that the service manager is its parent, reports READY=1 only once the workers
 are ready, keeps MAINPID= pointed at the live master and replaces the master
 with zero downtime on reload.
