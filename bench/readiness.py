@@ -111,12 +111,16 @@ def main() -> int:
         ("worst latency in a reload window (median / max ms)",
          lambda r: f"{med(r['worst_ms'])} / {max(r['worst_ms'], default=0):.0f}"),
     ]
-    names = list(results)
-    print("| measure | " + " | ".join(names) + " |")
-    print("|---" * (len(names) + 1) + "|")
-    for label, cell in rows:
-        print(f"| {label} | " + " | ".join(cell(results[n]) for n in names) + " |")
+    print_table(rows, results)
     return 0
+
+
+def print_table(rows: list, columns: dict) -> None:
+    """A markdown table: a row per (label, cell(column's results)), a column per entry."""
+    print("| measure | " + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
+    for label, cell in rows:
+        print(f"| {label} | " + " | ".join(cell(results) for results in columns.values()) + " |")
 
 
 if __name__ == "__main__":
