@@ -221,8 +221,8 @@ class Masters:
         return "" if result.ok else result.seen
 
     def probation(self, master: procs.Pinned, seconds: float) -> Steps[Optional[str]]:
-        """Watch `master` for `seconds` after it was found ready, while the old master
-        serves on beside it: None when nothing went wrong, else what was seen. Wrong:
+        """Watch `master` for `seconds` after it was found ready, while the old generation
+        stands by (shim/runtime/standby.py): None when nothing went wrong, else what was seen. Wrong:
         the master exits, a worker dies (a server kills one that timed out), or a probe
         over its socket is not answered in PROBATION_PROBE_TIMEOUT or not accepted."""
         watch = WorkerWatch(master.pid, self.profile, self.reports, self.config.settle, time.monotonic())

@@ -56,6 +56,7 @@ class ServerProfile(SimpleNamespace):
     # as many workers forked again (respawn_workers, one at a time); "beside": it
     # serves on beside the new one, nothing of it to restore.
     probation_standby: str = "beside"
+    stop_workers_needs_no_tty: bool = False   # stop_workers is ignored while the master's stdin is a tty
 
     @property
     def sets_listen_pid(self) -> bool:
@@ -98,6 +99,7 @@ UNICORN = ServerProfile(
     config_flags=("-c", "--config-file"),
     log_reopen=signal.SIGUSR1,
     probation_standby="stopped",
+    stop_workers_needs_no_tty=True,    # "SIGWINCH ignored because $stdin is a tty" (a shim run in a terminal)
 )
 
 GUNICORN = ServerProfile(

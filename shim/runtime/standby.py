@@ -11,6 +11,7 @@ generation serves on beside the new one (servers.py says which).
 """
 from __future__ import annotations
 
+import os
 import time
 
 from shim.runtime import procs
@@ -31,6 +32,13 @@ def workers(host: "Host", master: procs.Pinned) -> List[int]:
     return [p for p in procs.children(master.pid) if host.profile.worker_title.search(procs.title(p))]
 
 
+def _stdin_is_tty(pid: int) -> bool:
+    try:
+        return os.readlink(f"/proc/{pid}/fd/0").startswith(("/dev/pts/", "/dev/tty"))
+    except OSError:
+        return False
+
+
 class Standby:
     """The old master with its workers stopped; `bring_back` forks as many as it had.
     `serve_on_stop`: a stop during the hand-over gives it one worker back to serve
@@ -45,7 +53,9 @@ class Standby:
 
     def stop(self) -> None:
         """Ask the old master's workers to finish their requests and exit (the master stays)."""
-        if not self.old.alive() or self.host.profile.stop_workers is None:
+        profile = self.host.profile
+        if not self.old.alive() or profile.stop_workers is None or \
+                (profile.stop_workers_needs_no_tty and _stdin_is_tty(self.old.pid)):
             return
         self.stopped = workers(self.host, self.old)
         self.old.signal(self.host.profile.stop_workers)

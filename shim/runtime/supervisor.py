@@ -268,8 +268,8 @@ class Supervisor(Boot):
                            RESULT="not-begun", OLD_MASTER_PID=old.pid, GENERATION=gen, REASON=reason)
             return {"ok": False, "error": f"{reason}; the old release keeps serving (master {old.pid})"}
         # The reload job is bounded by the unit's TimeoutStartSec=; a hand-over may take the
-        # new master's boot plus the old one's drain: never let systemd give up first.
-        self.notifier.extend_timeout(self.config.ready_timeout + self.config.retire_timeout + 10)
+        # new master's boot, its probation and the old one's drain: never let systemd give up first.
+        self.notifier.extend_timeout(self.config.ready_timeout + self.config.probation + self.config.retire_timeout + 10)
         self.log.event("reload-start", f"reload to generation {gen} ({strategy.name}) from master {old.pid}",
                        OLD_MASTER_PID=old.pid, GENERATION=gen)
         self.reports.clear_errors(old.pid)
