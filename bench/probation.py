@@ -17,35 +17,23 @@ Debian's Python (/usr/bin/python3): it sees python3-systemd and python3-psutil.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
-import shutil
 import sys
-import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
 
-from support.deploy import Deployment  # noqa: E402
 from support.load import Load  # noqa: E402
 from support.stall import make_stall  # noqa: E402
-from support.systemd import UserManager  # noqa: E402
-from readiness import med, print_table  # noqa: E402 (bench/readiness.py)
+from readiness import deployed, med, print_table, run_columns  # noqa: E402 (bench/readiness.py)
 
 BREAKING = {"unicorn, 1 s after ready": ("unicorn", 1.0), "gunicorn, 0.3 s after boot": ("gunicorn", 0.3)}
 
 
-def deployment(manager: UserManager, base: str, server: str, probation: float) -> Deployment:
-    return Deployment(manager, tempfile.mkdtemp(dir=base), server=server, preload=False,
-                      shim_args=f"--probation {probation:g}")
-
-
 def good_reloads(base: str, probation: float, reloads: int, clients: int) -> dict:
-    manager = UserManager(base)
-    d = deployment(manager, base, "unicorn", probation)
     out = {"return_ms": [], "worst_ms": [], "ok": 0, "failed": 0}
-    try:
+    with deployed(base, server="unicorn", preload=False, shim_args=f"--probation {probation:g}") as (manager, d):
         d.start()
         with Load(d.port, clients=clients) as load:
             time.sleep(0.5)
@@ -60,17 +48,12 @@ def good_reloads(base: str, probation: float, reloads: int, clients: int) -> dic
                 out["worst_ms"].append(max((x.latency for x in load.results if t0 <= x.start <= t1 + 0.2),
                                            default=0) * 1000)
             out["failed"] = len(load.failures())
-    finally:
-        d.stop()
-        manager.down()
     return out
 
 
 def bad_reloads(base: str, probation: float, server: str, after: float, reloads: int, clients: int) -> dict:
-    manager = UserManager(base)
-    d = deployment(manager, base, server, probation)
     out = {"caught": 0, "return_ms": []}
-    try:
+    with deployed(base, server=server, preload=False, shim_args=f"--probation {probation:g}") as (manager, d):
         d.start()
         with Load(d.port, clients=clients):
             time.sleep(0.5)
@@ -86,9 +69,6 @@ def bad_reloads(base: str, probation: float, server: str, after: float, reloads:
                     d.app.release()
                     d.reload()
                 time.sleep(0.5)
-    finally:
-        d.stop()
-        manager.down()
     return out
 
 
@@ -100,17 +80,13 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=4)
     args = parser.parse_args()
     values = [float(v) for v in args.values.split(",")]
-    gc.disable()      # the load generator's own GC passes would count as server latency
-    results, base = {}, tempfile.mkdtemp(prefix="unicorn-shim-bench.")
-    try:
-        for value in values:
-            print(f"running --probation {value:g} ...", file=sys.stderr, flush=True)
-            col = {"good": good_reloads(base, value, args.good, args.clients)}
-            for name, (server, after) in BREAKING.items():
-                col[name] = bad_reloads(base, value, server, after, args.bad, args.clients)
-            results[value] = col
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+
+    def column(base: str, value: float) -> dict:
+        col = {"good": good_reloads(base, value, args.good, args.clients)}
+        for name, (server, after) in BREAKING.items():
+            col[name] = bad_reloads(base, value, server, after, args.bad, args.clients)
+        return col
+    results = run_columns({f"--probation {v:g}": v for v in values}, column)
     rows = [
         ("good reload: systemctl reload returns (median / max ms)",
          lambda c: f"{med(c['good']['return_ms'])} / {max(c['good']['return_ms'], default=0):.0f}"),
@@ -123,7 +99,7 @@ def main() -> int:
         rows.append((f"{name}: caught in probation", lambda c, n=name: f"{c[n]['caught']}/{args.bad}"))
         rows.append((f"{name}: systemctl reload returns (median / max ms)",
                      lambda c, n=name: f"{med(c[n]['return_ms'])} / {max(c[n]['return_ms'], default=0):.0f}"))
-    print_table(rows, {f"--probation {v:g}": results[v] for v in values})
+    print_table(rows, results)
     return 0
 
 

@@ -18,22 +18,18 @@ Debian's Python (/usr/bin/python3): it sees python3-systemd and python3-psutil.
 from __future__ import annotations
 
 import argparse
-import gc
 import http.client
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
 
-from support.deploy import Deployment  # noqa: E402
 from support.load import Load  # noqa: E402
-from support.systemd import UserManager, eventually  # noqa: E402
-from readiness import med, print_table  # noqa: E402 (bench/readiness.py)
+from support.systemd import eventually  # noqa: E402
+from readiness import deployed, med, print_table, run_columns  # noqa: E402 (bench/readiness.py)
 
 COLUMNS = {"gunicorn, preload off": ("gunicorn", False), "gunicorn, preload on": ("gunicorn", True),
            "puma, preload off": ("puma", False), "puma, preload on": ("puma", True)}
@@ -51,11 +47,9 @@ def answer(port: int) -> tuple:
 
 
 def column(base: str, server: str, preload: bool, workers: int, rounds: int) -> dict:
-    manager = UserManager(base)
-    d = Deployment(manager, tempfile.mkdtemp(dir=base), server=server, preload=preload, workers=workers,
-                   shim_args="--probation 0")
     out = {"left": [], "back_ms": [], "releases": set(), "failed": 0}
-    try:
+    with deployed(base, server=server, preload=preload, workers=workers,
+                  shim_args="--probation 0") as (manager, d):
         d.start()
         old = d.assert_main_pid_is_live_master()
         with Load(d.port, clients=4) as load:
@@ -81,9 +75,6 @@ def column(base: str, server: str, preload: bool, workers: int, rounds: int) -> 
                 out["back_ms"].append((time.monotonic() - t0) * 1000)
                 out["releases"] |= set(seen.values())
             out["failed"] = len(load.failures())
-    finally:
-        d.stop()
-        manager.down()
     return out
 
 
@@ -92,14 +83,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    gc.disable()      # the load generator's own GC passes would count as server latency
-    results, base = {}, tempfile.mkdtemp(prefix="unicorn-shim-bench.")
-    try:
-        for name, (server, preload) in COLUMNS.items():
-            print(f"running {name} ...", file=sys.stderr, flush=True)
-            results[name] = column(base, server, preload, args.workers, args.rounds)
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    results = run_columns(COLUMNS, lambda base, column_of: column(base, *column_of, args.workers, args.rounds))
     rows = [
         ("workers left by TTOU", lambda r: f"{min(r['left'])}-{max(r['left'])} of {args.workers}"),
         ("comeback: TTIN until every worker answers (median / max ms)",

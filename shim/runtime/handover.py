@@ -14,7 +14,7 @@ from collections import namedtuple
 
 from shim.runtime import procs, release, standby as standbys
 from shim.errors import ReloadFailed, Stopping, WrongRelease
-from shim.runtime.masters import FAILED_MASTER_GRACE, SAMPLE
+from shim.runtime.masters import FAILED_MASTER_GRACE
 
 TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see shim/client.py)
 if TYPE_CHECKING:
