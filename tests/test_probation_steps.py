@@ -16,9 +16,10 @@ from test_statemachine import Asker, fake, stop_signal, supervisor, when_serving
 PROBATION = 0.6
 
 
-def run_reload(sup, fake: FakeOS, break_new: bool) -> dict:
-    """Boot, deploy r2, reload it with --probation; with `break_new`, kill one of the new
-    master's workers once its probation began (as a server kills a worker that timed out)."""
+def run_reload(sup, fake: FakeOS, break_new: bool, recycle: bool = False) -> dict:
+    """Boot, deploy r2, reload it with --probation; with `break_new`, one of the new master's
+    workers dies with an error its reporter sends once the probation began; with `recycle`,
+    one exits cleanly, saying nothing (max_requests)."""
     sup.config.probation = PROBATION
     results, statuses = [], []
 
@@ -28,9 +29,13 @@ def run_reload(sup, fake: FakeOS, break_new: bool) -> dict:
             sup.loop.call_later(0.01, on_probation)
             return
         statuses.append(status)
+        new = fake.started[-1]
         if break_new:
-            new = fake.started[-1]
-            fake.stop_worker(new.workers()[0], graceful=False)
+            worker = new.workers()[0]
+            sup.reports.record(worker.pid, "error RuntimeError: boom (app.py:3)", [new.pid])
+            fake.stop_worker(worker, graceful=False)
+        if recycle:
+            fake.stop_worker(new.workers()[0], graceful=True)
 
     def answered(answer) -> None:
         results.append(answer)
@@ -50,7 +55,9 @@ def test_unicorn_probation_failure_brings_back_exactly_the_old_workers_never_a_h
     sup = supervisor(fake, upgrade="spawn", retire_timeout=2.0)
     got = run_reload(sup, fake, break_new=True)
     old, new = fake.started
-    assert not got["result"]["ok"] and "died during probation" in got["result"]["error"], got
+    assert not got["result"]["ok"], got
+    assert "1 worker of new master" in got["result"]["error"] and "died during probation: RuntimeError: boom" \
+        in got["result"]["error"], got
     assert got["serving"] == {"r1"}                      # what curl sees after the rollback
     assert f"old master {old.pid} standing by with its workers stopped" in got["status"], got["status"]
     # the final stop's QUIT aside: WINCH at the probation's start, then one TTIN per worker it had
@@ -60,9 +67,11 @@ def test_unicorn_probation_failure_brings_back_exactly_the_old_workers_never_a_h
     assert sup.notifier.mainpids()[-1] == old.pid
 
 
-def test_unicorn_good_probation_retires_the_workerless_old_master(fake):
+@pytest.mark.parametrize("recycle", [False, True], ids=["quiet", "a-worker-recycled"])
+def test_unicorn_good_probation_retires_the_workerless_old_master(fake, recycle):
+    """A worker recycled during the window (max_requests: a clean exit, replaced) is no failure."""
     sup = supervisor(fake, upgrade="spawn", retire_timeout=2.0)
-    got = run_reload(sup, fake, break_new=False)
+    got = run_reload(sup, fake, break_new=False, recycle=recycle)
     old, new = fake.started
     assert got["result"]["ok"], got
     assert got["serving"] == {"r2"}

@@ -72,7 +72,7 @@ def hand_over(host: "Host", old: procs.Pinned, gen: int, strategy: "Strategy") -
                 raise ReloadFailed(reason)
             host.checkpoint()
         if host.config.probation:
-            standby = standby or standbys.for_probation(host, old)
+            standby = standby or (yield from standbys.for_probation(host, old, new))
             host.notifier.status(f"reloading: new master {new.pid} on probation for {host.config.probation:g} s, "
                                  + (f"old master {old.pid} standing by with its workers stopped" if standby
                                     else f"old master {old.pid} serving beside it"))

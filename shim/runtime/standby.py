@@ -82,10 +82,19 @@ class Standby:
             self.old.signal(self.host.profile.respawn_workers)
 
 
-def for_probation(host: "Host", old: procs.Pinned) -> Optional[Standby]:
+def for_probation(host: "Host", old: procs.Pinned, new: procs.Pinned) -> Steps[Optional[Standby]]:
     """The old generation during the new one's probation: its workers stopped, so only the
-    new release answers public requests (None: the profile keeps it serving beside)."""
+    new release answers public requests (None: it serves on beside). They are stopped once
+    the new master runs as many: a readiness heuristic may have seen the first of them
+    only (a before_fork hook that sleeps). If the new one runs fewer within the probation's
+    length (its config asks for fewer), the old one serves beside."""
     if host.profile.probation_standby != "stopped":
+        return None
+    wanted = len(workers(host, old))
+    enough = yield Wait(f"new master {new.pid} to run {wanted} workers",
+                        lambda wait: True if len(workers(host, new)) >= wanted or not new.alive() else None,
+                        deadline=time.monotonic() + host.config.probation, every=SAMPLE)
+    if not enough or not new.alive():
         return None
     standby = Standby(host, old, serve_on_stop=False)
     standby.stop()
