@@ -132,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the probe's accepted statuses, e.g. 200-399,404 (default 100-499: any "
                           "answer but a server error)")
     run.add_argument("--probation", type=_seconds_or_zero, default=PROBATION, metavar="SEC",
-                     help="after a reload's new generation is ready, watch it SEC seconds (worker deaths, "
-                          "a probe every 0.25 s answered within 1 s) and roll back on a failure; the "
+                     help="after a reload's new generation is ready, watch it SEC seconds (workers dying with an "
+                          "error, a probe every 0.25 s answered within 1 s) and roll back on a failure; the "
                           "old generation stands by meanwhile (Unicorn: its master with its workers "
                           "stopped; Gunicorn, Puma: serving beside); the reload returns after "
                           f"(default {PROBATION:g}; 0: off)")
