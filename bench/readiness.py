@@ -18,6 +18,7 @@ Debian's Python (/usr/bin/python3): it sees python3-systemd and python3-psutil.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import shutil
@@ -111,12 +112,41 @@ def main() -> int:
         ("worst latency in a reload window (median / max ms)",
          lambda r: f"{med(r['worst_ms'])} / {max(r['worst_ms'], default=0):.0f}"),
     ]
-    names = list(results)
-    print("| measure | " + " | ".join(names) + " |")
-    print("|---" * (len(names) + 1) + "|")
-    for label, cell in rows:
-        print(f"| {label} | " + " | ".join(cell(results[n]) for n in names) + " |")
+    print_table(rows, results)
     return 0
+
+
+@contextlib.contextmanager
+def deployed(base: str, **kw):
+    """(its private systemd, a Deployment of **kw under it), both taken down after."""
+    manager = UserManager(base)
+    d = Deployment(manager, tempfile.mkdtemp(dir=base), **kw)
+    try:
+        yield manager, d
+    finally:
+        d.stop()
+        manager.down()
+
+
+def run_columns(columns: dict, run) -> dict:
+    """run(base directory, column's settings) for each column, one after the other in one run."""
+    gc.disable()      # the load generator's own GC passes would count as server latency
+    results, base = {}, tempfile.mkdtemp(prefix="unicorn-shim-bench.")
+    try:
+        for name, settings in columns.items():
+            print(f"running {name} ...", file=sys.stderr, flush=True)
+            results[name] = run(base, settings)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    return results
+
+
+def print_table(rows: list, columns: dict) -> None:
+    """A markdown table: a row per (label, cell(column's results)), a column per entry."""
+    print("| measure | " + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
+    for label, cell in rows:
+        print(f"| {label} | " + " | ".join(cell(results) for results in columns.values()) + " |")
 
 
 if __name__ == "__main__":

@@ -106,12 +106,12 @@ def test_usr2_is_refused_for_gunicorn(tmp_path):
     assert r.returncode == 1 and "--upgrade usr2: gunicorn's own re-exec cannot keep the sockets" in r.stdout
 
 
-@pytest.mark.parametrize("limit, warned", [(121, True), (122, False)])
+@pytest.mark.parametrize("limit, warned", [(126, True), (127, False)])
 def test_a_reload_timeout_that_leaves_no_time_to_retire_the_old_master_is_flagged(tmp_path, limit, warned):
     """Issue 22: TimeoutStartSec= bounds ExecReload=; the shim rolls a reload back
     when the new master is not ready --retire-timeout + 2 s before it ends."""
     r = check(tmp_path, GOOD + f"TimeoutStartSec={limit}\n", extra=("--unit-only",))
-    said = f"--ready-timeout 60 s + --retire-timeout 60 s + 2 s is more than TimeoutStartSec={limit}"
+    said = f"--ready-timeout 60 s + --probation 5 s + --retire-timeout 60 s + 2 s is more than TimeoutStartSec={limit}"
     assert (said in r.stdout) is warned, r.stdout
 
 

@@ -16,7 +16,9 @@ GTHREAD = 'worker_class = "gthread"\nthreads = 4'
 @pytest.mark.parametrize("server", ["gunicorn"])
 @pytest.mark.parametrize("extra", ["", "max_requests = 50\nmax_requests_jitter = 10"], ids=["plain", "max_requests"])
 def test_gthread_deploys_under_load_lose_nothing(deploy, manager, extra):
-    d = deploy(workers=2)
+    # 10 reloads in a row: a 1 s probation (the standby still taken each time; the default 5 s
+    # would add 40 s to this test alone, see the README's "Tests")
+    d = deploy(workers=2, shim_args="--probation 1")
     d.app.release(extra=f"{GTHREAD}\n{extra}")
     d.start()
     with Load(d.port, clients=8) as load:

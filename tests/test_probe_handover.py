@@ -119,7 +119,9 @@ def test_the_classic_quit_hook_costs_no_stall_under_spawn(unicorn_deploy, manage
     master at the first worker, then sleep 1), every reload window's worst latency was
     about 1,010 ms: the old master was gone a second before a new worker accepted. With no
     .oldbin presented, the old master serves until the shim retires it."""
-    d = unicorn_deploy(ready_hook=False, seed_hook="quit-first")
+    # 10 reloads in a row: a 1 s probation (the standby still taken each time; the default 5 s
+    # would add 40 s to this test alone, see the README's "Tests")
+    d = unicorn_deploy(ready_hook=False, seed_hook="quit-first", shim_args="--probation 1")
     d.start()
     worst = []
     with Load(d.port, clients=4) as load:

@@ -29,7 +29,9 @@ def reload_and_check(d, load, expect_release: str) -> None:
 
 
 def test_twenty_reloads_under_load_lose_nothing(deploy, manager):
-    d = deploy()
+    # 20 reloads in a row: a 1 s probation (the standby still taken each time; the default 5 s
+    # would add 80 s to this test alone, see the README's "Tests")
+    d = deploy(shim_args="--probation 1")
     d.start()
     with Load(d.port, clients=4) as load:
         for _ in range(20):

@@ -12,16 +12,16 @@ from __future__ import annotations
 import time
 from collections import namedtuple
 
-from shim.runtime import procs, release
+from shim.runtime import procs, release, standby as standbys
 from shim.errors import ReloadFailed, Stopping, WrongRelease
-from shim.runtime.loop import Wait
-from shim.runtime.masters import FAILED_MASTER_GRACE, SAMPLE
+from shim.runtime.masters import FAILED_MASTER_GRACE
 
 TYPE_CHECKING = False      # typing.TYPE_CHECKING without importing typing (see shim/client.py)
 if TYPE_CHECKING:
     from typing import Optional, Tuple
 
     from shim.runtime.masters import Steps
+    from shim.runtime.standby import Standby
     from shim.runtime.upgrade import Host, Strategy
 
 OLD_MASTER_GOING = 3.0     # seconds an old master, maybe QUIT by a hook, gets to exit on its own
@@ -45,7 +45,7 @@ def hand_over(host: "Host", old: procs.Pinned, gen: int, strategy: "Strategy") -
     t0, started = time.monotonic(), procs.now_ticks()
     deadline = t0 + host.config.ready_timeout
     new: Optional[procs.Pinned] = None
-    workers_stopped = 0          # how many of the old master's, for a usr2 health check; undone on rollback
+    standby: Optional[Standby] = None    # the old master's workers stopped; undone on rollback
     old.role = "old"
     intended = release.resolve(host.config.chdir)
     old_release = procs.cwd(old.pid)     # what a rollback must find it serving again
@@ -68,14 +68,15 @@ def hand_over(host: "Host", old: procs.Pinned, gen: int, strategy: "Strategy") -
             raise WrongRelease(wrong_release)
         host.checkpoint()
         if host.config.health_check:
-            reason, workers_stopped = yield from _health_check(host, old, new)
+            reason, standby = yield from _health_check(host, old, new)
             if reason:
                 raise ReloadFailed(reason)
             host.checkpoint()
         if host.config.probation:
-            # The old master serves on beside it: a failure needs nothing of the old one.
-            host.notifier.status(f"reloading: new master {new.pid} on probation for "
-                                 f"{host.config.probation:g} s, old master {old.pid} serving")
+            standby = standby or (yield from standbys.for_probation(host, old, new))
+            host.notifier.status(f"reloading: new master {new.pid} on probation for {host.config.probation:g} s, "
+                                 + (f"old master {old.pid} standing by with its workers stopped" if standby
+                                    else f"old master {old.pid} serving beside it"))
             failure = yield from host.probation(new, host.config.probation)
             if failure:
                 raise ReloadFailed(failure)
@@ -101,18 +102,18 @@ def hand_over(host: "Host", old: procs.Pinned, gen: int, strategy: "Strategy") -
             # serves the old release as well as it did: keep it, fail the deploy.
             strategy.finish(new)
             return outcome("not-deployed", str(e))
-        result, checked = yield from _roll_back(host, old, new, workers_stopped, strategy, old_release)
+        result, checked = yield from _roll_back(host, old, new, standby, strategy, old_release)
         return outcome(result, str(e), checked=checked)
     except ReloadFailed as e:
-        result, checked = yield from _roll_back(host, old, new, workers_stopped, strategy, old_release)
+        result, checked = yield from _roll_back(host, old, new, standby, strategy, old_release)
         return outcome(result, str(e), checked=checked)
     except Stopping:
-        if workers_stopped and old.alive():
-            old.signal(host.profile.respawn_workers)    # serve on while the stop drains it
+        if standby is not None:
+            standby.on_stop()
         return outcome("stopped", "the service is stopping")
     except Exception as e:   # a bug must not leave MAINPID on the shim and the state "reloading"
         host.log.error("internal-error", f"reload: {type(e).__name__}: {e}")
-        result, checked = yield from _roll_back(host, old, new, workers_stopped, strategy, old_release)
+        result, checked = yield from _roll_back(host, old, new, standby, strategy, old_release)
         return outcome(result, f"internal error: {type(e).__name__}: {e}", checked=checked)
 
     strategy.finish(new)
@@ -128,9 +129,9 @@ def hand_over(host: "Host", old: procs.Pinned, gen: int, strategy: "Strategy") -
 
 
 def _health_check(host: "Host", old: procs.Pinned,
-                  new: procs.Pinned) -> Steps[Tuple[Optional[str], int]]:
-    """Check the new release alone. Returns the failure (or None) and how many of the
-    old master's workers were stopped (to be brought back on a rollback).
+                  new: procs.Pinned) -> Steps[Tuple[Optional[str], Optional[Standby]]]:
+    """Check the new release alone. Returns the failure (or None) and the old master's
+    workers stopped for it (to be brought back on a rollback), if any.
 
     A new master of its own (spawn) is asked over its own probe socket: the old
     workers serve on, untouched, so a rollback needs nothing of the old master (a
@@ -140,40 +141,22 @@ def _health_check(host: "Host", old: procs.Pinned,
     back one by one on a rollback (TTIN; usr2 is Unicorn's alone).
     """
     if new.probe:
-        return (yield from host.health_failure(new.probe)), 0
-    stopped = 0
-    if old.alive() and host.profile.stop_workers is not None:
-        stopped = len(_workers(host, old))
-        old.signal(host.profile.stop_workers)
-        yield Wait(f"the old master {old.pid}'s workers to stop",
-                   lambda wait: None if [p for p in procs.children(old.pid) if p != new.pid] else True,
-                   deadline=time.monotonic() + host.config.retire_timeout, every=SAMPLE)
-    return (yield from host.health_failure(old.probe)), stopped
+        return (yield from host.health_failure(new.probe)), None
+    standby = standbys.Standby(host, old, serve_on_stop=True)
+    standby.stop()
+    if len(standby):
+        yield from standby.gone(keep=new.pid)
+    return (yield from host.health_failure(old.probe)), standby
 
 
-def _workers(host: "Host", master: procs.Pinned) -> list:
-    return [p for p in procs.children(master.pid) if host.profile.worker_title.search(procs.title(p))]
-
-
-def _respawn_workers(host: "Host", old: procs.Pinned, count: int) -> Steps[None]:
-    """Bring back `count` workers of `old`, one TTIN at a time, each waited for (signals
-    of one kind sent at once may merge into one). Never HUP: Unicorn would re-read its
-    config, which names the new release when it is read through `current`."""
-    for n in range(1, count + 1):
-        old.signal(host.profile.respawn_workers)
-        yield Wait(f"old master {old.pid}'s worker {n} back",
-                   lambda wait: True if len(_workers(host, old)) >= n or not old.alive() else None,
-                   deadline=time.monotonic() + 10, every=SAMPLE)
-
-
-def _roll_back(host: "Host", old: procs.Pinned, new: Optional[procs.Pinned], workers_stopped: int,
+def _roll_back(host: "Host", old: procs.Pinned, new: Optional[procs.Pinned], standby: Optional[Standby],
                strategy: "Strategy", old_release: Optional[str]) -> Steps[Tuple[str, Optional[str]]]:
     """Put the old master back in charge: ("rolled-back", what its own probe saw:
     '' when it answered, None when no probe is configured), or ("nothing-serving",
     None) when it is gone too."""
-    if workers_stopped and old.alive():
+    if standby is not None and len(standby) and old.alive():
         try:
-            yield from _respawn_workers(host, old, workers_stopped)
+            yield from standby.bring_back()
             yield from host.wait_ready(old, time.monotonic() + host.config.ready_timeout, "old master")
         except ReloadFailed as e:
             host.log.error("rollback-error", f"old master did not get its workers back: {e}")

@@ -229,10 +229,13 @@ class Masters:
         return "" if result.ok else result.seen
 
     def probation(self, master: procs.Pinned, seconds: float) -> Steps[Optional[str]]:
-        """Watch `master` for `seconds` after it was found ready, while the old master
-        serves on beside it: None when nothing went wrong, else what was seen. Wrong:
-        the master exits, a worker dies (a server kills one that timed out), or a probe
-        over its socket is not answered in PROBATION_PROBE_TIMEOUT or not accepted."""
+        """Watch `master` for `seconds` after it was found ready, while the old generation
+        stands by (shim/runtime/standby.py): None when nothing went wrong, else what was seen. Wrong:
+        the master exits, a worker dies with an error its reporter sends (a worker recycled
+        by max_requests exits cleanly, says nothing, and is replaced), or a probe over its
+        socket is not answered in PROBATION_PROBE_TIMEOUT or not accepted (a stalled or
+        timed-out worker)."""
+        self.reports.clear_errors(master.pid)      # what its boot tolerated is not this window's
         watch = WorkerWatch(master.pid, self.profile, self.reports, self.config.settle, time.monotonic())
         watch.sample(time.monotonic())
         watcher = None
@@ -245,9 +248,10 @@ class Masters:
                 return f"new master {master.pid} {master.exit_text or 'exited'} during probation" + \
                     self.server_error(master.pid)
             watch.sample(time.monotonic())
-            if watch.deaths:
+            error = self.server_error(master.pid, pointer=False) if watch.deaths else ""
+            if error:
                 return (f"{watch.deaths} worker{'s' if watch.deaths > 1 else ''} of new master "
-                        f"{master.pid} died during probation" + self.server_error(master.pid))
+                        f"{master.pid} died during probation{error}")
             if watcher is not None and watcher.failure is not None:
                 return (f"new master {master.pid} failed a probe during probation "
                         f"(GET {self.config.probe.path}: {watcher.failure.seen}; "

@@ -51,6 +51,12 @@ class ServerProfile(SimpleNamespace):
     # workers), which the shim passes on to a master that missed it; None: none
     # (Puma's USR1 is a phased restart, its HUP a stop without stdout_redirect).
     log_reopen: Optional[int] = None
+    # The old generation during a new one's --probation (shim/runtime/standby.py):
+    # "stopped": its workers stopped (stop_workers), its master kept, and on a failure
+    # as many workers forked again (respawn_workers, one at a time); "beside": it
+    # serves on beside the new one, nothing of it to restore.
+    probation_standby: str = "beside"
+    stop_workers_needs_no_tty: bool = False   # stop_workers is ignored while the master's stdin is a tty
 
     @property
     def sets_listen_pid(self) -> bool:
@@ -92,6 +98,8 @@ UNICORN = ServerProfile(
     daemon_flags=("-D", "--daemonize"),
     config_flags=("-c", "--config-file"),
     log_reopen=signal.SIGUSR1,
+    probation_standby="stopped",
+    stop_workers_needs_no_tty=True,    # "SIGWINCH ignored because $stdin is a tty" (a shim run in a terminal)
 )
 
 GUNICORN = ServerProfile(

@@ -372,6 +372,9 @@ class Supervisor(Boot):
         self.log.event("stopping", f"stopping masters {', '.join(str(m.pid) for m in live) or '(none)'}",
                        MASTER_PID=self.master.pid if self.master else None)
         serving = next((m for m in live if m.role != "old"), None) if self.committed else self.master
+        if serving is self.master and serving is not None and not procs.children(serving.pid):
+            # its workers stopped for a new generation's probation: that one is what serves
+            serving = next((m for m in live if m is not serving and procs.children(m.pid)), serving)
         yield from self.stop_all(live, serving)     # past the point of no return, the new master serves
 
     def handle_request(self, request: Dict[str, Any], reply: Reply) -> None:

@@ -123,6 +123,8 @@ def _timeouts(ctx: Context) -> None:
     if limit is None:
         return
     ready, retire = ctx.shim.ready_timeout, ctx.shim.retire_timeout
+    probation = getattr(ctx.shim, "probation", 0.0)
+    watched = f" + --probation {probation:g} s" if probation else ""
     setting = f"TimeoutStartSec={text or '90s (default)'}"
     fix = ctx.place.setting("TimeoutStartSec", str(generator.job_timeout(ctx.shim)))
     if retire + FINISH_MARGIN >= limit:
@@ -134,10 +136,10 @@ def _timeouts(ctx: Context) -> None:
         ctx.add(ERROR, f"--ready-timeout {ready:g} s is not below {setting}: systemd kills a slow start or "
                 "reload before the shim can give up and say why",
                 fix + ("" if ctx.place.packaged else " (or a lower --ready-timeout)"))
-    elif ready + retire + FINISH_MARGIN > limit and retire + FINISH_MARGIN < limit:
-        ctx.add(WARNING, f"--ready-timeout {ready:g} s + --retire-timeout {retire:g} s + {FINISH_MARGIN:g} s is "
+    elif ready + probation + retire + FINISH_MARGIN > limit and retire + FINISH_MARGIN < limit:
+        ctx.add(WARNING, f"--ready-timeout {ready:g} s{watched} + --retire-timeout {retire:g} s + {FINISH_MARGIN:g} s is "
                 f"more than {setting}, which also bounds ExecReload=: the shim rolls back a reload whose new "
-                f"master is not ready {retire + FINISH_MARGIN:g} s before it ends (systemd's reload timeout "
+                f"master has not passed its checks {retire + FINISH_MARGIN:g} s before it ends (systemd's reload timeout "
                 "... ends in ...: rolled back)", fix)
 
 

@@ -82,7 +82,9 @@ def run_options(words: List[str]) -> Tuple[Optional[argparse.Namespace], str]:
 
 def job_timeout(options: argparse.Namespace) -> int:
     """The TimeoutStartSec= (seconds) under which systemd never cuts a start or reload the shim is still in."""
-    return int(options.ready_timeout + options.retire_timeout + JOB_MARGIN)
+    # the margin covers a probation up to 18 s beside the 2 s the shim keeps to finish
+    margin = max(JOB_MARGIN, getattr(options, "probation", 0.0) + 12)
+    return int(options.ready_timeout + options.retire_timeout + margin)
 
 
 def parse_conf(text: str) -> Dict[str, str]:
