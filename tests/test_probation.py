@@ -24,7 +24,7 @@ GTHREAD = 'worker_class = "gthread"\nthreads = 2'
 
 
 def deployment(manager, tmp_path, server: str, preload: bool, extra: str = "") -> Deployment:
-    d = Deployment(manager, str(tmp_path), server=server, preload=preload)
+    d = Deployment(manager, str(tmp_path), server=server, preload=preload, probation=None)
     d.app.release(extra=extra)
     d.start()
     return d
@@ -100,7 +100,7 @@ def test_classic_config_release_timing_out_after_ready_is_rolled_back(manager, p
     """The guides' config (working_directory from __FILE__, the .oldbin QUIT hook, Bundler,
     a non-root user): the old master comes back in its own release, checked by its answer
     and its cwd, never moved by a config re-read."""
-    d = ClassicDeployment(manager, preload=preload, listen=False)
+    d = ClassicDeployment(manager, preload=preload, listen=False, probation=None)
     try:
         d.start()
         old = manager.main_pid()

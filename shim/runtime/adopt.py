@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import stat
 import sys
 import time
@@ -42,6 +43,7 @@ MAX_RECORD = 16 * 1024
 # A watcher that dies (killed on its own) is replaced, at most this often per window:
 # without one, the shim's next death would go unsaid.
 WATCHER_RESTARTS, WATCHER_WINDOW = 3, 60.0
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)     # what ends it with a stop
 # A shim that dies the same way each time must not be adopted for ever: after this
 # many adoptions within ADOPTION_WINDOW seconds the next death is only said.
 MAX_ADOPTIONS, ADOPTION_WINDOW = 3, 60.0
@@ -180,11 +182,15 @@ class WatchedNotifier(Notifier):
     def _watcher_gone(self) -> None:
         gone, loop = self.watcher, self.watcher.loop
         gone.close(clean=False)
+        _pid, status = 0, 0
         try:
             _pid, status = os.waitpid(gone.pid, os.WNOHANG)     # the shim's own child: no zombie left
             how = f"exit status {os.waitstatus_to_exitcode(status)}" if _pid else "still exiting"
         except ChildProcessError:
             how = "reaped"
+        stopping = getattr(self.supervisor, "stop_requested", False)
+        if stopping or (_pid and os.WIFSIGNALED(status) and os.WTERMSIG(status) in STOP_SIGNALS):
+            return            # a stop's signal reaches every process of the unit: the shim's end follows
         now = time.monotonic()
         self.restarts = [t for t in self.restarts if now - t < WATCHER_WINDOW] + [now]
         if len(self.restarts) > WATCHER_RESTARTS:

@@ -9,6 +9,7 @@ old one is gone and the new one has been reparented to the manager).
 """
 from __future__ import annotations
 
+import signal
 import time
 from collections import namedtuple
 
@@ -163,7 +164,13 @@ def _roll_back(host: "Host", old: procs.Pinned, new: Optional[procs.Pinned], sta
         except Stopping:
             pass              # the stop that follows retires every master anyway
     if new is not None and new.alive():
-        yield from host.retire(new, grace=min(FAILED_MASTER_GRACE, host.config.retire_timeout))
+        try:
+            yield from host.retire(new, grace=min(FAILED_MASTER_GRACE, host.config.retire_timeout),
+                                   interruptible=True)
+        except Stopping:
+            pass              # the stop cuts it short: it was not serving (masters.stop_all)
+        except ReloadFailed:
+            new.signal(signal.SIGKILL)    # a client's deadline came: the failed master is not waited for
     strategy.restore(old)
     if not old.alive():
         return "nothing-serving", None

@@ -258,6 +258,7 @@ class Pinned:
         self.exit_text: Optional[str] = None
         self.probe: Optional[str] = None     # a master's private probe socket (shim/runtime/probe.py)
         self.adopted: Optional[str] = None   # from whom a new shim took it over (shim/runtime/adopt.py)
+        self.standing_by = False             # its workers stopped while a new generation serves (standby.py)
 
     def __repr__(self) -> str:
         return f"Pinned(pid={self.pid}, role={self.role}, generation={self.generation})"

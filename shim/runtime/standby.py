@@ -59,6 +59,7 @@ class Standby:
             return
         self.stopped = workers(self.host, self.old)
         self.old.signal(self.host.profile.stop_workers)
+        self.old.standing_by = True
 
     def gone(self, keep: int) -> Steps[None]:
         """Wait (up to --retire-timeout) until the old master has no child but `keep`."""
@@ -71,6 +72,7 @@ class Standby:
         one kind sent at once may merge into one). A worker still finishing its last
         request keeps its number until it exits: the master forks its successor then."""
         old, host, draining = self.old, self.host, set(self.stopped)
+        old.standing_by = False
         for n in range(1, len(self.stopped) + 1):
             old.signal(host.profile.respawn_workers)
             yield Wait(f"old master {old.pid}'s worker {n} back",
@@ -80,6 +82,7 @@ class Standby:
     def on_stop(self) -> None:
         if self.serve_on_stop and self.stopped and self.old.alive():
             self.old.signal(self.host.profile.respawn_workers)
+            self.old.standing_by = False
 
 
 def for_probation(host: "Host", old: procs.Pinned, new: procs.Pinned) -> Steps[Optional[Standby]]:

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from shim.runtime.masters import Steps
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+ABANDON_GRACE = 0.5        # seconds every client of a hand-over must stay gone before it is rolled back
 MAINPID_CONFIRM = 5.0      # seconds systemd gets to confirm MAINPID=<shim> before a hand-over
 # The shim's own pid, for a trigger that costs next to no CPU: ExecReload= signals
 # the shim (its MAINPID is the master) and then `reload --signalled` reports the outcome.
@@ -98,6 +99,7 @@ class Supervisor(Boot):
         self.askers: List[Asker] = []      # who asked for the hand-over running now
         self.committed = False             # the running hand-over is past its point of no return
         self.thrown: set = set()           # interruptions already raised in the steps (each once)
+        self.clients_gone_at: Optional[float] = None    # when a hand-over's clients were all seen gone
         self.control: Optional[ControlServer] = None
         self.signalled: Optional[SignalledReload] = None   # the last reload a signal asked for, to report
         self.confirmed = False             # systemd took the last MAINPID= in (its barrier came back)
@@ -178,7 +180,7 @@ class Supervisor(Boot):
             self.thrown.add("stop")
             return Stopping()
         if self.state == "reloading" and not self.committed and "abandoned" not in self.thrown \
-                and self.askers and all(asker.gone() for asker in self.askers):
+                and self.askers and all(asker.gone() for asker in self.askers) and self._gone_a_while():
             self.thrown.add("abandoned")
             return Abandoned("every client that asked for this reload went away (systemd's job timeout "
                              "ended ExecReload=, a Ctrl-C or a dropped connection) before the new "
@@ -186,6 +188,16 @@ class Supervisor(Boot):
         if self.state == "reloading" and not self.committed:       # a client's deadline too close
             return self.deadlines.too_late(self.askers, self.config.retire_timeout, f"while waiting for {wait.what}")
         return None
+
+    def _gone_a_while(self) -> bool:
+        """Every client gone for ABANDON_GRACE: `systemctl stop` kills the reload's client a
+        moment before it signals the shim, and a stop is no rollback (its old master need
+        not get its workers back to be stopped)."""
+        now = time.monotonic()
+        if self.clients_gone_at is None:
+            self.clients_gone_at = now
+            self.loop.call_later(ABANDON_GRACE, lambda: None)     # look again then
+        return now - self.clients_gone_at >= ABANDON_GRACE
 
     def checkpoint(self) -> None:
         """Between two steps: what would interrupt a wait ends the hand-over here."""
@@ -270,6 +282,7 @@ class Supervisor(Boot):
         strategy = self.strategies["spawn"] if self.fallback else self.strategy
         self.state, self.committed, self.confirmed = "reloading", False, False
         self.thrown.discard("abandoned")
+        self.clients_gone_at: Optional[float] = None
         self.deadlines.ended = False
         barrier = self.notifier.reloading(os.getpid(), f"reloading: starting generation {gen} beside master {old.pid}")
         if barrier is not None and not (yield from self._confirmed(barrier)):
@@ -372,9 +385,9 @@ class Supervisor(Boot):
         self.log.event("stopping", f"stopping masters {', '.join(str(m.pid) for m in live) or '(none)'}",
                        MASTER_PID=self.master.pid if self.master else None)
         serving = next((m for m in live if m.role != "old"), None) if self.committed else self.master
-        if serving is self.master and serving is not None and not procs.children(serving.pid):
+        if serving is not None and serving.standing_by:
             # its workers stopped for a new generation's probation: that one is what serves
-            serving = next((m for m in live if m is not serving and procs.children(m.pid)), serving)
+            serving = next((m for m in live if m is not serving), serving)
         yield from self.stop_all(live, serving)     # past the point of no return, the new master serves
 
     def handle_request(self, request: Dict[str, Any], reply: Reply) -> None:

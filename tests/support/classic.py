@@ -22,6 +22,7 @@ from typing import Optional
 import pytest
 
 from support.apps import QUIT_OLDBIN, free_port
+from support.deploy import TEST_PROBATION, with_probation
 from support.deploy import REPO
 from support.systemd import UserManager
 
@@ -129,7 +130,8 @@ def ensure_user() -> pwd.struct_passwd:
 class ClassicDeployment:
     def __init__(self, manager: UserManager, *, bundler: bool = True, before_exec: "bool | str" = True,
                  preload: bool = True, absolute_config: bool = False, shim_args: str = "",
-                 listen: bool = True, service_extra: str = "", quit_oldbin: bool = True) -> None:
+                 listen: bool = True, service_extra: str = "", quit_oldbin: bool = True,
+                 probation: "str | None" = TEST_PROBATION) -> None:
         self.m = manager
         self.user = ensure_user()
         # The private manager's XDG_RUNTIME_DIR is root's 0700: the unit's user must reach
@@ -146,7 +148,7 @@ class ClassicDeployment:
         self.absolute_config = absolute_config
         self.quit_oldbin = quit_oldbin      # False: the before_fork hook without the guides' QUIT of .oldbin
         self.listen = listen          # False: the config has no `listen` line (the shim names its sockets)
-        self.shim_args = shim_args
+        self.shim_args = with_probation(shim_args, probation)
         self.service_extra = service_extra
         self.count = 0
         for d in ("releases", "shared/tmp/pids", "shared/tmp/sockets"):

@@ -87,12 +87,27 @@ Backlog=1024
 """
 
 
+# The probation the fixtures' shims run with (--probation; the shim's default is 5 s):
+# the suite reloads some 340 times, and 4 s more each is 20 minutes of CI. The
+# probation's own tests, the packaged units and the container tests run the default
+# (probation=None), and every probation length runs the same code.
+TEST_PROBATION = "1"
+
+
+def with_probation(shim_args: str, probation: "str | None") -> str:
+    """`shim_args` with --probation `probation` unless they name one (None: the shim's default)."""
+    if probation is None or "--probation" in shim_args:
+        return shim_args
+    return f"--probation {probation} {shim_args}".strip()
+
+
 class Deployment:
     """One app under the shim, under the test's own systemd."""
 
     def __init__(self, manager: UserManager, root: str, socket_unit: bool = True,
                  shim_args: str = "", service_extra: str = "", port: int = 0, plain: bool = False,
-                 pid_file: str = "", puma_native: str = "", **app_kw) -> None:
+                 pid_file: str = "", puma_native: str = "", probation: "str | None" = TEST_PROBATION,
+                 **app_kw) -> None:
         self.m = manager
         self.plain = plain
         self.puma_native = puma_native     # "phased" or "hot": Puma's own systemd integration
@@ -100,7 +115,7 @@ class Deployment:
         self.socket_unit = socket_unit
         self.app = App(os.path.join(root, "app"),
                        pid_file or os.path.join(manager.runtime_dir, "app", "unicorn.pid"), **app_kw)
-        self.shim_args = shim_args + ("" if socket_unit else f" --listen 127.0.0.1:{self.port}")
+        self.shim_args = with_probation(shim_args, probation) + ("" if socket_unit else f" --listen 127.0.0.1:{self.port}")
         self.service_extra = service_extra
 
     def write_units(self) -> None:
