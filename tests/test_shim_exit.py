@@ -31,6 +31,9 @@ def test_nothing_serving_after_a_failed_reload_restarts_the_unit_at_once(deploy,
         os.kill(old, signal.SIGKILL)
         name = d.app.release()
         eventually(lambda: exited(old), bool, interval=0.01)
+        # the shim has seen it go: a master with threads shows as a zombie a moment before
+        # its pidfd says it exited (the other threads are still ending)
+        manager.wait_events("retired", OLD_MASTER_PID=old)
         os.kill(new, signal.SIGKILL)
         assert_restarted_promptly(d, manager, t)
     assert result["r"].returncode != 0
