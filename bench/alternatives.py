@@ -46,7 +46,7 @@ sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
 
 from support.apps import App, free_port  # noqa: E402
 from support.classic import USER, ensure_user  # noqa: E402
-from support.deploy import SOCKET, Deployment  # noqa: E402
+from support.deploy import NO_PROBATION, SOCKET, Deployment  # noqa: E402
 from support.load import Load, get  # noqa: E402
 from support.systemd import UserManager  # noqa: E402
 
@@ -246,7 +246,7 @@ class Shim(Setup):
 
     def __init__(self, manager: UserManager, root: str, args, seed_hook: bool = False) -> None:
         self.m, self.root, self.args = manager, root, args
-        self.d = Deployment(manager, root, seed_hook=seed_hook)
+        self.d = Deployment(manager, root, seed_hook=seed_hook, probation=NO_PROBATION)
         self.app, self.port, self.socket_unit = self.d.app, self.d.port, True
 
     def release(self, broken: bool = False) -> str:

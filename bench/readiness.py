@@ -30,7 +30,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
 
-from support.deploy import Deployment  # noqa: E402
+from support.deploy import NO_PROBATION, Deployment  # noqa: E402
 from support.load import Load, get  # noqa: E402
 from support.systemd import UserManager  # noqa: E402
 
@@ -50,7 +50,7 @@ COLUMNS = {
 
 def run_column(kw: dict, reloads: int, clients: int, base: str) -> dict:
     manager = UserManager(base)
-    d = Deployment(manager, tempfile.mkdtemp(dir=base), **kw)
+    d = Deployment(manager, tempfile.mkdtemp(dir=base), **{"probation": NO_PROBATION, **kw})
     out = {"failed": 0, "took_effect": 0, "worst_ms": [], "return_ms": []}
     try:
         d.start()
@@ -120,7 +120,7 @@ def main() -> int:
 def deployed(base: str, **kw):
     """(its private systemd, a Deployment of **kw under it), both taken down after."""
     manager = UserManager(base)
-    d = Deployment(manager, tempfile.mkdtemp(dir=base), **kw)
+    d = Deployment(manager, tempfile.mkdtemp(dir=base), **{"probation": NO_PROBATION, **kw})
     try:
         yield manager, d
     finally:

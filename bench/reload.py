@@ -35,7 +35,7 @@ from collections import Counter
 REPO = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
 
-from support.deploy import Deployment  # noqa: E402
+from support.deploy import NO_PROBATION, Deployment  # noqa: E402
 from support.load import Load, get  # noqa: E402
 from support.systemd import UserManager  # noqa: E402
 
@@ -69,7 +69,7 @@ def ms(x):
 
 def run_setup(name, spec, args, base):
     manager = UserManager(base)
-    d = Deployment(manager, tempfile.mkdtemp(dir=base), **spec["kw"])
+    d = Deployment(manager, tempfile.mkdtemp(dir=base), probation=NO_PROBATION, **spec["kw"])
     out = {"name": name, "reload_s": [], "first_new_s": [], "window_lat": [], "retire_after_last_req_s": []}
     try:
         d.start()

@@ -20,7 +20,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
 
-from support.deploy import Deployment  # noqa: E402
+from support.deploy import NO_PROBATION, Deployment  # noqa: E402
 from support.load import Load  # noqa: E402
 from support.systemd import UserManager, is_shim, proc_cmdline, proc_parent  # noqa: E402
 
@@ -45,7 +45,7 @@ def main() -> None:
     args = parser.parse_args()
     base = tempfile.mkdtemp(prefix="soak.")   # not "unicorn-shim": master_pids() skips that name
     manager = UserManager(base)
-    d = Deployment(manager, base, server=args.server)
+    d = Deployment(manager, base, server=args.server, probation=NO_PROBATION)
     failed_reloads = 0
     try:
         d.start()
