@@ -20,8 +20,9 @@ APP.conf, shell-style KEY=VALUE lines (an unknown key is an error):
     SOCKET_USER=, SOCKET_GROUP=, SOCKET_MODE=   # unix sockets: default USER, www-data, 0660
 
 TimeoutStartSec=, which also bounds each `systemctl reload`, is derived from
-SHIM_OPTIONS=: --ready-timeout + --retire-timeout + 30 s (150 by default), so
-that systemd never kills a start or reload the shim is still working on.
+SHIM_OPTIONS=: --ready-timeout + --retire-timeout + 30 s, or + --probation + 12 s
+when that is more (150 by default), so that systemd never kills a start or reload
+the shim is still working on.
 
 Values are escaped for systemd (`%`, `$`, quotes, backslashes): what the conf
 says is what the server gets. Control characters are refused.
