@@ -180,7 +180,7 @@ class Supervisor(Boot):
             self.thrown.add("stop")
             return Stopping()
         if self.state == "reloading" and not self.committed and "abandoned" not in self.thrown \
-                and self.askers and all(asker.gone() for asker in self.askers) and self._gone_a_while():
+                and self._clients_gone_a_while():
             self.thrown.add("abandoned")
             return Abandoned("every client that asked for this reload went away (systemd's job timeout "
                              "ended ExecReload=, a Ctrl-C or a dropped connection) before the new "
@@ -189,10 +189,14 @@ class Supervisor(Boot):
             return self.deadlines.too_late(self.askers, self.config.retire_timeout, f"while waiting for {wait.what}")
         return None
 
-    def _gone_a_while(self) -> bool:
-        """Every client gone for ABANDON_GRACE: `systemctl stop` kills the reload's client a
-        moment before it signals the shim, and a stop is no rollback (its old master need
-        not get its workers back to be stopped)."""
+    def _clients_gone_a_while(self) -> bool:
+        """Every client of the hand-over gone, for ABANDON_GRACE: `systemctl stop` kills the
+        reload's client a moment before it signals the shim, and a stop is no rollback (its
+        old master need not get its workers back to be stopped). A client asking meanwhile
+        (merged into this hand-over) starts the count again."""
+        if not (self.askers and all(asker.gone() for asker in self.askers)):
+            self.clients_gone_at = None
+            return False
         now = time.monotonic()
         if self.clients_gone_at is None:
             self.clients_gone_at = now
@@ -282,7 +286,7 @@ class Supervisor(Boot):
         strategy = self.strategies["spawn"] if self.fallback else self.strategy
         self.state, self.committed, self.confirmed = "reloading", False, False
         self.thrown.discard("abandoned")
-        self.clients_gone_at: Optional[float] = None
+        self.clients_gone_at = None
         self.deadlines.ended = False
         barrier = self.notifier.reloading(os.getpid(), f"reloading: starting generation {gen} beside master {old.pid}")
         if barrier is not None and not (yield from self._confirmed(barrier)):
